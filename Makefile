@@ -1,0 +1,33 @@
+# Set-up and checks. `make test` works on a fresh machine: it creates .venv when missing,
+# installs the package with its test extras from pyproject.toml, and runs pytest.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export PYTHONHASHSEED ?= 0
+
+.PHONY: test test-jax bench install clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The core numerics and API tests again on the JAX backend.
+test-jax: $(STAMP)
+	KERAS_BACKEND=jax $(PY) -m pytest -m "numerics or api" $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) bench/fake_quant.py
+
+clean:
+	rm -rf $(VENV) build .pytest_cache .hypothesis src/*.egg-info

@@ -1,0 +1,459 @@
+"""Fake-quantization math: TensorFlow's FakeQuantWithMinMaxVars on every backend.
+
+This module is the numeric heart of keras-qat and the only place (with ``export/``) that
+touches TensorFlow. Everything else calls :func:`fake_quant` and the range helpers here.
+
+The arithmetic is that of TensorFlow's kernels (``fake_quant_ops_functor.h``, TF >= 2.18),
+in the same order of float32 operations, so that every backend produces the same bits::
+
+    qmin = 1 if narrow_range else 0;  qmax = 2**num_bits - 1
+    scale = (max - min) / (qmax - qmin);  inv_scale = (qmax - qmin) / (max - min)
+    zero_point = clamp(std::round(qmin - min / scale), qmin, qmax)   # half away from zero
+    nudged_min = (qmin - zero_point) * scale;  nudged_max = (qmax - zero_point) * scale
+    quant_zero = floor(-nudged_min * inv_scale + 0.5)
+    shifted = clamp(x, nudged_min, nudged_max) - nudged_min
+    per-tensor:  fq(x) = floor(shifted / scale     - quant_zero + 0.5) * scale
+    per-channel: fq(x) = floor(shifted * inv_scale - quant_zero + 0.5) * scale
+
+The gradient is the straight-through estimator: ``d fq / dx = 1`` inside
+``[nudged_min, nudged_max]`` and 0 outside; ``d fq / d min`` (``d max``) is the sum of the
+upstream gradient over the elements below (above) the nudged range, as TF defines them. A
+range of exactly ``[0, 0]`` outputs zeros and passes the gradient through unchanged.
+
+keras-qat adds one rule to TF's: a *degenerate* range (``max - min`` below
+:data:`MIN_RANGE_WIDTH`, e.g. ``min == max``) is treated as ``[0, 0]``, because TF's kernel
+divides by a zero scale there and returns NaN. Every range that TF quantizes to finite
+values is quantized bit-for-bit as TF does.
+
+On the TensorFlow backend TF's own ops run, so that the TFLite converter recognises them.
+On JAX and PyTorch the same arithmetic runs through ``keras.ops`` with a custom gradient.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence, Union
+
+import keras
+import numpy as np
+from keras import ops
+
+MIN_BITS = 2
+MAX_BITS = 16
+
+#: Narrowest ``max - min`` that is quantized. Below it (and for ``min > max``) the range is
+#: degenerate and treated as ``[0, 0]``: 65535 steps of the smallest normal float32, so that
+#: ``scale`` and ``1 / scale`` stay finite and normal at every bit width up to 16.
+MIN_RANGE_WIDTH = float(np.float32((2**MAX_BITS - 1) * np.finfo(np.float32).tiny))
+
+Axis = Union[int, Sequence[int], None]
+
+
+# --------------------------------------------------------------------------------------
+# Argument checking
+# --------------------------------------------------------------------------------------
+
+
+def validate_num_bits(num_bits, owner: str = "fake_quant") -> int:
+    """Return ``num_bits`` as an int, or raise ValueError naming ``owner`` and the range."""
+    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):
+        raise ValueError(
+            f"{owner}: num_bits must be an integer from {MIN_BITS} to {MAX_BITS}, "
+            f"got {num_bits!r} ({type(num_bits).__name__})."
+        )
+    if not MIN_BITS <= int(num_bits) <= MAX_BITS:
+        raise ValueError(
+            f"{owner}: num_bits={int(num_bits)} is out of range; keras-qat quantizes "
+            f"to {MIN_BITS}..{MAX_BITS} bits."
+        )
+    return int(num_bits)
+
+
+def quant_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
+    """The integer range ``(qmin, qmax)`` of an unsigned ``num_bits`` code."""
+    num_bits = validate_num_bits(num_bits)
+    return (1 if narrow_range else 0), 2**num_bits - 1
+
+
+def normalize_axes(axis: Axis, rank: int, owner: str = "fake_quant") -> tuple[int, ...]:
+    """Validate a channel axis (an int or a sequence of ints) against ``rank``.
+
+    Returns the axes as sorted non-negative ints. Several axes form one channel axis,
+    flattened in row-major order (a depthwise kernel's ``(in_channels, depth_multiplier)``).
+    """
+    if rank == 0:
+        raise ValueError(
+            f"{owner}: per-axis quantization needs a tensor of rank >= 1, got a scalar; "
+            "use per-tensor quantization (axis=None / per_axis=False)."
+        )
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if not axes or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in axes):
+        raise ValueError(f"{owner}: axis must be an int or a tuple of ints, got {axis!r}.")
+    normalized = []
+    for a in axes:
+        if not -rank <= int(a) < rank:
+            raise ValueError(
+                f"{owner}: axis={axis!r} is out of range for a tensor of rank {rank}; "
+                f"allowed axes are {-rank}..{rank - 1}."
+            )
+        normalized.append(int(a) % rank)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"{owner}: axis={axis!r} names the same axis twice.")
+    return tuple(sorted(normalized))
+
+
+def channel_count(shape: Sequence[int | None], axes: tuple[int, ...]) -> int | None:
+    """Number of channels that ``axes`` span in ``shape`` (None if a dimension is unknown)."""
+    count = 1
+    for a in axes:
+        if shape[a] is None:
+            return None
+        count *= int(shape[a])
+    return count
+
+
+def _check_float_input(x, owner: str) -> str:
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if "float" not in dtype:
+        raise ValueError(
+            f"{owner}: fake quantization takes floating-point inputs, got dtype {dtype}; "
+            "cast the tensor to float32 first."
+        )
+    return dtype
+
+
+def _check_concrete_range(min, max, owner: str) -> None:
+    """Check ranges given as Python or NumPy numbers; tensors are checked by their producers."""
+    concrete = (int, float, np.ndarray, np.generic)
+    if not (isinstance(min, concrete) and isinstance(max, concrete)):
+        return
+    lo, hi = np.asarray(min, np.float64), np.asarray(max, np.float64)
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise ValueError(
+            f"{owner}: the range must be finite, got min={min!r}, max={max!r}."
+        )
+    if np.any(lo > hi):
+        raise ValueError(f"{owner}: min must be <= max, got min={min!r}, max={max!r}.")
+
+
+# --------------------------------------------------------------------------------------
+# Ranges from statistics
+# --------------------------------------------------------------------------------------
+
+
+def reduce_range(x, axis: Axis = None):
+    """Min and max of ``x``: scalars when ``axis`` is None, else one per channel of ``axis``.
+
+    Several axes are flattened row-major into one channel axis (see :func:`normalize_axes`).
+    """
+    if axis is None:
+        return ops.min(x), ops.max(x)
+    axes = normalize_axes(axis, len(x.shape), "reduce_range")
+    others = tuple(a for a in range(len(x.shape)) if a not in axes)
+    lo, hi = ops.min(x, axis=others), ops.max(x, axis=others)
+    if len(axes) > 1:
+        lo, hi = ops.reshape(lo, (-1,)), ops.reshape(hi, (-1,))
+    return lo, hi
+
+
+def asymmetric_range(batch_min, batch_max):
+    """The smallest range that holds the statistics and zero: ``[min(lo, 0), max(hi, 0)]``."""
+    return ops.minimum(batch_min, 0.0), ops.maximum(batch_max, 0.0)
+
+
+def symmetric_range(batch_min, batch_max, num_bits: int, narrow_range: bool):
+    """tfmot's symmetric range around zero that holds ``[batch_min, batch_max]``.
+
+    With ``m = max(|batch_min|, ...)``: narrow range gives ``[-m, m]``; full range gives
+    ``[-m, m * (2**bits - 2) / 2**bits]``, so that the zero point lands exactly on the
+    middle code (int8: -128..127 with zero point 0).
+    """
+    num_bits = validate_num_bits(num_bits, "symmetric_range")
+    ratio = -1.0 if narrow_range else -((2**num_bits) - 2) / (2**num_bits)
+    range_min = ops.minimum(batch_min, ops.divide(batch_max, ratio))
+    range_max = ops.maximum(batch_max, ops.multiply(batch_min, ratio))
+    return range_min, range_max
+
+
+# --------------------------------------------------------------------------------------
+# Nudging: the scale and zero point that TF derives from a range
+# --------------------------------------------------------------------------------------
+
+
+class NudgedRange(NamedTuple):
+    """The quantization grid that a float range maps to (all float32 tensors)."""
+
+    nudged_min: object
+    nudged_max: object
+    scale: object
+    inv_scale: object
+    zero_point: object  # an integer value held in float32
+
+
+def _exact_divide(numerator, denominator):
+    """``numerator / denominator`` as an IEEE float32 division on every backend.
+
+    XLA rewrites a division by a constant, or by a broadcast scalar that it can see is
+    constant, into a multiplication by the reciprocal, which differs from TF's division in
+    the last bit; eager JAX embeds concrete scalars as constants, so this happens outside
+    ``jit`` too. Dividing by a full-shape operand that an optimization barrier hides from the
+    simplifier keeps the division a division. Other backends divide as written.
+    """
+    if keras.backend.backend() != "jax":
+        return numerator / denominator
+    import jax
+
+    shape = np.broadcast_shapes(tuple(numerator.shape), tuple(denominator.shape))
+    return numerator / jax.lax.optimization_barrier(ops.broadcast_to(denominator, shape))
+
+
+def _rounded_product(a, b):
+    """``a * b`` rounded to float32 before any later addition, as TF's kernels compute it.
+
+    XLA on CPU lets LLVM contract a multiply followed by an add into one fused multiply-add,
+    which rounds once instead of twice and moves values on a rounding boundary by one
+    quantization step. XLA drops optimization barriers before fusion and simplifies float
+    identities away, but it cannot see through integer arithmetic on a value it does not
+    know: the product's bits are OR-ed with its own NaN flag (0 for every number; a NaN stays
+    a NaN), which LLVM cannot fold into the addition that follows.
+    """
+    product = a * b
+    if keras.backend.backend() != "jax":
+        return product
+    import jax
+    import jax.numpy as jnp
+
+    nan_flag = (product != product).astype(jnp.uint32)
+    bits = jax.lax.bitcast_convert_type(product, jnp.uint32) | nan_flag
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def nudge(min, max, num_bits: int = 8, narrow_range: bool = False) -> NudgedRange:
+    """TF's ``Nudge``: the grid (nudged range, scale, zero point) for a float range.
+
+    ``min`` and ``max`` are float32 scalars or vectors; the result has their shape. Degenerate
+    ranges are not handled here (see :func:`fake_quant`).
+    """
+    qmin, qmax = quant_range(num_bits, narrow_range)
+    return _nudge(
+        ops.cast(min, "float32"),
+        ops.cast(max, "float32"),
+        ops.convert_to_tensor(np.float32(qmin)),
+        ops.convert_to_tensor(np.float32(qmax)),
+    )
+
+
+def _nudge(min, max, qmin_f, qmax_f) -> NudgedRange:
+    """:func:`nudge` with the integer range given as float32 tensors (traceable)."""
+    levels = qmax_f - qmin_f
+    width = max - min
+    scale = _exact_divide(width, levels)
+    inv_scale = _exact_divide(levels, width)
+    zero_from_min = qmin_f - _exact_divide(min, scale)
+    # std::round (half away from zero) of a value in [qmin, qmax], which is non-negative:
+    # floor plus one where the exact fractional part reaches one half.
+    floor = ops.floor(zero_from_min)
+    rounded = floor + ops.cast(zero_from_min - floor >= 0.5, "float32")
+    zero_point = ops.where(
+        zero_from_min < qmin_f, qmin_f, ops.where(zero_from_min > qmax_f, qmax_f, rounded)
+    )
+    nudged_min = (qmin_f - zero_point) * scale
+    nudged_max = (qmax_f - zero_point) * scale
+    return NudgedRange(nudged_min, nudged_max, scale, inv_scale, zero_point)
+
+
+def _sanitize_range(min, max):
+    """Replace degenerate ranges by ``[0, 0]``, whose output TF defines as zeros."""
+    min = ops.cast(min, "float32")
+    max = ops.cast(max, "float32")
+    degenerate = (max - min) < MIN_RANGE_WIDTH
+    return ops.where(degenerate, 0.0, min), ops.where(degenerate, 0.0, max)
+
+
+# --------------------------------------------------------------------------------------
+# Channel layout: move the channel axes last, flattened, and back
+# --------------------------------------------------------------------------------------
+
+
+class _ChannelsLast(NamedTuple):
+    perm: tuple[int, ...] | None  # transpose that moves the channel axes last, or None
+    moved_shape: tuple | None  # shape after the transpose, for undoing a flatten
+    flatten: bool  # several channel axes are flattened into one
+
+
+def _to_channels_last(x, axes: tuple[int, ...], shape_fn, reshape, transpose):
+    rank = len(x.shape)
+    others = [a for a in range(rank) if a not in axes]
+    perm = tuple(others) + axes
+    identity = perm == tuple(range(rank))
+    moved = x if identity else transpose(x, perm)
+    flatten = len(axes) > 1
+    moved_shape = shape_fn(moved) if flatten else None
+    if flatten:
+        lead = [moved_shape[i] for i in range(rank - len(axes))]
+        count = 1
+        for a in axes:
+            count *= x.shape[a]
+        moved = reshape(moved, lead + [count])
+    return moved, _ChannelsLast(None if identity else perm, moved_shape, flatten)
+
+
+def _from_channels_last(y, layout: _ChannelsLast, reshape, transpose):
+    if layout.flatten:
+        y = reshape(y, list(layout.moved_shape))
+    if layout.perm is not None:
+        inverse = tuple(int(i) for i in np.argsort(layout.perm))
+        y = transpose(y, inverse)
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# fake_quant
+# --------------------------------------------------------------------------------------
+
+
+def fake_quant(x, min, max, num_bits: int = 8, narrow_range: bool = False, axis: Axis = None):
+    """Quantize ``x`` to ``num_bits`` on the grid of ``[min, max]`` and dequantize it.
+
+    Args:
+        x: a float tensor of any rank (float16/bfloat16/float64 are computed in float32
+            and cast back).
+        min, max: the range; scalars when ``axis`` is None, else vectors with one entry
+            per channel of ``axis``.
+        num_bits: 2..16.
+        narrow_range: use codes ``1..2**bits - 1`` instead of ``0..2**bits - 1``.
+        axis: None for one range for the whole tensor; an int (any axis of a rank 1..5
+            tensor, negative allowed) or a tuple of ints (flattened row-major into one
+            channel axis, e.g. a depthwise kernel's ``(-2, -1)``) for per-axis ranges.
+
+    Returns:
+        A tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
+        Bit-identical to ``tf.quantization.fake_quant_with_min_max_vars`` (per-tensor) or
+        ``..._per_channel`` (per-axis) for every range that TF maps to finite values.
+    """
+    num_bits = validate_num_bits(num_bits)
+    x = ops.convert_to_tensor(x)
+    dtype = _check_float_input(x, "fake_quant")
+    _check_concrete_range(min, max, "fake_quant")
+    per_axis = axis is not None
+    axes = normalize_axes(axis, len(x.shape)) if per_axis else ()
+    _check_range_shape(x, min, max, axes, per_axis)
+    min, max = _sanitize_range(min, max)
+    compute = x if dtype == "float32" else ops.cast(x, "float32")
+    if keras.backend.backend() == "tensorflow":
+        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes)
+    else:
+        out = _fake_quant_portable(compute, min, max, num_bits, narrow_range, axes)
+    return out if dtype == "float32" else ops.cast(out, dtype)
+
+
+def _check_range_shape(x, min, max, axes, per_axis) -> None:
+    for name, value in (("min", min), ("max", max)):
+        shape = tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
+        if not per_axis:
+            if shape not in ((),):
+                raise ValueError(
+                    f"fake_quant: per-tensor quantization (axis=None) takes a scalar {name}, "
+                    f"got shape {shape}; pass axis=... for per-axis ranges."
+                )
+            continue
+        expected = channel_count(x.shape, axes)
+        if len(shape) != 1 or (expected is not None and shape[0] is not None and shape[0] != expected):
+            raise ValueError(
+                f"fake_quant: per-axis {name} must have shape ({expected},), one entry per "
+                f"channel of axis {axes} of a tensor of shape {tuple(x.shape)}; got {shape}."
+            )
+
+
+def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes):
+    """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization."""
+    import tensorflow as tf
+
+    if not axes:
+        return tf.quantization.fake_quant_with_min_max_vars(
+            x, min, max, num_bits=num_bits, narrow_range=narrow_range
+        )
+    moved, layout = _to_channels_last(
+        x, axes, shape_fn=_tf_shape_list, reshape=tf.reshape, transpose=tf.transpose
+    )
+    y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+        moved, min, max, num_bits=num_bits, narrow_range=narrow_range
+    )
+    return _from_channels_last(y, layout, reshape=tf.reshape, transpose=tf.transpose)
+
+
+def _tf_shape_list(t):
+    import tensorflow as tf
+
+    dynamic = tf.shape(t)
+    return [dim if dim is not None else dynamic[i] for i, dim in enumerate(t.shape.as_list())]
+
+
+def _keras_shape_list(t):
+    return list(ops.shape(t))
+
+
+def _fake_quant_portable(x, min, max, num_bits, narrow_range, axes):
+    """JAX / PyTorch backends: TF's arithmetic in keras.ops, with TF's gradient."""
+    moved, layout = (x, None)
+    if axes:
+        moved, layout = _to_channels_last(
+            x, axes, shape_fn=_keras_shape_list, reshape=ops.reshape, transpose=ops.transpose
+        )
+    qmin, qmax = quant_range(num_bits, narrow_range)
+    kernel = _portable_kernel(per_channel=bool(axes))
+    y = kernel(
+        moved,
+        min,
+        max,
+        ops.convert_to_tensor(np.float32(qmin)),
+        ops.convert_to_tensor(np.float32(qmax)),
+    )
+    if axes:
+        y = _from_channels_last(y, layout, reshape=ops.reshape, transpose=ops.transpose)
+    return y
+
+
+@functools.lru_cache(maxsize=None)
+def _portable_kernel(per_channel: bool):
+    """The fake-quant kernel for one layout, as a custom-gradient function.
+
+    ``x`` has its channels last when ``per_channel``; ``min``/``max`` then broadcast against
+    the last axis. The integer range comes in as tensors, so that one compiled kernel serves
+    every bit width. On JAX the kernel is jitted once per layout (and inlined into an outer
+    jit), instead of compiling each of its operations for every new shape in eager mode.
+    """
+
+    @ops.custom_gradient
+    def kernel(x, min, max, qmin_f, qmax_f):
+        grid = _nudge(min, max, qmin_f, qmax_f)
+        zero_range = ops.logical_and(ops.equal(min, 0.0), ops.equal(max, 0.0))
+        quant_zero = ops.floor(_rounded_product(-grid.nudged_min, grid.inv_scale) + 0.5)
+        clamped = ops.maximum(ops.minimum(x, grid.nudged_max), grid.nudged_min)
+        shifted = clamped - grid.nudged_min
+        if per_channel:
+            steps = _rounded_product(shifted, grid.inv_scale)
+        else:
+            steps = _exact_divide(shifted, grid.scale)
+        out = ops.floor(steps - quant_zero + 0.5) * grid.scale
+        out = ops.where(zero_range, 0.0, out)
+
+        def grad(*args, upstream=None):
+            if upstream is None:
+                (upstream,) = args
+            inside = ops.logical_and(x >= grid.nudged_min, x <= grid.nudged_max)
+            below = ops.cast(x < grid.nudged_min, "float32")
+            above = ops.cast(x > grid.nudged_max, "float32")
+            d_x = ops.where(zero_range, upstream, upstream * ops.cast(inside, "float32"))
+            reduce_axes = tuple(range(len(x.shape) - 1)) if per_channel else None
+            d_min = ops.where(zero_range, 0.0, ops.sum(upstream * below, axis=reduce_axes))
+            d_max = ops.where(zero_range, 0.0, ops.sum(upstream * above, axis=reduce_axes))
+            return d_x, d_min, d_max, ops.zeros_like(qmin_f), ops.zeros_like(qmax_f)
+
+        return out, grad
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        return jax.jit(kernel)
+    return kernel

@@ -1,0 +1,276 @@
+"""keras_qat.ops against TensorFlow's fake-quant kernels: bits, gradients, ranges, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from keras_qat import ops as qops
+from tests.conftest import BACKEND, compiled, same_bits, tf_fake_quant, tf_gradients, to_numpy
+
+pytestmark = pytest.mark.numerics
+
+RANGE_KINDS = (
+    "straddle",
+    "positive",
+    "negative",
+    "zero_min",
+    "zero_max",
+    "zero_zero",
+    "equal",
+    "narrow_width",
+)
+
+
+# A fixed pool of shapes (ranks 1..5, with unit and non-unit dimensions): compiled backends
+# build one program per shape, and a pool keeps 10,000 cases to a few hundred programs.
+SHAPES = (
+    (5,), (1,), (7,),
+    (4, 3), (1, 6), (5, 1),
+    (2, 3, 4), (3, 1, 5), (1, 4, 2),
+    (2, 3, 4, 5), (1, 3, 3, 2), (3, 2, 1, 4),
+    (2, 2, 3, 2, 4), (1, 2, 1, 3, 2), (3, 1, 2, 2, 1),
+)
+
+
+def _random_range(rng, kind, size):
+    """A (min, max) pair of float32 arrays of ``size`` of the given kind."""
+    magnitude = 10.0 ** rng.uniform(-3, 3, size=size)
+    a = (np.abs(rng.normal(size=size)) + 1e-3) * magnitude
+    b = (np.abs(rng.normal(size=size)) + 1e-3) * magnitude
+    if kind == "straddle":
+        lo, hi = -a, b
+    elif kind == "positive":
+        lo, hi = np.minimum(a, b), np.maximum(a, b) * 1.5
+    elif kind == "negative":
+        lo, hi = -np.maximum(a, b) * 1.5, -np.minimum(a, b)
+    elif kind == "zero_min":
+        lo, hi = np.zeros(size), b
+    elif kind == "zero_max":
+        lo, hi = -a, np.zeros(size)
+    elif kind == "zero_zero":
+        lo, hi = np.zeros(size), np.zeros(size)
+    elif kind == "equal":
+        lo = hi = -a if rng.random() < 0.5 else b
+    else:  # narrow_width: a range only a few ulps wide
+        lo = -a
+        hi = lo + np.abs(lo) * 1e-6
+    return np.asarray(lo, np.float32), np.asarray(hi, np.float32)
+
+
+def _random_input(rng, shape, lo, hi, axes):
+    """Values inside and outside the range, grid points, ties, endpoints and zeros."""
+    span = np.maximum(np.abs(lo), np.abs(hi)).max() if np.size(lo) else 1.0
+    span = span if span > 0 else 1.0
+    x = rng.normal(size=shape) * span * 0.8
+    flat = x.reshape(-1)
+    picks = rng.integers(0, flat.size, size=max(1, flat.size // 4))
+    flat[picks[: len(picks) // 2]] = 0.0
+    flat[picks[len(picks) // 2 :]] *= 3.0  # beyond the range
+    return x.astype(np.float32)
+
+
+def _oracle_range(lo, hi):
+    """What TF is given: keras-qat maps a degenerate range (max - min < MIN_RANGE_WIDTH) to [0, 0]."""
+    degenerate = (hi.astype(np.float32) - lo.astype(np.float32)) < qops.MIN_RANGE_WIDTH
+    return np.where(degenerate, 0, lo).astype(np.float32), np.where(degenerate, 0, hi).astype(np.float32)
+
+
+def _random_case(rng):
+    num_bits = int(rng.integers(2, 17))
+    narrow = bool(rng.integers(0, 2))
+    shape = SHAPES[int(rng.integers(0, len(SHAPES)))]
+    rank = len(shape)
+    choices = [None, 0, -1] + ([1] if rank > 1 else []) + ([(-2, -1)] if rank > 2 else [])
+    axis = choices[int(rng.integers(0, len(choices)))]
+    kind = RANGE_KINDS[int(rng.integers(0, len(RANGE_KINDS)))]
+    size = () if axis is None else (qops.channel_count(shape, qops.normalize_axes(axis, rank)),)
+    lo, hi = _random_range(rng, kind, size)
+    x = _random_input(rng, shape, lo, hi, axis)
+    return x, lo, hi, num_bits, narrow, axis, kind
+
+
+def test_matches_tensorflow_bit_for_bit_on_10000_random_cases():
+    rng = np.random.default_rng(20261121)
+    kinds_seen, ranks_seen, axes_seen, bits_seen, differing = set(), set(), set(), set(), []
+    for case in range(10_000):
+        x, lo, hi, num_bits, narrow, axis, kind = _random_case(rng)
+        got = to_numpy(qops.fake_quant(x, lo, hi, num_bits=num_bits, narrow_range=narrow, axis=axis))
+        want = tf_fake_quant(x, *_oracle_range(lo, hi), num_bits, narrow, axis)
+        if not same_bits(got, want):
+            differing.append((case, kind, num_bits, narrow, axis, x.shape))
+        kinds_seen.add(kind)
+        ranks_seen.add(x.ndim)
+        axes_seen.add(axis if axis is None or isinstance(axis, tuple) else axis % x.ndim if axis >= 0 else axis)
+        bits_seen.add(num_bits)
+        assert np.all(np.isfinite(got)), (kind, lo, hi)
+    assert not differing, f"{len(differing)} cases differ from TF, first: {differing[:5]}"
+    assert kinds_seen == set(RANGE_KINDS)
+    assert ranks_seen == {1, 2, 3, 4, 5}
+    assert bits_seen == set(range(2, 17))
+    assert {None, 0, 1, -1, (-2, -1)} <= axes_seen
+
+
+@pytest.mark.parametrize("per_axis", [False, True], ids=["per_tensor", "per_axis"])
+def test_matches_tensorflow_when_compiled(per_axis):
+    """Under tf.function / jax.jit, where compilers rewrite arithmetic, the bits still match."""
+    rng = np.random.default_rng(7 + per_axis)
+    fn = compiled(qops.fake_quant, static_argnums=(3, 4, 5))
+    shape, axis = ((4, 3, 5), 1) if per_axis else ((4, 3, 5), None)
+    differing = 0
+    for num_bits in range(2, 17):
+        for narrow in (False, True):
+            for kind in RANGE_KINDS:
+                size = (3,) if per_axis else ()
+                lo, hi = _random_range(rng, kind, size)
+                x = _random_input(rng, shape, lo, hi, axis)
+                got = to_numpy(fn(x, lo, hi, num_bits, narrow, axis))
+                want = tf_fake_quant(x, *_oracle_range(lo, hi), num_bits, narrow, axis)
+                differing += not same_bits(got, want)
+    assert differing == 0
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_axis"])
+@pytest.mark.parametrize("kind", ["straddle", "positive", "negative", "zero_zero"])
+def test_gradients_match_tensorflow(per_channel, kind):
+    import keras
+
+    rng = np.random.default_rng(11)
+    shape = (6, 5, 4)
+    size = (4,) if per_channel else ()
+    for num_bits in (2, 4, 8, 16):
+        lo, hi = _random_range(rng, kind, size)
+        x = _random_input(rng, shape, lo, hi, -1)
+        upstream = rng.normal(size=shape).astype(np.float32)
+        want = tf_gradients(x, lo, hi, upstream, num_bits, False, per_channel)
+        got = _keras_gradients(keras, x, lo, hi, upstream, num_bits, -1 if per_channel else None)
+        # Exact values; the sign of a zero gradient may differ (XLA turns g * mask into a select).
+        assert np.array_equal(got[0], want[0]), "d/dx must be TF's straight-through mask exactly"
+        for ours, theirs in zip(got[1:], want[1:]):
+            # d/dmin and d/dmax are sums over the tensor; only the summation order may differ.
+            tolerance = 1e-6 * np.abs(upstream).sum()
+            np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=tolerance)
+
+
+def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis):
+    """Gradients of keras_qat's fake_quant on the active backend."""
+    if BACKEND == "jax":
+        import jax
+
+        def loss(x, lo, hi):
+            return (qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis) * upstream).sum()
+
+        return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, lo, hi)]
+    import tensorflow as tf
+
+    x, lo, hi = (tf.constant(v) for v in (x, lo, hi))
+    with tf.GradientTape() as tape:
+        tape.watch([x, lo, hi])
+        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis)
+    return [g.numpy() for g in tape.gradient(y, [x, lo, hi], output_gradients=tf.constant(upstream))]
+
+
+# ---- degenerate ranges ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 0.0), (3.0, 3.0), (-2.5, -2.5), (1e-39, 1e-39), (0.0, 1e-37)])
+def test_degenerate_ranges_give_zeros_not_nan(lo, hi):
+    x = np.linspace(-5, 5, 11, dtype=np.float32)
+    out = to_numpy(qops.fake_quant(x, np.float32(lo), np.float32(hi), num_bits=8))
+    assert np.all(np.isfinite(out))
+    assert same_bits(out, np.zeros_like(x))
+
+
+def test_all_zero_channel_is_finite_and_others_are_untouched():
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    x[:, 1] = 0.0
+    lo, hi = np.array([-2.0, 0.0, -1.0], np.float32), np.array([2.0, 0.0, 3.0], np.float32)
+    out = to_numpy(qops.fake_quant(x, lo, hi, num_bits=4, axis=-1))
+    assert np.all(np.isfinite(out))
+    assert same_bits(out, tf_fake_quant(x, lo, hi, 4, False, -1))
+
+
+def test_half_precision_inputs_keep_their_dtype():
+    x = np.linspace(-1, 1, 9).astype("float16")
+    out = qops.fake_quant(x, -1.0, 1.0, num_bits=4)
+    assert "float16" in str(out.dtype)
+    want = tf_fake_quant(x.astype(np.float32), -1.0, 1.0, 4, False).astype("float16")
+    assert np.array_equal(to_numpy(out), want)
+
+
+# ---- ranges from statistics ---------------------------------------------------------------
+
+
+def test_asymmetric_range_always_contains_zero():
+    lo, hi = qops.asymmetric_range(np.float32([1.0, -3.0, -2.0]), np.float32([4.0, -1.0, 5.0]))
+    assert np.array_equal(to_numpy(lo), [0.0, -3.0, -2.0])
+    assert np.array_equal(to_numpy(hi), [4.0, 0.0, 5.0])
+
+
+@pytest.mark.parametrize("num_bits", [2, 3, 4, 8, 16])
+@pytest.mark.parametrize("narrow", [False, True])
+def test_symmetric_range_puts_zero_on_the_middle_code(num_bits, narrow):
+    """tfmot's symmetric rule: TF nudges the range to zero point 2**(bits-1), signed zero 0."""
+    batch_min, batch_max = np.float32([-0.3, -2.0, 0.5]), np.float32([1.2, 0.7, 0.9])
+    lo, hi = (to_numpy(v) for v in qops.symmetric_range(batch_min, batch_max, num_bits, narrow))
+    assert np.all(lo <= batch_min) and np.all(hi >= batch_max) and np.all(lo < 0) and np.all(hi > 0)
+    qmin = 1 if narrow else 0
+    probe = np.array([[-1e30, 1e30]], np.float32).T.repeat(3, axis=1)
+    ends = tf_fake_quant(probe, lo, hi, num_bits, narrow, axis=-1)
+    scale = (ends[1] - ends[0]) / (2**num_bits - 1 - qmin)
+    zero_point = qmin - ends[0] / scale
+    np.testing.assert_array_equal(np.round(zero_point), 2 ** (num_bits - 1))
+    np.testing.assert_allclose(zero_point, 2 ** (num_bits - 1), atol=1e-3)
+
+
+def test_reduce_range_per_axis_any_axis_and_flattened_axes():
+    x = np.random.default_rng(1).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    lo, hi = qops.reduce_range(x, axis=1)
+    assert np.array_equal(to_numpy(lo), x.min(axis=(0, 2, 3)))
+    lo, hi = qops.reduce_range(x, axis=(2, 3))
+    assert np.array_equal(to_numpy(hi), x.max(axis=(0, 1)).reshape(-1))
+    lo, hi = qops.reduce_range(x)
+    assert float(to_numpy(lo)) == x.min() and float(to_numpy(hi)) == x.max()
+
+
+# ---- bad input ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_bits", [1, 17, 0, -8, 8.0, True, "8"])
+def test_num_bits_outside_2_to_16_is_rejected(num_bits):
+    with pytest.raises(ValueError, match="num_bits"):
+        qops.fake_quant(np.zeros(3, np.float32), -1.0, 1.0, num_bits=num_bits)
+
+
+@pytest.mark.parametrize("axis,shape", [(2, (3, 4)), (-3, (3, 4)), ((0, 0), (3, 4)), ("1", (3,))])
+def test_bad_axis_is_rejected(axis, shape):
+    with pytest.raises(ValueError, match="axis"):
+        qops.fake_quant(np.zeros(shape, np.float32), np.zeros(3), np.ones(3), axis=axis)
+
+
+def test_per_axis_on_a_scalar_is_rejected():
+    with pytest.raises(ValueError, match="rank >= 1"):
+        qops.fake_quant(np.float32(1.0), np.zeros(1), np.ones(1), axis=0)
+
+
+def test_integer_inputs_are_rejected():
+    with pytest.raises(ValueError, match="floating-point inputs, got dtype int32"):
+        qops.fake_quant(np.arange(4, dtype=np.int32), -1.0, 1.0)
+
+
+@pytest.mark.parametrize("lo,hi", [(np.nan, 1.0), (-1.0, np.inf), (-np.inf, 0.0)])
+def test_non_finite_ranges_are_rejected(lo, hi):
+    with pytest.raises(ValueError, match="finite"):
+        qops.fake_quant(np.zeros(3, np.float32), lo, hi)
+
+
+def test_inverted_range_is_rejected():
+    with pytest.raises(ValueError, match="min must be <= max"):
+        qops.fake_quant(np.zeros(3, np.float32), 1.0, -1.0)
+
+
+def test_range_shape_must_match_the_channels():
+    with pytest.raises(ValueError, match=r"shape \(4,\)"):
+        qops.fake_quant(np.zeros((2, 4), np.float32), np.zeros(3), np.ones(3), axis=-1)
+    with pytest.raises(ValueError, match="scalar min"):
+        qops.fake_quant(np.zeros((2, 4), np.float32), np.zeros(4), np.ones(4))
