@@ -1,0 +1,422 @@
+"""Quantizers: where a tensor's range comes from, and its fake quantization.
+
+The contract is tfmot's, so that tfmot ``QuantizeConfig`` code moves unchanged:
+
+* ``build(tensor_shape, name, layer)`` creates the quantizer's variables on ``layer`` (named
+  ``{name}_min``, ``{name}_max``, ...) and returns them in a dict;
+* ``__call__(inputs, training, weights, **kwargs)`` fake-quantizes ``inputs`` with those
+  variables, updating them from the data while ``training`` and only reading them otherwise;
+* ``get_config`` / ``from_config`` serialize the settings.
+
+Unlike tfmot, every quantizer honours ``num_bits`` (2..16), ``per_axis`` on any axis of any
+rank, ``symmetric`` and ``narrow_range``:
+
+* :class:`LastValueQuantizer`: the range of the current batch;
+* :class:`MovingAverageQuantizer`: a bias-corrected exponential moving average of batch ranges;
+* :class:`AllValuesQuantizer`: the running min / max over everything seen in training;
+* :class:`FixedQuantizer`: a range given up front.
+
+Per-axis ranges hold one ``(min, max)`` per output channel. For a depthwise kernel, laid out
+``(..., in_channels, depth_multiplier)``, the output channels span the last two axes: the
+default ``axis=-1`` then means both, flattened, ``in_channels * depth_multiplier`` ranges, as
+the deployed per-channel model has them (tfmot sizes these by the depth multiplier alone).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_qat import ops as qops
+
+#: The range every observing quantizer starts from, before it has seen data (as tfmot).
+INITIAL_RANGE = (-6.0, 6.0)
+
+
+def _is_depthwise_kernel(layer, name: str) -> bool:
+    """Whether weight ``name`` of ``layer`` (or of the layer it wraps) is a depthwise kernel."""
+    inner = getattr(layer, "layer", layer)
+    if isinstance(inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+        return name in ("kernel", "depthwise_kernel")
+    if isinstance(inner, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
+        return name == "depthwise_kernel"
+    return False
+
+
+def _layer_label(layer) -> str:
+    return f"layer '{layer.name}'" if layer is not None and hasattr(layer, "name") else "no layer"
+
+
+class Quantizer:
+    """Base class of quantizers (tfmot's contract; see the module docstring).
+
+    Subclasses implement :meth:`build`, :meth:`__call__` and :meth:`get_config`.
+    """
+
+    def build(self, tensor_shape, name: str, layer) -> dict[str, Any]:
+        """Create the variables the quantizer needs on ``layer``; return them by key."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build().")
+
+    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
+        """Return ``inputs`` fake-quantized; update ``weights`` from the data if training."""
+        raise NotImplementedError(f"{type(self).__name__} must implement __call__().")
+
+    def get_config(self) -> dict[str, Any]:
+        raise NotImplementedError(f"{type(self).__name__} must implement get_config().")
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "Quantizer":
+        return cls(**config)
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and self.get_config() == other.get_config()
+
+    def __ne__(self, other) -> bool:
+        return not self == other
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, repr(sorted(self.get_config().items()))))
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class _RangeQuantizer(Quantizer):
+    """Shared machinery: settings, variables, channel layout and the fake-quant call.
+
+    Subclasses say how the range moves in training (:meth:`_training_range`) and which
+    extra variables that needs (:meth:`_build_state`).
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        per_axis: bool = False,
+        symmetric: bool = False,
+        narrow_range: bool = False,
+        axis: int | tuple[int, ...] = -1,
+    ):
+        owner = type(self).__name__
+        self.num_bits = qops.validate_num_bits(num_bits, owner)
+        for arg, value in (("per_axis", per_axis), ("symmetric", symmetric), ("narrow_range", narrow_range)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise ValueError(f"{owner}: {arg} must be True or False, got {value!r}.")
+        self.per_axis = bool(per_axis)
+        self.symmetric = bool(symmetric)
+        self.narrow_range = bool(narrow_range)
+        self.axis = self._validate_axis(axis, owner)
+
+    @staticmethod
+    def _validate_axis(axis, owner):
+        if isinstance(axis, (list, tuple)):
+            if not axis or not all(isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in axis):
+                raise ValueError(f"{owner}: axis must be an int or a tuple of ints, got {axis!r}.")
+            return tuple(int(a) for a in axis)
+        if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+            raise ValueError(f"{owner}: axis must be an int or a tuple of ints, got {axis!r}.")
+        return int(axis)
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "num_bits": self.num_bits,
+            "per_axis": self.per_axis,
+            "symmetric": self.symmetric,
+            "narrow_range": self.narrow_range,
+            "axis": list(self.axis) if isinstance(self.axis, tuple) else self.axis,
+        }
+
+    # ---- channel layout -------------------------------------------------------------
+
+    def channel_axes(self, tensor_shape, name: str = "tensor", layer=None) -> tuple[int, ...]:
+        """The axes that one per-axis range spans for a tensor of ``tensor_shape``.
+
+        Empty for per-tensor quantizers. A depthwise kernel's default axis spans its last
+        two axes (``in_channels * depth_multiplier`` output channels).
+        """
+        if not self.per_axis:
+            return ()
+        rank = len(tensor_shape)
+        owner = f"{type(self).__name__} for '{name}' ({_layer_label(layer)})"
+        if rank == 0:
+            raise ValueError(
+                f"{owner}: per_axis=True needs a tensor of rank >= 1, but '{name}' is a scalar; "
+                "use per_axis=False for it."
+            )
+        axis = self.axis
+        if axis == -1 and rank >= 2 and _is_depthwise_kernel(layer, name):
+            axis = (-2, -1)
+        return qops.normalize_axes(axis, rank, owner)
+
+    def _call_axes(self, inputs, weights) -> tuple[int, ...]:
+        """Recover at call time the layout chosen in :meth:`build` from the variable's size."""
+        if not self.per_axis:
+            return ()
+        shape = tuple(inputs.shape)
+        channels = int(weights["min_var"].shape[0])
+        if self.axis == -1 and len(shape) >= 2 and shape[-1] != channels and shape[-2] is not None:
+            if int(shape[-2]) * int(shape[-1]) == channels:  # a depthwise kernel
+                return qops.normalize_axes((-2, -1), len(shape), type(self).__name__)
+        return qops.normalize_axes(self.axis, len(shape), type(self).__name__)
+
+    # ---- variables --------------------------------------------------------------------
+
+    def build(self, tensor_shape, name: str, layer) -> dict[str, Any]:
+        if layer is None or not hasattr(layer, "add_weight"):
+            raise ValueError(
+                f"{type(self).__name__}.build: layer must be the Keras layer that owns the "
+                f"variables of '{name}', got {layer!r}."
+            )
+        tensor_shape = tuple(tensor_shape)
+        axes = self.channel_axes(tensor_shape, name, layer)
+        shape: tuple[int, ...] = ()
+        if axes:
+            count = qops.channel_count(tensor_shape, axes)
+            if count is None:
+                raise ValueError(
+                    f"{type(self).__name__} for '{name}' ({_layer_label(layer)}): per-axis "
+                    f"quantization needs the size of axis {axes} to be known, got shape {tensor_shape}."
+                )
+            shape = (count,)
+        initial_min, initial_max = self._initial_range(shape, name, layer)
+        weights = {
+            "min_var": layer.add_weight(
+                name=f"{name}_min",
+                shape=shape,
+                initializer=keras.initializers.Constant(initial_min),
+                trainable=False,
+            ),
+            "max_var": layer.add_weight(
+                name=f"{name}_max",
+                shape=shape,
+                initializer=keras.initializers.Constant(initial_max),
+                trainable=False,
+            ),
+        }
+        weights.update(self._build_state(name, layer))
+        return weights
+
+    def _initial_range(self, shape, name, layer):
+        return INITIAL_RANGE
+
+    def _build_state(self, name: str, layer) -> dict[str, Any]:
+        return {}
+
+    # ---- the call ---------------------------------------------------------------------
+
+    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
+        inputs = ops.convert_to_tensor(inputs)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            raise ValueError(
+                f"{type(self).__name__}: inputs must be floating point, got dtype {dtype}; "
+                "integer tensors (ids, masks) should be left unquantized."
+            )
+        axes = self._call_axes(inputs, weights)
+        if training:
+            range_min, range_max = self._training_range(inputs, axes, weights)
+        else:
+            range_min, range_max = weights["min_var"], weights["max_var"]
+        return qops.fake_quant(
+            inputs,
+            range_min,
+            range_max,
+            num_bits=self.num_bits,
+            narrow_range=self.narrow_range,
+            axis=axes or None,
+        )
+
+    def _training_range(self, inputs, axes, weights):
+        raise NotImplementedError
+
+    def observed_range(self, inputs, axes: tuple[int, ...]):
+        """The range of ``inputs`` under this quantizer's rules (zero included, symmetric or not)."""
+        batch_min, batch_max = qops.reduce_range(
+            ops.cast(ops.stop_gradient(inputs), "float32"), axes or None
+        )
+        if self.symmetric:
+            return qops.symmetric_range(batch_min, batch_max, self.num_bits, self.narrow_range)
+        return qops.asymmetric_range(batch_min, batch_max)
+
+
+def _steps_variable(layer, name: str):
+    return layer.add_weight(
+        name=f"{name}_steps",
+        shape=(),
+        initializer="zeros",
+        trainable=False,
+    )
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class LastValueQuantizer(_RangeQuantizer):
+    """The range of the current batch in training; the last one seen in inference.
+
+    The default weight quantizer: weights change little between steps, so their current
+    range is the right one.
+    """
+
+    def _training_range(self, inputs, axes, weights):
+        range_min, range_max = self.observed_range(inputs, axes)
+        weights["min_var"].assign(range_min)
+        weights["max_var"].assign(range_max)
+        return range_min, range_max
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class MovingAverageQuantizer(_RangeQuantizer):
+    """An exponential moving average of batch ranges, bias-corrected.
+
+    After ``t`` steps the range is ``sum_i w_i r_i / sum_i w_i`` with ``w_i = decay**(t - i)``:
+    the first batch sets it exactly and later ones move it by their weight, instead of tfmot's
+    average that starts at +-6 and needs thousands of steps to forget it. Stored as the
+    corrected value itself, so that inference and export read ``{name}_min`` / ``_max``.
+
+    Args:
+        ema_decay: the decay, in [0, 1); 0.999 averages over about the last thousand steps.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        per_axis: bool = False,
+        symmetric: bool = False,
+        narrow_range: bool = False,
+        axis: int | tuple[int, ...] = -1,
+        ema_decay: float = 0.999,
+    ):
+        super().__init__(num_bits, per_axis, symmetric, narrow_range, axis)
+        if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float, np.floating)) or not (
+            0.0 <= float(ema_decay) < 1.0
+        ):
+            raise ValueError(
+                f"MovingAverageQuantizer: ema_decay must be a number in [0, 1), got {ema_decay!r}."
+            )
+        self.ema_decay = float(ema_decay)
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "ema_decay": self.ema_decay}
+
+    def _build_state(self, name, layer):
+        return {"steps": _steps_variable(layer, name)}
+
+    def _training_range(self, inputs, axes, weights):
+        range_min, range_max = self.observed_range(inputs, axes)
+        steps = weights["steps"] + 1.0
+        # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
+        # exactly 1 at the first step.
+        decay = ops.convert_to_tensor(np.float32(self.ema_decay))
+        rate = (1.0 - decay) / (1.0 - ops.power(decay, steps))
+        new_min = range_min * rate + weights["min_var"] * (1.0 - rate)
+        new_max = range_max * rate + weights["max_var"] * (1.0 - rate)
+        weights["steps"].assign(steps)
+        weights["min_var"].assign(new_min)
+        weights["max_var"].assign(new_max)
+        return new_min, new_max
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class AllValuesQuantizer(_RangeQuantizer):
+    """The running min and max over everything seen in training (per channel if per_axis).
+
+    The first training batch replaces the initial range; later ones can only widen it.
+    """
+
+    def _build_state(self, name, layer):
+        return {"steps": _steps_variable(layer, name)}
+
+    def _training_range(self, inputs, axes, weights):
+        range_min, range_max = self.observed_range(inputs, axes)
+        first = weights["steps"] == 0.0
+        new_min = ops.where(first, range_min, ops.minimum(weights["min_var"], range_min))
+        new_max = ops.where(first, range_max, ops.maximum(weights["max_var"], range_max))
+        weights["steps"].assign(weights["steps"] + 1.0)
+        weights["min_var"].assign(new_min)
+        weights["max_var"].assign(new_max)
+        return new_min, new_max
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class FixedQuantizer(_RangeQuantizer):
+    """A range given up front, at ``num_bits`` (tfmot's version ignores ``num_bits``).
+
+    Args:
+        init_min, init_max: the range, containing zero; scalars, or with ``per_axis`` one
+            value per channel (a scalar is repeated for every channel). With ``symmetric``
+            the range is widened to tfmot's symmetric range around zero.
+    """
+
+    def __init__(
+        self,
+        num_bits: int = 8,
+        init_min: float | Any = -6.0,
+        init_max: float | Any = 6.0,
+        narrow_range: bool = False,
+        per_axis: bool = False,
+        symmetric: bool = False,
+        axis: int | tuple[int, ...] = -1,
+    ):
+        super().__init__(num_bits, per_axis, symmetric, narrow_range, axis)
+        lo = np.asarray(init_min, dtype=np.float64)
+        hi = np.asarray(init_max, dtype=np.float64)
+        if lo.ndim > 1 or hi.ndim > 1 or (not per_axis and (lo.ndim or hi.ndim)):
+            raise ValueError(
+                "FixedQuantizer: init_min and init_max must be scalars, or vectors with "
+                f"per_axis=True; got shapes {lo.shape} and {hi.shape}."
+            )
+        if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+            raise ValueError(
+                f"FixedQuantizer: the range must be finite, got init_min={init_min!r}, init_max={init_max!r}."
+            )
+        if np.any(lo > 0) or np.any(hi < 0) or np.any(lo >= hi):
+            raise ValueError(
+                "FixedQuantizer: the range must contain zero and be non-empty "
+                f"(init_min <= 0 <= init_max, init_min < init_max); got init_min={init_min!r}, "
+                f"init_max={init_max!r}."
+            )
+        self.init_min = lo.tolist()
+        self.init_max = hi.tolist()
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        return {
+            "num_bits": config["num_bits"],
+            "init_min": self.init_min,
+            "init_max": self.init_max,
+            "narrow_range": config["narrow_range"],
+            "per_axis": config["per_axis"],
+            "symmetric": config["symmetric"],
+            "axis": config["axis"],
+        }
+
+    def _initial_range(self, shape, name, layer):
+        lo = np.broadcast_to(np.asarray(self.init_min, np.float32), shape) if shape else np.float32(self.init_min)
+        hi = np.broadcast_to(np.asarray(self.init_max, np.float32), shape) if shape else np.float32(self.init_max)
+        if np.shape(self.init_min) not in ((), shape) or np.shape(self.init_max) not in ((), shape):
+            raise ValueError(
+                f"FixedQuantizer for '{name}' ({_layer_label(layer)}): per-axis init_min/init_max "
+                f"must be scalars or have shape {shape}, got {np.shape(self.init_min)} and "
+                f"{np.shape(self.init_max)}."
+            )
+        if self.symmetric:
+            lo, hi = (
+                ops.convert_to_numpy(v)
+                for v in qops.symmetric_range(lo, hi, self.num_bits, self.narrow_range)
+            )
+        return np.array(lo, np.float32), np.array(hi, np.float32)
+
+    def _training_range(self, inputs, axes, weights):
+        return weights["min_var"], weights["max_var"]
+
+
+__all__ = [
+    "Quantizer",
+    "LastValueQuantizer",
+    "MovingAverageQuantizer",
+    "AllValuesQuantizer",
+    "FixedQuantizer",
+    "INITIAL_RANGE",
+]
