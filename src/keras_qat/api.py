@@ -1,0 +1,276 @@
+"""The QAT model API, with tfmot's names and meanings.
+
+* :func:`quantize_annotate_layer` marks a layer; :func:`quantize_annotate_model` marks all.
+* :func:`quantize_apply` rebuilds an annotated model with quantized layers, as the scheme says.
+* :func:`quantize_model` does both: the whole model, quantized.
+* :func:`quantize_scope` makes the package's classes (and yours) known when loading.
+
+Sequential and functional models are supported, with nested models (a Model used as a
+layer); the rebuilt model is functional, with fresh layers holding copies of the weights.
+Subclassed models cannot be rewritten: quantize their layers inside the model instead.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import keras
+
+from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
+from keras_qat.schemes import Default8BitScheme, Scheme
+
+
+def _is_functional(model) -> bool:
+    # Keras exposes no public Functional class; a graph model keeps its operations and nodes.
+    from keras.src.models.functional import Functional
+
+    return isinstance(model, Functional)
+
+
+def _is_graph_model(model) -> bool:
+    return isinstance(model, keras.Sequential) or _is_functional(model)
+
+
+def _subclassed_model_error(model, caller: str) -> ValueError:
+    return ValueError(
+        f"{caller}: '{model.name}' is a subclassed Model ({type(model).__name__}), whose "
+        "computation keras-qat cannot rewrite. Either build it with the functional API or "
+        "Sequential, or quantize its layers yourself: in its __init__, wrap each layer as "
+        "keras_qat.QuantizeWrapper(layer, config), with a config from a scheme, e.g. "
+        "keras_qat.schemes.Default8BitScheme().config_for(layer)."
+    )
+
+
+def _check_graph_model(model, caller: str) -> None:
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{caller}: expected a keras.Model, got {type(model).__name__}.")
+    if not _is_graph_model(model):
+        raise _subclassed_model_error(model, caller)
+    if not model.built or not model.inputs:
+        raise ValueError(
+            f"{caller}: model '{model.name}' is not built; give it an input shape "
+            "(keras.Input or an InputLayer) before quantizing it."
+        )
+
+
+def _iter_layers(model) -> Iterable[Any]:
+    """Every layer of a graph model, descending into nested models."""
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from _iter_layers(layer) if _is_graph_model(layer) else ()
+
+
+def _check_no_annotation_in_subclassed(model, caller: str) -> None:
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            if _is_graph_model(layer):
+                _check_no_annotation_in_subclassed(layer, caller)
+                continue
+            for inner in layer._flatten_layers(include_self=False, recursive=True):
+                if isinstance(inner, QuantizeAnnotate):
+                    raise ValueError(
+                        f"{caller}: the annotated layer '{inner.layer.name}' is inside "
+                        f"'{layer.name}', a subclassed Model ({type(layer).__name__}), which "
+                        "keras-qat cannot rewrite. Build that model functionally, or replace "
+                        "the annotation inside it by keras_qat.QuantizeWrapper(layer, config)."
+                    )
+
+
+# ---- annotation ---------------------------------------------------------------------------
+
+
+def quantize_annotate_layer(to_annotate, quantize_config: QuantizeConfig | None = None) -> QuantizeAnnotate:
+    """Mark ``to_annotate`` for quantization by :func:`quantize_apply`.
+
+    Args:
+        to_annotate: a Keras layer (not a Model: annotate its layers instead).
+        quantize_config: how to quantize it; None lets the scheme decide by layer type.
+    """
+    if isinstance(to_annotate, keras.Model):
+        raise ValueError(
+            f"quantize_annotate_layer: '{to_annotate.name}' is a Model; annotate the model with "
+            "quantize_annotate_model, or its layers one by one."
+        )
+    if not isinstance(to_annotate, keras.layers.Layer):
+        raise ValueError(f"quantize_annotate_layer: expected a Keras layer, got {to_annotate!r}.")
+    if isinstance(to_annotate, (QuantizeAnnotate, QuantizeWrapper)):
+        raise ValueError(f"quantize_annotate_layer: '{to_annotate.name}' is already annotated or quantized.")
+    return QuantizeAnnotate(to_annotate, quantize_config)
+
+
+def quantize_annotate_model(to_annotate: keras.Model) -> keras.Model:
+    """Mark every layer of ``to_annotate`` (and of its nested models) for quantization.
+
+    Layers already annotated keep their annotation. The returned model shares its layers,
+    and so its weights, with ``to_annotate``.
+    """
+    _check_graph_model(to_annotate, "quantize_annotate_model")
+    _check_no_annotation_in_subclassed(to_annotate, "quantize_annotate_model")
+
+    def annotate(layer):
+        if isinstance(layer, (QuantizeAnnotate, keras.layers.InputLayer)):
+            return layer
+        if isinstance(layer, keras.Model):
+            if not _is_graph_model(layer):
+                raise _subclassed_model_error(layer, "quantize_annotate_model")
+            return quantize_annotate_model(layer)
+        return QuantizeAnnotate(layer)
+
+    return _rebuild_graph(to_annotate, annotate)
+
+
+# ---- apply --------------------------------------------------------------------------------
+
+
+def _unsupported_layer_error(layer, scheme) -> ValueError:
+    return ValueError(
+        f"quantize_apply: layer '{layer.name}' ({type(layer).__name__}) is not supported by "
+        f"{type(scheme).__name__}. Say how to quantize it with "
+        f"quantize_annotate_layer(layer, quantize_config=YourQuantizeConfig()), or keep it in "
+        f"float: do not annotate it (annotate the other layers with quantize_annotate_layer "
+        f"instead of quantize_annotate_model / quantize_model), or give the scheme "
+        f"overrides={{'{layer.name}': None}}."
+    )
+
+
+def _clone_layer(layer):
+    return layer.__class__.from_config(layer.get_config())
+
+
+def quantize_apply(model: keras.Model, scheme: Scheme | None = None) -> keras.Model:
+    """Rebuild an annotated model with its annotated layers quantized.
+
+    Each annotated layer becomes a :class:`QuantizeWrapper` with its annotation's config, or
+    the scheme's config for its type. Model inputs that feed quantized layers get a
+    :class:`QuantizeLayer`. Layers without annotation stay float. The new model has fresh
+    layers holding copies of the weights.
+
+    Args:
+        model: a Sequential or functional model with annotated layers.
+        scheme: default :class:`~keras_qat.schemes.Default8BitScheme`.
+    """
+    scheme = scheme if scheme is not None else Default8BitScheme()
+    if not isinstance(scheme, Scheme):
+        raise ValueError(f"quantize_apply: scheme must be a keras_qat Scheme, got {scheme!r}.")
+    _check_graph_model(model, "quantize_apply")
+    _check_no_annotation_in_subclassed(model, "quantize_apply")
+    if not any(isinstance(layer, QuantizeAnnotate) for layer in _iter_layers(model)):
+        raise ValueError(
+            f"quantize_apply: model '{model.name}' has no annotated layer. Annotate layers with "
+            "quantize_annotate_layer (or the whole model with quantize_annotate_model), or call "
+            "quantize_model to quantize every layer."
+        )
+    return _apply(model, scheme)
+
+
+def _apply(model, scheme):
+    copies: list[tuple[Any, Any]] = []  # (original layer, new layer) whose weights to copy
+
+    def replace(layer):
+        if isinstance(layer, keras.layers.InputLayer):
+            return layer
+        if isinstance(layer, keras.Model):
+            return _apply(layer, scheme)
+        if isinstance(layer, QuantizeAnnotate):
+            inner = layer.layer
+            if scheme.keeps_float(inner) and layer.quantize_config is None:
+                new = _clone_layer(inner)
+                copies.append((inner, new))
+                return new
+            config = layer.quantize_config or scheme.config_for(inner)
+            if config is None:
+                raise _unsupported_layer_error(inner, scheme)
+            new_inner = _clone_layer(inner)
+            copies.append((inner, new_inner))
+            return QuantizeWrapper(new_inner, config, name=layer.name.replace("quant_annotate_", "quant_", 1))
+        new = _clone_layer(layer)
+        copies.append((layer, new))
+        return new
+
+    rebuilt = _rebuild_graph(model, replace, quantize_inputs=True)
+    for original, new in copies:
+        if original.weights:
+            new.set_weights(original.get_weights())
+    return rebuilt
+
+
+def _rebuild_graph(model, replace, quantize_inputs: bool = False):
+    """Clone ``model`` as a functional model, each layer replaced by ``replace(layer)``.
+
+    With ``quantize_inputs``, a model input that feeds a QuantizeWrapper goes through one
+    QuantizeLayer first.
+    """
+    if isinstance(model, keras.Sequential):
+        model = _functional_from_sequential(model)
+    quantized_inputs: dict[int, Any] = {}
+
+    def call(layer, *args, **kwargs):
+        if quantize_inputs and isinstance(layer, QuantizeWrapper):
+            args = keras.tree.map_structure(lambda t: _quantized_input(t, quantized_inputs), args)
+        return layer(*args, **kwargs)
+
+    def _quantized_input(tensor, cache):
+        if not isinstance(tensor, keras.KerasTensor) or not _is_model_input(tensor):
+            return tensor
+        if id(tensor) not in cache:
+            name = tensor._keras_history.operation.name
+            cache[id(tensor)] = QuantizeLayer(name=f"quantize_{name}")(tensor)
+        return cache[id(tensor)]
+
+    return keras.models.clone_model(model, clone_function=replace, call_function=call)
+
+
+def _is_model_input(tensor) -> bool:
+    history = getattr(tensor, "_keras_history", None)
+    return history is not None and isinstance(history.operation, keras.layers.InputLayer)
+
+
+def _functional_from_sequential(model: keras.Sequential) -> keras.Model:
+    inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype, name=model.inputs[0].name)
+    outputs = inputs
+    for layer in model.layers:
+        outputs = layer(outputs)
+    return keras.Model(inputs, outputs, name=model.name)
+
+
+def quantize_model(to_quantize: keras.Model, scheme: Scheme | None = None) -> keras.Model:
+    """Quantize every layer of ``to_quantize`` as ``scheme`` says (default: TFLite int8).
+
+    Equivalent to ``quantize_apply(quantize_annotate_model(to_quantize), scheme)``. Layers the
+    scheme does not support raise an error that says how to proceed.
+    """
+    _check_graph_model(to_quantize, "quantize_model")
+    return quantize_apply(quantize_annotate_model(to_quantize), scheme)
+
+
+def quantize_scope(*custom_objects: dict[str, Any]):
+    """A ``keras.saving.custom_object_scope`` with keras-qat's classes and ``custom_objects``.
+
+    The package's classes are registered with Keras and load without it; this exists for
+    tfmot scripts and for your own QuantizeConfigs and quantizers.
+    """
+    from keras_qat import config as config_module
+    from keras_qat import layers as layers_module
+    from keras_qat import quantizers as quantizers_module
+
+    objects: dict[str, Any] = {}
+    for module in (quantizers_module, config_module, layers_module):
+        for name in module.__all__:
+            objects[name] = getattr(module, name)
+    for extra in custom_objects:
+        if not isinstance(extra, dict):
+            raise ValueError(f"quantize_scope: arguments must be dicts of custom objects, got {extra!r}.")
+        objects.update(extra)
+    return keras.saving.custom_object_scope(objects)
+
+
+__all__ = [
+    "quantize_annotate_layer",
+    "quantize_annotate_model",
+    "quantize_apply",
+    "quantize_model",
+    "quantize_scope",
+    "LayerQuantizeConfig",
+]

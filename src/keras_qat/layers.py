@@ -1,0 +1,365 @@
+"""Layers that carry quantization: the annotation marker, the wrapper, the input quantizer.
+
+:class:`QuantizeWrapper` runs the wrapped layer with its weights replaced by their
+fake-quantized values. Keras 3 makes ``kernel`` read-only on Dense and Conv, so instead of
+assigning attributes (as tfmot does) the wrapper runs the layer inside a
+``keras.StatelessScope`` that maps each weight variable to its quantized value: any layer
+that reads its variables, built-in or custom, sees quantized weights, on every backend, and
+gradients flow through the quantizer to the float weights. State the layer updates while it
+runs (BatchNormalization statistics, activation ranges) is carried out of the scope.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
+
+
+def _is_variable(value) -> bool:
+    return isinstance(value, keras.Variable)
+
+
+class _AssignmentRecorder:
+    """Stands in for a layer while a QuantizeConfig sets quantized values on it.
+
+    Reading an attribute reads the layer's. Assigning an attribute that holds a weight
+    variable records ``variable -> value`` for substitution, instead of replacing the
+    variable; assigning any other attribute (an activation function) sets it on the layer.
+    """
+
+    def __init__(self, layer, owner: str):
+        object.__setattr__(self, "_layer", layer)
+        object.__setattr__(self, "_owner", owner)
+        object.__setattr__(self, "substitutes", {})
+        object.__setattr__(self, "assigned", {})
+
+    def __getattr__(self, name):
+        return getattr(self._layer, name)
+
+    def __setattr__(self, name, value):
+        current = getattr(self._layer, name, None)
+        if _is_variable(current):
+            if tuple(value.shape) != tuple(current.shape):
+                raise ValueError(
+                    f"{self._owner}: the quantized value set for '{name}' has shape "
+                    f"{tuple(value.shape)}, but the weight has shape {tuple(current.shape)}."
+                )
+            self.substitutes[id(current)] = value
+        else:
+            self.assigned[name] = current
+            setattr(self._layer, name, value)
+
+
+def _run_with_substitutes(fn, variables, substitutes: dict[int, Any]):
+    """Run ``fn`` with ``variables`` read as ``substitutes`` where given, and keep updates.
+
+    The scope also maps every other variable to its current value, so that values of an
+    enclosing stateless scope (JAX training) are seen, and carries back every assignment made
+    while ``fn`` ran.
+    """
+    initial = {}
+    mapping = []
+    for variable in variables:
+        value = substitutes.get(id(variable))
+        if value is None:
+            value = variable.value
+            initial[id(variable)] = value
+        mapping.append((variable, value))
+    with keras.StatelessScope(state_mapping=mapping) as scope:
+        outputs = fn()
+    for variable in variables:
+        if id(variable) not in initial:
+            continue
+        value = scope.get_current_value(variable)
+        if value is not None and value is not initial[id(variable)]:
+            variable.assign(value)
+    return outputs
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeAwareActivation:
+    """An activation function followed by fake quantization of its output.
+
+    Installed on the wrapped layer (``layer.activation``) by the QuantizeConfig; its range
+    variables live on the wrapper. The wrapper sets ``training`` before each call.
+    """
+
+    def __init__(self, activation, quantizer: Quantizer, wrapper, name: str):
+        self.activation = activation
+        self.quantizer = quantizer
+        self.training = False
+        self.quantizer_vars: dict | None = None
+        self._wrapper = wrapper
+        self._name = name
+
+    def build(self, output_shape) -> None:
+        """Create the range variables on the wrapper, for outputs of ``output_shape``."""
+        self.quantizer_vars = self.quantizer.build(output_shape, self._name, self._wrapper)
+
+    def __call__(self, inputs):
+        outputs = self.activation(inputs)
+        return self.quantizer(outputs, self.training, self.quantizer_vars)
+
+    def get_config(self):
+        return {"activation": keras.activations.serialize(self.activation)}
+
+    @property
+    def __name__(self):
+        return getattr(self.activation, "__name__", "quantize_aware_activation")
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeAnnotate(keras.layers.Wrapper):
+    """Marks a layer for quantization; behaves exactly as the layer until ``quantize_apply``.
+
+    Args:
+        layer: the layer to quantize.
+        quantize_config: how; None lets the scheme decide by layer type.
+    """
+
+    def __init__(self, layer, quantize_config: QuantizeConfig | None = None, **kwargs):
+        kwargs.setdefault("name", f"quant_annotate_{layer.name}")
+        super().__init__(layer, **kwargs)
+        if quantize_config is not None and not isinstance(quantize_config, QuantizeConfig):
+            raise ValueError(
+                f"quantize_annotate_layer('{layer.name}'): quantize_config must be a "
+                f"keras_qat QuantizeConfig, got {quantize_config!r}."
+            )
+        self.quantize_config = quantize_config
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.built = True
+
+    def call(self, inputs, *args, **kwargs):
+        return self.layer(inputs, *args, **kwargs)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantize_config"] = (
+            None if self.quantize_config is None else keras.saving.serialize_keras_object(self.quantize_config)
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        quantize_config = config.pop("quantize_config", None)
+        if quantize_config is not None:
+            quantize_config = keras.saving.deserialize_keras_object(quantize_config, custom_objects=custom_objects)
+        return cls(layer, quantize_config, **config)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeWrapper(keras.layers.Wrapper):
+    """Runs ``layer`` with quantized weights, activations and outputs, as ``quantize_config`` says.
+
+    Variables are named after what they quantize: ``kernel_min``, ``kernel_max``,
+    ``activation_min``, ``output_min`` (``output_0_min``, ... for several outputs).
+    """
+
+    def __init__(self, layer, quantize_config: QuantizeConfig, **kwargs):
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        super().__init__(layer, **kwargs)
+        if not isinstance(quantize_config, QuantizeConfig):
+            raise ValueError(
+                f"QuantizeWrapper('{layer.name}'): quantize_config must be a keras_qat "
+                f"QuantizeConfig, got {quantize_config!r}."
+            )
+        self.quantize_config = quantize_config
+        self._weight_vars: list[tuple[Any, Quantizer, dict]] = []
+        self._activations: list[QuantizeAwareActivation] = []
+        self._original_activations: dict[str, Any] = {}
+        self._output_vars: list[tuple[Quantizer, dict]] = []
+
+    @property
+    def _owner(self) -> str:
+        return f"{type(self.quantize_config).__name__} for layer '{self.layer.name}'"
+
+    # ---- build ------------------------------------------------------------------------
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        config = self.quantize_config
+        layer_variables = {id(v) for v in self.layer.weights}
+        for weight, quantizer in self._pairs(config.get_weights_and_quantizers(self.layer), "weight"):
+            if not _is_variable(weight) or id(weight) not in layer_variables:
+                raise ValueError(
+                    f"{self._owner}: get_weights_and_quantizers returned {weight!r}, which is not "
+                    f"a weight of the layer; its weights are {[w.name for w in self.layer.weights]}."
+                )
+            self._weight_vars.append((weight, quantizer, quantizer.build(weight.shape, weight.name, self)))
+
+        activation_pairs = self._pairs(config.get_activations_and_quantizers(self.layer), "activation")
+        if activation_pairs:
+            output_shape = self._output_shapes(input_shape)[0]
+            for index, (activation, quantizer) in enumerate(activation_pairs):
+                name = "activation" if len(activation_pairs) == 1 else f"activation_{index}"
+                quantize_activation = QuantizeAwareActivation(activation, quantizer, self, name)
+                quantize_activation.build(output_shape)
+                self._activations.append(quantize_activation)
+            recorder = _AssignmentRecorder(self.layer, self._owner)
+            config.set_quantize_activations(recorder, list(self._activations))
+            self._original_activations = recorder.assigned
+
+        config_output_quantizers = config.get_output_quantizers
+        if "num_outputs" in inspect.signature(config_output_quantizers).parameters:
+            shapes = self._output_shapes(input_shape)
+            output_quantizers = list(config_output_quantizers(self.layer, num_outputs=len(shapes)))
+        else:  # tfmot's signature: get_output_quantizers(layer)
+            output_quantizers = list(config_output_quantizers(self.layer))
+            shapes = self._output_shapes(input_shape) if output_quantizers else []
+        if len(output_quantizers) not in (0, len(shapes)):
+            raise ValueError(
+                f"{self._owner}: get_output_quantizers returned {len(output_quantizers)} "
+                f"quantizers, but the layer has {len(shapes)} outputs; return one per output "
+                "(or an empty list)."
+            )
+        for index, (quantizer, shape) in enumerate(zip(output_quantizers, shapes)):
+            self._check_quantizer(quantizer, "output")
+            name = "output" if len(shapes) == 1 else f"output_{index}"
+            self._output_vars.append((quantizer, quantizer.build(shape, name, self)))
+        self.built = True
+
+    def _pairs(self, pairs, kind):
+        pairs = list(pairs)
+        for pair in pairs:
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"{self._owner}: get_{kind}s_and_quantizers must return (tensor, quantizer) pairs, got {pair!r}.")
+            self._check_quantizer(pair[1], kind)
+        return pairs
+
+    def _check_quantizer(self, quantizer, kind):
+        if not isinstance(quantizer, Quantizer):
+            raise ValueError(f"{self._owner}: the {kind} quantizer {quantizer!r} is not a keras_qat Quantizer.")
+
+    def _output_shapes(self, input_shape) -> list[tuple]:
+        """Shapes of the layer's outputs, flattened, from a symbolic call."""
+        cached = getattr(self, "_output_spec_cache", None)
+        if cached is None:
+            inputs = keras.tree.map_shape_structure(lambda s: keras.KerasTensor(s), input_shape)
+            spec = self.layer.compute_output_spec(inputs)
+            cached = [tuple(t.shape) for t in keras.tree.flatten(spec)]
+            self._output_spec_cache = cached
+        return cached
+
+    # ---- call -------------------------------------------------------------------------
+
+    def call(self, inputs, training=None, **kwargs):
+        training = bool(training)
+        substitutes = {}
+        if self._weight_vars:
+            quantized = [quantizer(weight, training, qvars) for weight, quantizer, qvars in self._weight_vars]
+            recorder = _AssignmentRecorder(self.layer, self._owner)
+            self.quantize_config.set_quantize_weights(recorder, quantized)
+            substitutes = recorder.substitutes
+        for activation in self._activations:
+            activation.training = training
+        layer_kwargs = dict(kwargs)
+        if self.layer._call_has_training_arg:
+            layer_kwargs["training"] = training
+        if substitutes or self._activations:
+            outputs = _run_with_substitutes(
+                lambda: self.layer(inputs, **layer_kwargs), self.variables, substitutes
+            )
+        else:
+            outputs = self.layer(inputs, **layer_kwargs)
+        if not self._output_vars:
+            return outputs
+        flat = keras.tree.flatten(outputs)
+        flat = [quantizer(t, training, qvars) for t, (quantizer, qvars) in zip(flat, self._output_vars)]
+        return keras.tree.pack_sequence_as(outputs, flat)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_output_spec(self, *args, **kwargs):
+        return self.layer.compute_output_spec(*args, **kwargs)
+
+    # ---- introspection ----------------------------------------------------------------
+
+    def quantized_weights(self) -> list[tuple[Any, Quantizer, dict]]:
+        """``(weight, quantizer, quantizer variables)`` for every quantized weight."""
+        return list(self._weight_vars)
+
+    def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
+        return list(self._output_vars)
+
+    def activation_quantizers(self) -> list[QuantizeAwareActivation]:
+        return list(self._activations)
+
+    # ---- serialization ----------------------------------------------------------------
+
+    def get_config(self):
+        # Serialize the layer with its own activation functions, not the quantizing ones.
+        installed = {name: getattr(self.layer, name) for name in self._original_activations}
+        for name, original in self._original_activations.items():
+            setattr(self.layer, name, original)
+        try:
+            config = super().get_config()
+        finally:
+            for name, value in installed.items():
+                setattr(self.layer, name, value)
+        config["quantize_config"] = keras.saving.serialize_keras_object(self.quantize_config)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        quantize_config = keras.saving.deserialize_keras_object(
+            config.pop("quantize_config"), custom_objects=custom_objects
+        )
+        return cls(layer, quantize_config, **config)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeLayer(keras.layers.Layer):
+    """Fake-quantizes a model input (tfmot's ``QuantizeLayer``).
+
+    Args:
+        quantizer: default an 8-bit asymmetric moving-average quantizer, as deployed int8
+            models quantize their inputs.
+    """
+
+    def __init__(self, quantizer: Quantizer | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if isinstance(quantizer, dict):
+            quantizer = keras.saving.deserialize_keras_object(quantizer)
+        quantizer = quantizer if quantizer is not None else MovingAverageQuantizer(num_bits=8)
+        if not isinstance(quantizer, Quantizer):
+            raise ValueError(f"QuantizeLayer: quantizer must be a keras_qat Quantizer, got {quantizer!r}.")
+        self.quantizer = quantizer
+
+    def build(self, input_shape):
+        self.quantizer_vars = self.quantizer.build(input_shape, "input", self)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        return self.quantizer(inputs, bool(training), self.quantizer_vars)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+
+__all__ = ["QuantizeAnnotate", "QuantizeWrapper", "QuantizeLayer", "QuantizeAwareActivation", "LayerQuantizeConfig"]

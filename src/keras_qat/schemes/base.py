@@ -1,0 +1,226 @@
+"""The scheme base class and the registry of supported layer types."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import keras
+
+from keras_qat import ops as qops
+from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
+from keras_qat.quantizers import FixedQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
+
+L = keras.layers
+
+#: Layers with a kernel: weights quantized, the activation's output quantized.
+KERNEL_LAYERS: dict[type, tuple[str, ...]] = {
+    L.Dense: ("kernel",),
+    L.Conv1D: ("kernel",),
+    L.Conv2D: ("kernel",),
+    L.Conv3D: ("kernel",),
+    L.DepthwiseConv1D: ("kernel",),
+    L.DepthwiseConv2D: ("kernel",),
+    L.Conv1DTranspose: ("kernel",),
+    L.Conv2DTranspose: ("kernel",),
+    L.Conv3DTranspose: ("kernel",),
+    L.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
+    L.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+}
+
+#: Transposed convolutions keep their output channels on axis -2: (..., filters, in_channels).
+TRANSPOSED_CONV_LAYERS = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
+
+#: Layers that compute new values: their outputs are quantized.
+OUTPUT_LAYERS: tuple[type, ...] = (
+    L.BatchNormalization,
+    L.Add,
+    L.Subtract,
+    L.Multiply,
+    L.Average,
+    L.Maximum,
+    L.Minimum,
+    L.Concatenate,
+    L.AveragePooling1D,
+    L.AveragePooling2D,
+    L.AveragePooling3D,
+    L.GlobalAveragePooling1D,
+    L.GlobalAveragePooling2D,
+    L.GlobalAveragePooling3D,
+    L.ReLU,
+    L.LeakyReLU,
+    L.PReLU,
+    L.ELU,
+    L.Softmax,
+    L.Activation,
+    L.Rescaling,
+    L.Normalization,
+)
+
+#: Layers that only move values: their outputs stay on the input's grid, no quantizer.
+PASS_THROUGH_LAYERS: tuple[type, ...] = (
+    L.MaxPooling1D,
+    L.MaxPooling2D,
+    L.MaxPooling3D,
+    L.GlobalMaxPooling1D,
+    L.GlobalMaxPooling2D,
+    L.GlobalMaxPooling3D,
+    L.ZeroPadding1D,
+    L.ZeroPadding2D,
+    L.ZeroPadding3D,
+    L.Cropping1D,
+    L.Cropping2D,
+    L.Cropping3D,
+    L.Flatten,
+    L.Reshape,
+    L.Permute,
+    L.RepeatVector,
+    L.UpSampling1D,
+    L.UpSampling3D,
+    L.Dropout,
+    L.SpatialDropout1D,
+    L.SpatialDropout2D,
+    L.SpatialDropout3D,
+    L.GaussianNoise,
+    L.GaussianDropout,
+    L.Identity,
+)
+
+#: Activations whose output range is known: a fixed range, as TFLite's int8 kernels fix it.
+UNIT_RANGE_ACTIVATIONS = ("sigmoid", "softmax", "hard_sigmoid")
+SIGNED_UNIT_RANGE_ACTIVATIONS = ("tanh",)
+
+OverrideValue = Any  # a dict of scheme settings, a QuantizeConfig, or None (keep the layer float)
+_OVERRIDE_KEYS = {"weight_bits", "activation_bits", "per_axis"}
+
+
+def activation_name(activation) -> str:
+    """The registered name of an activation function ('relu', 'softmax', ...)."""
+    if isinstance(activation, str):
+        return activation
+    name = getattr(activation, "__name__", None)
+    return name or type(activation).__name__.lower()
+
+
+class Scheme:
+    """What a scheme provides to ``quantize_apply``."""
+
+    def config_for(self, layer) -> QuantizeConfig | None:
+        """The config for ``layer``, or None if the scheme does not support it."""
+        raise NotImplementedError
+
+    def keeps_float(self, layer) -> bool:
+        """Whether the scheme was told to leave ``layer`` in float (an override of None)."""
+        return False
+
+
+class RegistryScheme(Scheme):
+    """A scheme driven by the registries above and per-layer overrides.
+
+    Args:
+        weight_bits, activation_bits: 2..16.
+        per_axis_conv, per_axis_dense: per-channel weight ranges for convolutions / Dense.
+        overrides: layer name or layer class -> a dict with any of ``weight_bits``,
+            ``activation_bits``, ``per_axis``; or a QuantizeConfig; or None to keep that layer
+            float. Names are matched before classes; a class matches its subclasses.
+    """
+
+    def __init__(
+        self,
+        weight_bits: int = 8,
+        activation_bits: int = 8,
+        per_axis_conv: bool = True,
+        per_axis_dense: bool = False,
+        overrides: Mapping[Any, OverrideValue] | None = None,
+    ):
+        owner = type(self).__name__
+        self.weight_bits = qops.validate_num_bits(weight_bits, f"{owner}: weight_bits")
+        self.activation_bits = qops.validate_num_bits(activation_bits, f"{owner}: activation_bits")
+        self.per_axis_conv = bool(per_axis_conv)
+        self.per_axis_dense = bool(per_axis_dense)
+        self.overrides = dict(overrides or {})
+        for key, value in self.overrides.items():
+            if not isinstance(key, (str, type)):
+                raise ValueError(f"{owner}: override keys are layer names or layer classes, got {key!r}.")
+            if isinstance(value, dict):
+                unknown = set(value) - _OVERRIDE_KEYS
+                if unknown:
+                    raise ValueError(
+                        f"{owner}: override for {key!r} has unknown settings {sorted(unknown)}; "
+                        f"allowed: {sorted(_OVERRIDE_KEYS)}."
+                    )
+                for bits_key in ("weight_bits", "activation_bits"):
+                    if bits_key in value:
+                        qops.validate_num_bits(value[bits_key], f"{owner}: override {key!r} {bits_key}")
+            elif value is not None and not isinstance(value, QuantizeConfig):
+                raise ValueError(
+                    f"{owner}: override for {key!r} must be a dict of settings, a QuantizeConfig "
+                    f"or None, got {value!r}."
+                )
+
+    # ---- overrides --------------------------------------------------------------------
+
+    def _override(self, layer):
+        if layer.name in self.overrides:
+            return True, self.overrides[layer.name]
+        for key, value in self.overrides.items():
+            if isinstance(key, type) and isinstance(layer, key):
+                return True, value
+        return False, None
+
+    def keeps_float(self, layer) -> bool:
+        found, value = self._override(layer)
+        return found and value is None
+
+    # ---- quantizers -------------------------------------------------------------------
+
+    def weight_quantizer(self, layer, bits: int, per_axis: bool) -> Quantizer:
+        axis = -2 if isinstance(layer, TRANSPOSED_CONV_LAYERS) else -1
+        return LastValueQuantizer(num_bits=bits, per_axis=per_axis, symmetric=True, narrow_range=True, axis=axis)
+
+    def activation_quantizer(self, activation, bits: int) -> Quantizer:
+        name = activation_name(activation)
+        if name in UNIT_RANGE_ACTIVATIONS:
+            return FixedQuantizer(num_bits=bits, init_min=0.0, init_max=(2**bits - 1) / 2**bits)
+        if name in SIGNED_UNIT_RANGE_ACTIVATIONS:
+            half = 2 ** (bits - 1)
+            return FixedQuantizer(num_bits=bits, init_min=-1.0, init_max=(half - 1) / half)
+        return MovingAverageQuantizer(num_bits=bits, per_axis=False, symmetric=False, narrow_range=False)
+
+    # ---- the registry -----------------------------------------------------------------
+
+    def config_for(self, layer) -> QuantizeConfig | None:
+        found, override = self._override(layer)
+        if found and isinstance(override, QuantizeConfig):
+            return override
+        settings = override if found and isinstance(override, dict) else {}
+        weight_bits = settings.get("weight_bits", self.weight_bits)
+        activation_bits = settings.get("activation_bits", self.activation_bits)
+        for layer_type, weight_attrs in KERNEL_LAYERS.items():
+            if type(layer) is layer_type:
+                default_per_axis = self.per_axis_dense if layer_type is L.Dense else self.per_axis_conv
+                per_axis = settings.get("per_axis", default_per_axis)
+                return LayerQuantizeConfig(
+                    weight_attrs=weight_attrs,
+                    weight_quantizer=self.weight_quantizer(layer, weight_bits, per_axis),
+                    activation_attrs=("activation",),
+                    activation_quantizer=self.activation_quantizer(layer.activation, activation_bits),
+                )
+        if type(layer) in PASS_THROUGH_LAYERS or (
+            type(layer) is L.UpSampling2D and layer.interpolation == "nearest"
+        ):
+            return NoOpQuantizeConfig()
+        if type(layer) in OUTPUT_LAYERS or type(layer) is L.UpSampling2D:
+            activation = getattr(layer, "activation", None)
+            if type(layer) is L.Softmax:
+                activation = "softmax"
+            quantizer = (
+                self.activation_quantizer(activation, activation_bits)
+                if activation is not None
+                else MovingAverageQuantizer(num_bits=activation_bits)
+            )
+            return LayerQuantizeConfig(output_quantizer=quantizer)
+        return None
+
+    def supported_layer_types(self) -> list[str]:
+        names = [t.__name__ for t in KERNEL_LAYERS] + [t.__name__ for t in OUTPUT_LAYERS + PASS_THROUGH_LAYERS]
+        return sorted(set(names) | {"UpSampling2D"})

@@ -1,0 +1,302 @@
+"""quantize_annotate_* / quantize_apply / quantize_model / quantize_scope: behaviour and errors."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qat as kq
+from tests.conftest import same_bits, tf_fake_quant, to_numpy
+
+pytestmark = pytest.mark.api
+
+
+def _wrappers(model):
+    return {layer.layer.name: layer for layer in model.layers if isinstance(layer, kq.QuantizeWrapper)}
+
+
+def _random(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype("float32")
+
+
+# ---- what gets quantized ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel_layer", ["conv", "dense"])
+def test_kernel_followed_by_a_separate_relu_still_quantizes_its_weights(kernel_layer):
+    inputs = keras.Input((6, 6, 2))
+    if kernel_layer == "conv":
+        x = keras.layers.Conv2D(3, 3, name="k")(inputs)
+    else:
+        x = keras.layers.Dense(3, name="k")(keras.layers.Flatten()(inputs))
+    outputs = keras.layers.ReLU(name="relu")(x)
+    quantized = kq.quantize_model(keras.Model(inputs, outputs))
+    wrapper = _wrappers(quantized)["k"]
+    (kernel, quantizer, variables), = wrapper.quantized_weights()
+    quantized(_random((4, 6, 6, 2)), training=True)
+    lo, hi = to_numpy(variables["min_var"]), to_numpy(variables["max_var"])
+    axis = -1 if kernel_layer == "conv" else None  # the default scheme: per-channel conv, per-tensor Dense
+    want = tf_fake_quant(to_numpy(kernel), lo, hi, 8, True, axis)
+    assert same_bits(to_numpy(quantizer(kernel, False, variables)), want)
+    assert not same_bits(want, to_numpy(kernel)), "the weights must change under 8-bit quantization"
+
+
+@keras.saving.register_keras_serializable(package="keras_qat_tests")
+class SplitLayer(keras.layers.Layer):
+    """A custom layer with two outputs of different scale."""
+
+    def call(self, inputs):
+        return inputs * 0.5, inputs * 40.0
+
+    def compute_output_shape(self, input_shape):
+        return input_shape, input_shape
+
+
+class TwoOutputConfig(kq.QuantizeConfig):
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [kq.MovingAverageQuantizer(num_bits=8), kq.MovingAverageQuantizer(num_bits=4)]
+
+    def get_config(self):
+        return {}
+
+
+def test_a_layer_with_two_outputs_gets_two_output_quantizers_with_separate_ranges():
+    inputs = keras.Input((5,))
+    low, high = kq.quantize_annotate_layer(SplitLayer(name="split"), TwoOutputConfig())(inputs)
+    model = keras.Model(inputs, [keras.layers.Identity()(low), keras.layers.Identity()(high)])
+    with kq.quantize_scope({"TwoOutputConfig": TwoOutputConfig, "SplitLayer": SplitLayer}):
+        quantized = kq.quantize_apply(model)
+    x = np.abs(_random((16, 5))) + 0.1
+    out_low, out_high = (to_numpy(t) for t in quantized(x, training=True))
+    outputs = _wrappers(quantized)["split"].output_quantizers()
+    assert len(outputs) == 2
+    (q_low, v_low), (q_high, v_high) = outputs
+    assert v_low["min_var"].path.endswith("output_0_min") and v_high["min_var"].path.endswith("output_1_min")
+    assert float(to_numpy(v_low["max_var"])) == pytest.approx(float(x.max()) * 0.5)
+    assert float(to_numpy(v_high["max_var"])) == pytest.approx(float(x.max()) * 40.0)
+    assert same_bits(out_low, tf_fake_quant(x * 0.5, 0.0, x.max() * 0.5, 8, False))
+    assert same_bits(out_high, tf_fake_quant(x * 40.0, 0.0, x.max() * 40.0, 4, False))
+
+
+def test_model_inputs_feeding_quantized_layers_are_quantized_once():
+    inputs = keras.Input((4,))
+    a = keras.layers.Dense(3, name="a")(inputs)
+    b = keras.layers.Dense(3, name="b")(inputs)
+    quantized = kq.quantize_model(keras.Model(inputs, keras.layers.Add(name="add")([a, b])))
+    input_layers = [layer for layer in quantized.layers if isinstance(layer, kq.QuantizeLayer)]
+    assert len(input_layers) == 1
+
+
+def test_unannotated_layers_stay_float_and_weights_are_copied_not_shared():
+    inputs = keras.Input((4,))
+    first = keras.layers.Dense(3, name="first")
+    hidden = kq.quantize_annotate_layer(keras.layers.Dense(3, name="second"))(first(inputs))
+    model = keras.Model(inputs, hidden)
+    quantized = kq.quantize_apply(model)
+    names = {type(layer).__name__: layer for layer in quantized.layers}
+    assert "Dense" in names and set(_wrappers(quantized)) == {"second"}
+    float_copy = next(l for l in quantized.layers if l.name == "first")
+    assert float_copy is not first
+    assert np.array_equal(to_numpy(float_copy.kernel), to_numpy(first.kernel))
+    float_copy.kernel.assign(np.zeros((4, 3), "float32"))
+    assert not np.allclose(to_numpy(first.kernel), 0), "the original model must not change"
+
+
+def test_nested_models_are_quantized_inside():
+    inner_inputs = keras.Input((6,))
+    inner = keras.Model(inner_inputs, keras.layers.Dense(4, name="inner_dense")(inner_inputs), name="inner")
+    inputs = keras.Input((6,))
+    outputs = keras.layers.Dense(2, name="outer_dense")(inner(inputs))
+    quantized = kq.quantize_model(keras.Model(inputs, outputs))
+    nested = next(layer for layer in quantized.layers if isinstance(layer, keras.Model))
+    assert set(_wrappers(nested)) == {"inner_dense"} and set(_wrappers(quantized)) == {"outer_dense"}
+    assert quantized.predict(_random((3, 6)), verbose=0).shape == (3, 2)
+
+
+def test_sequential_models_are_accepted():
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(2)])
+    quantized = kq.quantize_model(model)
+    assert len(_wrappers(quantized)) == 2
+    np.testing.assert_allclose(quantized.predict(_random((2, 5)), verbose=0).shape, (2, 2))
+
+
+# ---- schemes -------------------------------------------------------------------------------
+
+
+def test_default_scheme_is_tflite_int8():
+    scheme = kq.Default8BitScheme()
+    conv = scheme.config_for(keras.layers.Conv2D(4, 3))
+    dense = scheme.config_for(keras.layers.Dense(4))
+    for config, per_axis in ((conv, True), (dense, False)):
+        weight = config.weight_quantizer
+        assert (weight.num_bits, weight.symmetric, weight.narrow_range, weight.per_axis) == (8, True, True, per_axis)
+        activation = config.activation_quantizer
+        assert isinstance(activation, kq.MovingAverageQuantizer) and not activation.symmetric
+    assert isinstance(scheme.config_for(keras.layers.MaxPooling2D()), kq.NoOpQuantizeConfig)
+    assert isinstance(scheme.config_for(keras.layers.Reshape((2, 2))), kq.NoOpQuantizeConfig)
+    assert scheme.config_for(keras.layers.Add()).output_quantizer is not None
+    softmax = scheme.config_for(keras.layers.Activation("softmax")).output_quantizer
+    assert isinstance(softmax, kq.FixedQuantizer) and (softmax.init_min, softmax.init_max) == (0.0, 255 / 256)
+    transposed = scheme.config_for(keras.layers.Conv2DTranspose(4, 3)).weight_quantizer
+    assert transposed.axis == -2, "a transposed conv's output channels are on axis -2"
+
+
+def test_n_bit_scheme_mixes_precisions_by_name_and_type():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, name="first")(inputs)
+    x = keras.layers.Conv2D(4, 3, name="middle")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(10, name="last")(x)
+    scheme = kq.NBitScheme(
+        weight_bits=4,
+        activation_bits=4,
+        overrides={"first": {"weight_bits": 8, "activation_bits": 8}, keras.layers.Dense: {"weight_bits": 8}},
+    )
+    quantized = kq.quantize_model(keras.Model(inputs, outputs), scheme=scheme)
+    wrappers = _wrappers(quantized)
+    bits = {name: w.quantized_weights()[0][1].num_bits for name, w in wrappers.items() if w.quantized_weights()}
+    assert bits == {"first": 8, "middle": 4, "last": 8}
+    activation_bits = {name: w.activation_quantizers()[0].quantizer.num_bits for name, w in wrappers.items() if w.activation_quantizers()}
+    assert activation_bits == {"first": 8, "middle": 4, "last": 4}
+    assert wrappers["middle"].quantized_weights()[0][1].per_axis
+
+
+def test_an_override_of_none_keeps_a_layer_float():
+    inputs = keras.Input((4,))
+    outputs = keras.layers.Dense(2, name="keep")(keras.layers.Dense(3, name="q")(inputs))
+    quantized = kq.quantize_model(keras.Model(inputs, outputs), scheme=kq.NBitScheme(4, 4, overrides={"keep": None}))
+    assert set(_wrappers(quantized)) == {"q"}
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(weight_bits=1), "weight_bits"),
+        (dict(activation_bits=17), "activation_bits"),
+        (dict(overrides={"x": {"bits": 4}}), "unknown settings"),
+        (dict(overrides={"x": 4}), "dict of settings"),
+        (dict(overrides={3: None}), "layer names or layer classes"),
+    ],
+)
+def test_scheme_arguments_are_validated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kq.NBitScheme(**kwargs)
+
+
+# ---- serialization ----------------------------------------------------------------------
+
+
+def test_save_and_load_restore_weights_ranges_and_outputs(tmp_path):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, activation="relu")(inputs)
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2)(x)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    outputs = keras.layers.Dense(3, activation="softmax")(x)
+    quantized = kq.quantize_model(keras.Model(inputs, outputs), scheme=kq.NBitScheme(4, 6))
+    quantized.compile("adam", "sparse_categorical_crossentropy")
+    x_data = _random((32, 8, 8, 1))
+    quantized.fit(x_data, np.arange(32) % 3, epochs=2, verbose=0)
+    path = tmp_path / "model.keras"
+    quantized.save(path)
+    for loader in (lambda: keras.models.load_model(path), lambda: _load_in_scope(path)):
+        restored = loader()
+        assert len(restored.variables) == len(quantized.variables)
+        for a, b in zip(restored.variables, quantized.variables):
+            assert a.path.endswith(b.name) and np.array_equal(to_numpy(a), to_numpy(b)), (a.path, b.path)
+        assert same_bits(restored.predict(x_data, verbose=0), quantized.predict(x_data, verbose=0))
+
+
+def _load_in_scope(path):
+    with kq.quantize_scope():
+        return keras.models.load_model(path)
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+
+@keras.saving.register_keras_serializable(package="keras_qat_tests")
+class Unknown(keras.layers.Layer):
+    def call(self, inputs):
+        return inputs * 2.0
+
+
+def test_a_layer_no_scheme_supports_names_the_layer_and_the_ways_out():
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, Unknown(name="mystery")(keras.layers.Dense(3)(inputs)))
+    with pytest.raises(ValueError, match=r"'mystery' \(Unknown\) is not supported.*quantize_config=.*float"):
+        kq.quantize_model(model)
+
+
+class WrongCountConfig(TwoOutputConfig):
+    def get_output_quantizers(self, layer):
+        return [kq.MovingAverageQuantizer()] * 3
+
+
+class MissingWeightConfig(TwoOutputConfig):
+    def get_weights_and_quantizers(self, layer):
+        return [(keras.Variable(np.zeros(3)), kq.LastValueQuantizer())]
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (WrongCountConfig(), r"returned 3 quantizers, but the layer has 2 outputs"),
+        (MissingWeightConfig(), r"not a weight of the layer"),
+    ],
+)
+def test_a_config_that_does_not_fit_its_layer_is_explained(config, message):
+    inputs = keras.Input((5,))
+    low, high = kq.quantize_annotate_layer(SplitLayer(name="split"), config)(inputs)
+    model = keras.Model(inputs, [low, high])
+    with pytest.raises(ValueError, match=rf"for layer 'split'.*{message}"):
+        kq.quantize_apply(model)
+
+
+def test_quantize_apply_without_annotations_says_what_to_do():
+    inputs = keras.Input((3,))
+    with pytest.raises(ValueError, match="no annotated layer.*quantize_annotate_layer.*quantize_model"):
+        kq.quantize_apply(keras.Model(inputs, keras.layers.Dense(2)(inputs)))
+
+
+class Subclassed(keras.Model):
+    def __init__(self, annotate=False, **kwargs):
+        super().__init__(**kwargs)
+        dense = keras.layers.Dense(2, name="hidden")
+        self.dense = kq.quantize_annotate_layer(dense) if annotate else dense
+
+    def call(self, inputs):
+        return self.dense(inputs)
+
+
+def test_a_subclassed_model_is_rejected_with_how_to_annotate():
+    model = Subclassed()
+    model(np.zeros((1, 3), "float32"))
+    with pytest.raises(ValueError, match="subclassed Model.*functional API.*QuantizeWrapper"):
+        kq.quantize_model(model)
+
+
+def test_an_annotated_layer_inside_a_subclassed_model_is_rejected():
+    inner = Subclassed(annotate=True, name="block")
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+    with pytest.raises(ValueError, match=r"annotated layer 'hidden' is inside 'block', a subclassed Model"):
+        kq.quantize_apply(model)
+
+
+def test_annotating_a_model_as_a_layer_is_rejected():
+    with pytest.raises(ValueError, match="is a Model"):
+        kq.quantize_annotate_layer(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
