@@ -300,3 +300,13 @@ def test_an_annotated_layer_inside_a_subclassed_model_is_rejected():
 def test_annotating_a_model_as_a_layer_is_rejected():
     with pytest.raises(ValueError, match="is a Model"):
         kq.quantize_annotate_layer(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
+
+
+def test_plain_operations_in_the_graph_pass_through_in_float():
+    """keras.applications' MobileNetV3 writes ``x + 3.0`` between layers: no layer to wrap."""
+    inputs = keras.Input((4,))
+    x = keras.layers.Dense(3, name="d")(inputs)
+    outputs = keras.layers.ReLU(name="r")(x + 3.0)
+    quantized = kq.quantize_model(keras.Model(inputs, outputs))
+    assert set(_wrappers(quantized)) == {"d", "r"}
+    assert quantized.predict(_random((2, 4)), verbose=0).shape == (2, 3)

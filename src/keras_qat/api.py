@@ -78,6 +78,12 @@ def _check_no_annotation_in_subclassed(model, caller: str) -> None:
                     )
 
 
+def _is_plain_operation(operation) -> bool:
+    """A keras.ops operation in a functional graph (``x + 3.0``), not a layer: it has no
+    weights, cannot be wrapped, and runs in float."""
+    return not isinstance(operation, keras.layers.Layer)
+
+
 # ---- annotation ---------------------------------------------------------------------------
 
 
@@ -110,7 +116,7 @@ def quantize_annotate_model(to_annotate: keras.Model) -> keras.Model:
     _check_no_annotation_in_subclassed(to_annotate, "quantize_annotate_model")
 
     def annotate(layer):
-        if isinstance(layer, (QuantizeAnnotate, keras.layers.InputLayer)):
+        if _is_plain_operation(layer) or isinstance(layer, (QuantizeAnnotate, keras.layers.InputLayer)):
             return layer
         if isinstance(layer, keras.Model):
             if not _is_graph_model(layer):
@@ -169,7 +175,7 @@ def _apply(model, scheme):
     copies: list[tuple[Any, Any]] = []  # (original layer, new layer) whose weights to copy
 
     def replace(layer):
-        if isinstance(layer, keras.layers.InputLayer):
+        if _is_plain_operation(layer) or isinstance(layer, keras.layers.InputLayer):
             return layer
         if isinstance(layer, keras.Model):
             return _apply(layer, scheme)

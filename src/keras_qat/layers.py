@@ -82,12 +82,12 @@ def _run_with_substitutes(fn, variables, substitutes: dict[int, Any]):
     return outputs
 
 
-@keras.saving.register_keras_serializable(package="keras_qat")
 class QuantizeAwareActivation:
     """An activation function followed by fake quantization of its output.
 
     Installed on the wrapped layer (``layer.activation``) by the QuantizeConfig; its range
-    variables live on the wrapper. The wrapper sets ``training`` before each call.
+    variables live on the wrapper. The wrapper sets ``training`` before each call, and
+    serializes the layer with its original activation, so this object is never saved.
     """
 
     def __init__(self, activation, quantizer: Quantizer, wrapper, name: str):
@@ -105,9 +105,6 @@ class QuantizeAwareActivation:
     def __call__(self, inputs):
         outputs = self.activation(inputs)
         return self.quantizer(outputs, self.training, self.quantizer_vars)
-
-    def get_config(self):
-        return {"activation": keras.activations.serialize(self.activation)}
 
     @property
     def __name__(self):
@@ -271,7 +268,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         for activation in self._activations:
             activation.training = training
         layer_kwargs = dict(kwargs)
-        if self.layer._call_has_training_arg:
+        if "training" in inspect.signature(self.layer.call).parameters:
             layer_kwargs["training"] = training
         if substitutes or self._activations:
             outputs = _run_with_substitutes(
