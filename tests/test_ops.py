@@ -90,12 +90,25 @@ def _random_case(rng):
     return x, lo, hi, num_bits, narrow, axis, kind
 
 
-def test_matches_tensorflow_bit_for_bit_on_10000_random_cases():
+@pytest.fixture
+def fused_for_every_size(monkeypatch):
+    """Run the fused training kernel even on the small tensors of the random pool."""
+    monkeypatch.setattr(qops, "_FUSED_MIN_ELEMENTS", 0)
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
+def test_matches_tensorflow_bit_for_bit_on_10000_random_cases(exportable):
+    """Both kernels: TF's ops (exportable) and the fused per-axis one that training runs."""
+    if not exportable and BACKEND != "tensorflow":
+        pytest.skip("exportable only selects a kernel on TensorFlow; other backends have one")
     rng = np.random.default_rng(20261121)
     kinds_seen, ranks_seen, axes_seen, bits_seen, differing = set(), set(), set(), set(), []
     for case in range(10_000):
         x, lo, hi, num_bits, narrow, axis, kind = _random_case(rng)
-        got = to_numpy(qops.fake_quant(x, lo, hi, num_bits=num_bits, narrow_range=narrow, axis=axis))
+        got = to_numpy(
+            qops.fake_quant(x, lo, hi, num_bits=num_bits, narrow_range=narrow, axis=axis, exportable=exportable)
+        )
         want = tf_fake_quant(x, *_oracle_range(lo, hi), num_bits, narrow, axis)
         if not same_bits(got, want):
             differing.append((case, kind, num_bits, narrow, axis, x.shape))
@@ -130,9 +143,46 @@ def test_matches_tensorflow_when_compiled(per_axis):
     assert differing == 0
 
 
+@pytest.mark.usefixtures("fused_for_every_size")
+def test_training_kernel_matches_tensorflow_bit_for_bit_when_compiled():
+    """``exportable=False`` (the fused per-axis kernel of training graphs) inside a compiled
+    function, as Keras's train step runs it: Grappler and XLA must not change a bit.
+    """
+    rng = np.random.default_rng(20261122)
+    fn = compiled(
+        lambda x, lo, hi, bits, narrow: qops.fake_quant(
+            x, lo, hi, num_bits=bits, narrow_range=narrow, axis=(1, 2), exportable=False
+        ),
+        static_argnums=(3, 4),
+    )
+    differing = []
+    for num_bits in range(2, 17):
+        for narrow in (False, True):
+            for kind in RANGE_KINDS:
+                lo, hi = _random_range(rng, kind, (6,))
+                x = _random_input(rng, (5, 2, 3, 4), lo, hi, (1, 2))
+                got = to_numpy(fn(x, lo, hi, num_bits, narrow))
+                want = tf_fake_quant(x, *_oracle_range(lo, hi), num_bits, narrow, (1, 2))
+                if not same_bits(got, want):
+                    differing.append((kind, num_bits, narrow))
+    assert not differing, f"{len(differing)} cases differ from TF, first: {differing[:5]}"
+
+
+def test_training_kernel_matches_tensorflow_on_a_large_kernel():
+    """A conv kernel's worth of values, where vectorized loops take their fast paths."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 3, 64, 96)).astype(np.float32) * 0.05
+    lo, hi = qops.symmetric_range(x.min(axis=(0, 1, 2)), x.max(axis=(0, 1, 2)), 8, True)
+    lo, hi = to_numpy(lo), to_numpy(hi)
+    fn = compiled(lambda x, lo, hi: qops.fake_quant(x, lo, hi, narrow_range=True, axis=-1, exportable=False))
+    assert same_bits(to_numpy(fn(x, lo, hi)), tf_fake_quant(x, lo, hi, 8, True, -1))
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
 @pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_axis"])
 @pytest.mark.parametrize("kind", ["straddle", "positive", "negative", "zero_zero"])
-def test_gradients_match_tensorflow(per_channel, kind):
+def test_gradients_match_tensorflow(per_channel, kind, exportable):
     import keras
 
     rng = np.random.default_rng(11)
@@ -143,7 +193,7 @@ def test_gradients_match_tensorflow(per_channel, kind):
         x = _random_input(rng, shape, lo, hi, -1)
         upstream = rng.normal(size=shape).astype(np.float32)
         want = tf_gradients(x, lo, hi, upstream, num_bits, False, per_channel)
-        got = _keras_gradients(keras, x, lo, hi, upstream, num_bits, -1 if per_channel else None)
+        got = _keras_gradients(keras, x, lo, hi, upstream, num_bits, -1 if per_channel else None, exportable)
         # Exact values; the sign of a zero gradient may differ (XLA turns g * mask into a select).
         assert np.array_equal(got[0], want[0]), "d/dx must be TF's straight-through mask exactly"
         for ours, theirs in zip(got[1:], want[1:]):
@@ -152,13 +202,14 @@ def test_gradients_match_tensorflow(per_channel, kind):
             np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=tolerance)
 
 
-def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis):
+def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True):
     """Gradients of keras_qat's fake_quant on the active backend."""
     if BACKEND == "jax":
         import jax
 
         def loss(x, lo, hi):
-            return (qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis) * upstream).sum()
+            out = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
+            return (out * upstream).sum()
 
         return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, lo, hi)]
     import tensorflow as tf
@@ -166,7 +217,7 @@ def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis):
     x, lo, hi = (tf.constant(v) for v in (x, lo, hi))
     with tf.GradientTape() as tape:
         tape.watch([x, lo, hi])
-        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis)
+        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
     return [g.numpy() for g in tape.gradient(y, [x, lo, hi], output_gradients=tf.constant(upstream))]
 
 

@@ -27,6 +27,12 @@ values is quantized bit-for-bit as TF does.
 
 On the TensorFlow backend TF's own ops run, so that the TFLite converter recognises them.
 On JAX and PyTorch the same arithmetic runs through ``keras.ops`` with a custom gradient.
+
+One exception, for speed: TF's per-channel kernel walks the tensor one strided channel at a
+time and costs about 20 times its per-tensor kernel (80 ms forward and backward for a
+3x3x512x512 kernel on 2 cores). Training graphs, which the converter never sees, call
+:func:`fake_quant` with ``exportable=False`` and get the same arithmetic as one fused XLA
+kernel per direction, bit-identical to TF's op (tested against it).
 """
 
 from __future__ import annotations
@@ -197,9 +203,19 @@ def _exact_divide(numerator, denominator):
     constant, into a multiplication by the reciprocal, which differs from TF's division in
     the last bit; eager JAX embeds concrete scalars as constants, so this happens outside
     ``jit`` too. Dividing by a full-shape operand that an optimization barrier hides from the
-    simplifier keeps the division a division. Other backends divide as written.
+    simplifier keeps the division a division. TensorFlow graphs have the same rewrite
+    (Grappler) and get a division it does not touch; a zero denominator gives 0 there, which
+    only degenerate ranges reach, and those are masked. PyTorch divides as written.
     """
-    if keras.backend.backend() != "jax":
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        # Grappler rewrites a graph's division by a constant (the number of levels) into a
+        # multiplication by its reciprocal; it leaves DivNoNan alone, which divides exactly
+        # wherever the denominator is non-zero.
+        return tf.math.divide_no_nan(numerator, denominator)
+    if backend != "jax":
         return numerator / denominator
     import jax
 
@@ -312,7 +328,16 @@ def _from_channels_last(y, layout: _ChannelsLast, reshape, transpose):
 # --------------------------------------------------------------------------------------
 
 
-def fake_quant(x, min, max, num_bits: int = 8, narrow_range: bool = False, axis: Axis = None):
+def fake_quant(
+    x,
+    min,
+    max,
+    num_bits: int = 8,
+    narrow_range: bool = False,
+    axis: Axis = None,
+    *,
+    exportable: bool = True,
+):
     """Quantize ``x`` to ``num_bits`` on the grid of ``[min, max]`` and dequantize it.
 
     Args:
@@ -325,6 +350,9 @@ def fake_quant(x, min, max, num_bits: int = 8, narrow_range: bool = False, axis:
         axis: None for one range for the whole tensor; an int (any axis of a rank 1..5
             tensor, negative allowed) or a tuple of ints (flattened row-major into one
             channel axis, e.g. a depthwise kernel's ``(-2, -1)``) for per-axis ranges.
+        exportable: on TensorFlow, run TF's own fake-quant ops, which the TFLite converter
+            turns into quantization. ``False`` allows a faster fused kernel for per-axis
+            ranges with the same output and gradients; training graphs use it.
 
     Returns:
         A tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
@@ -341,7 +369,7 @@ def fake_quant(x, min, max, num_bits: int = 8, narrow_range: bool = False, axis:
     min, max = _sanitize_range(min, max)
     compute = x if dtype == "float32" else ops.cast(x, "float32")
     if keras.backend.backend() == "tensorflow":
-        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes)
+        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes, exportable)
     else:
         out = _fake_quant_portable(compute, min, max, num_bits, narrow_range, axes)
     return out if dtype == "float32" else ops.cast(out, dtype)
@@ -365,7 +393,7 @@ def _check_range_shape(x, min, max, axes, per_axis) -> None:
             )
 
 
-def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes):
+def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
     """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization."""
     import tensorflow as tf
 
@@ -376,10 +404,86 @@ def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes):
     moved, layout = _to_channels_last(
         x, axes, shape_fn=_tf_shape_list, reshape=tf.reshape, transpose=tf.transpose
     )
-    y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
-        moved, min, max, num_bits=num_bits, narrow_range=narrow_range
-    )
+    if exportable or _is_small(moved):
+        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
+            moved, min, max, num_bits=num_bits, narrow_range=narrow_range
+        )
+    else:
+        y = _fused_per_channel_tf(moved, min, max, num_bits, narrow_range)
     return _from_channels_last(y, layout, reshape=tf.reshape, transpose=tf.transpose)
+
+
+#: Below this many elements TF's per-channel op is as fast as the fused kernel, whose launch
+#: costs about 0.1 ms more (measured on 2 cores; 36,864 elements break even).
+_FUSED_MIN_ELEMENTS = 32_768
+
+
+def _is_small(x) -> bool:
+    size = 1
+    for dim in x.shape:
+        if dim is None:
+            return False
+        size *= int(dim)
+    return size < _FUSED_MIN_ELEMENTS
+
+
+def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
+    """TF's per-channel fake quant (channels last) as fused XLA kernels, with TF's gradient.
+
+    The grid is computed per channel with ordinary TF ops (:func:`nudge`); the per-element
+    work, forward and backward, runs as one XLA kernel each. Products that TF rounds before
+    adding are kept from being contracted into fused multiply-adds, as on JAX.
+    """
+    import tensorflow as tf
+
+    forward, backward = _tf_fused_kernels()
+
+    @tf.custom_gradient
+    def kernel(x, min, max):
+        grid = nudge(min, max, num_bits, narrow_range)
+        zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
+        quant_zero = tf.floor(-grid.nudged_min * grid.inv_scale + 0.5)
+        out = forward(x, grid.nudged_min, grid.nudged_max, grid.scale, grid.inv_scale, quant_zero, zero_range)
+
+        def grad(upstream):
+            return backward(x, upstream, grid.nudged_min, grid.nudged_max, zero_range)
+
+        return out, grad
+
+    return kernel(x, min, max)
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_fused_kernels():
+    """The forward and backward XLA kernels of :func:`_fused_per_channel_tf`."""
+    import tensorflow as tf
+
+    def uncontracted_product(a, b):
+        # XLA lets LLVM fuse ``a * b - c`` into one FMA; an integer OR of the product with its
+        # own NaN flag (0 for numbers) is opaque to it and keeps TF's two roundings.
+        product = a * b
+        nan_flag = tf.cast(tf.math.is_nan(product), tf.uint32)
+        bits = tf.bitwise.bitwise_or(tf.bitcast(product, tf.uint32), nan_flag)
+        return tf.bitcast(bits, tf.float32)
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def forward(x, nudged_min, nudged_max, scale, inv_scale, quant_zero, zero_range):
+        shifted = tf.maximum(tf.minimum(x, nudged_max), nudged_min) - nudged_min
+        out = tf.floor(uncontracted_product(shifted, inv_scale) - quant_zero + 0.5) * scale
+        return tf.where(zero_range, 0.0, out)
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def backward(x, upstream, nudged_min, nudged_max, zero_range):
+        inside = tf.cast(tf.logical_and(x >= nudged_min, x <= nudged_max), tf.float32)
+        below = tf.cast(x < nudged_min, tf.float32)
+        above = tf.cast(x > nudged_max, tf.float32)
+        rows = tf.range(tf.rank(x) - 1)  # all but the channel axis; constant under XLA
+        d_x = tf.where(zero_range, upstream, upstream * inside)
+        d_min = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * below, axis=rows))
+        d_max = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * above, axis=rows))
+        return d_x, d_min, d_max
+
+    return forward, backward
 
 
 def _tf_shape_list(t):

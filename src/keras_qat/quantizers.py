@@ -227,6 +227,7 @@ class _RangeQuantizer(Quantizer):
             num_bits=self.num_bits,
             narrow_range=self.narrow_range,
             axis=axes or None,
+            exportable=not training,
         )
 
     def _training_range(self, inputs, axes, weights):
