@@ -12,6 +12,7 @@ from keras_qat.api import (
     quantize_scope,
 )
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
+from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeAwareActivation, QuantizeLayer, QuantizeWrapper
 from keras_qat.ops import fake_quant
 from keras_qat.quantizers import (
@@ -42,6 +43,7 @@ __all__ = [
     "QuantizeAwareActivation",
     "QuantizeLayer",
     "QuantizeWrapper",
+    "QuantizeFoldedBatchNorm",
     "Quantizer",
     "LastValueQuantizer",
     "MovingAverageQuantizer",

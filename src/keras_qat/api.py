@@ -17,8 +17,10 @@ from typing import Any, Iterable
 import keras
 
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
 from keras_qat.schemes import Default8BitScheme, Scheme
+from keras_qat.transforms import plan_fusions
 
 
 def _is_functional(model) -> bool:
@@ -172,48 +174,89 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None) -> keras.Mo
 
 
 def _apply(model, scheme):
+    if isinstance(model, keras.Sequential):
+        model = _functional_from_sequential(model)
+    plan = plan_fusions(model, scheme)
     copies: list[tuple[Any, Any]] = []  # (original layer, new layer) whose weights to copy
+
+    def clone(layer):
+        new = _clone_layer(layer)
+        copies.append((layer, new))
+        return new
 
     def replace(layer):
         if _is_plain_operation(layer) or isinstance(layer, keras.layers.InputLayer):
             return layer
         if isinstance(layer, keras.Model):
             return _apply(layer, scheme)
+        if id(layer) in plan.folded:
+            return layer  # the BatchNormalization lives on in the folded layer before it
+        if id(layer) in plan.folds:
+            return _folded_layer(layer, plan, scheme, clone)
         if isinstance(layer, QuantizeAnnotate):
             inner = layer.layer
             if scheme.keeps_float(inner) and layer.quantize_config is None:
-                new = _clone_layer(inner)
-                copies.append((inner, new))
-                return new
+                return clone(inner)
             config = layer.quantize_config or scheme.config_for(inner)
             if config is None:
                 raise _unsupported_layer_error(inner, scheme)
-            new_inner = _clone_layer(inner)
-            copies.append((inner, new_inner))
-            return QuantizeWrapper(new_inner, config, name=layer.name.replace("quant_annotate_", "quant_", 1))
-        new = _clone_layer(layer)
-        copies.append((layer, new))
-        return new
+            if not plan.output_quantized(layer):
+                config = _without_output_quantization(config)
+            name = layer.name.replace("quant_annotate_", "quant_", 1)
+            return QuantizeWrapper(clone(inner), config, name=name)
+        return clone(layer)
 
-    rebuilt = _rebuild_graph(model, replace, quantize_inputs=True)
+    def skip_folded(layer, *args, **kwargs):
+        if id(layer) in plan.folded:
+            return args[0]
+        return None
+
+    rebuilt = _rebuild_graph(model, replace, quantize_inputs=True, intercept=skip_folded)
     for original, new in copies:
         if original.weights:
             new.set_weights(original.get_weights())
     return rebuilt
 
 
-def _rebuild_graph(model, replace, quantize_inputs: bool = False):
+def _folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:
+    """The Conv/Dense of ``annotation`` with its BatchNormalization folded in."""
+    bn_annotation = plan.folds[id(annotation)]
+    config = scheme.config_for(annotation.layer)
+    output_quantizer = config.activation_quantizer if plan.output_quantized(bn_annotation) else None
+    return QuantizeFoldedBatchNorm(
+        clone(annotation.layer),
+        clone(bn_annotation.layer),
+        weight_quantizer=config.weight_quantizer,
+        output_quantizer=output_quantizer,
+        freeze_bn_after_steps=scheme.freeze_bn_after_steps,
+        name=annotation.name.replace("quant_annotate_", "quant_", 1),
+    )
+
+
+def _without_output_quantization(config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` with its weights still quantized but not its activation or outputs."""
+    if not isinstance(config, LayerQuantizeConfig):
+        return config
+    return LayerQuantizeConfig(weight_attrs=config.weight_attrs, weight_quantizer=config.weight_quantizer)
+
+
+def _rebuild_graph(model, replace, quantize_inputs: bool = False, intercept=None):
     """Clone ``model`` as a functional model, each layer replaced by ``replace(layer)``.
 
-    With ``quantize_inputs``, a model input that feeds a QuantizeWrapper goes through one
-    QuantizeLayer first.
+    With ``quantize_inputs``, a model input that feeds a quantized layer goes through one
+    QuantizeLayer first. ``intercept(layer, *args, **kwargs)``, if given, may return the
+    output of a node instead of calling its layer (None: call it).
     """
     if isinstance(model, keras.Sequential):
         model = _functional_from_sequential(model)
     quantized_inputs: dict[int, Any] = {}
 
     def call(layer, *args, **kwargs):
-        if quantize_inputs and isinstance(layer, QuantizeWrapper):
+        if intercept is not None:
+            outputs = intercept(layer, *args, **kwargs)
+            if outputs is not None:
+                return outputs
+        if quantize_inputs and isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm)):
             args = keras.tree.map_structure(lambda t: _quantized_input(t, quantized_inputs), args)
         return layer(*args, **kwargs)
 
@@ -258,11 +301,12 @@ def quantize_scope(*custom_objects: dict[str, Any]):
     tfmot scripts and for your own QuantizeConfigs and quantizers.
     """
     from keras_qat import config as config_module
+    from keras_qat import folding as folding_module
     from keras_qat import layers as layers_module
     from keras_qat import quantizers as quantizers_module
 
     objects: dict[str, Any] = {}
-    for module in (quantizers_module, config_module, layers_module):
+    for module in (quantizers_module, config_module, layers_module, folding_module):
         for name in module.__all__:
             objects[name] = getattr(module, name)
     for extra in custom_objects:

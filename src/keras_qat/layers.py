@@ -56,7 +56,7 @@ class _AssignmentRecorder:
             setattr(self._layer, name, value)
 
 
-def _run_with_substitutes(fn, variables, substitutes: dict[int, Any]):
+def run_with_substitutes(fn, variables, substitutes: dict[int, Any]):
     """Run ``fn`` with ``variables`` read as ``substitutes`` where given, and keep updates.
 
     The scope also maps every other variable to its current value, so that values of an
@@ -271,7 +271,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if "training" in inspect.signature(self.layer.call).parameters:
             layer_kwargs["training"] = training
         if substitutes or self._activations:
-            outputs = _run_with_substitutes(
+            outputs = run_with_substitutes(
                 lambda: self.layer(inputs, **layer_kwargs), self.variables, substitutes
             )
         else:

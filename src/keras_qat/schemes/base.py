@@ -102,7 +102,12 @@ def activation_name(activation) -> str:
 
 
 class Scheme:
-    """What a scheme provides to ``quantize_apply``."""
+    """What a scheme provides to ``quantize_apply``: a config per layer, and which graph
+    transforms (:mod:`keras_qat.transforms`) to apply."""
+
+    fold_batch_norm: bool = False
+    fuse_activations: bool = False
+    freeze_bn_after_steps: int | None = None
 
     def config_for(self, layer) -> QuantizeConfig | None:
         """The config for ``layer``, or None if the scheme does not support it."""
@@ -122,6 +127,12 @@ class RegistryScheme(Scheme):
         overrides: layer name or layer class -> a dict with any of ``weight_bits``,
             ``activation_bits``, ``per_axis``; or a QuantizeConfig; or None to keep that layer
             float. Names are matched before classes; a class matches its subclasses.
+        fold_batch_norm: fold a BatchNormalization into the Conv/Dense before it, weights
+            quantized after folding (:mod:`keras_qat.folding`).
+        fuse_activations: quantize a Conv/Dense/Add output once, after the ReLU or ReLU6
+            that follows it, and let a Concatenate quantize its inputs with one range.
+        freeze_bn_after_steps: stop using batch statistics in folded layers after this
+            many training steps; None never freezes.
     """
 
     def __init__(
@@ -131,8 +142,23 @@ class RegistryScheme(Scheme):
         per_axis_conv: bool = True,
         per_axis_dense: bool = False,
         overrides: Mapping[Any, OverrideValue] | None = None,
+        fold_batch_norm: bool = True,
+        fuse_activations: bool = True,
+        freeze_bn_after_steps: int | None = None,
     ):
         owner = type(self).__name__
+        for arg, value in (("fold_batch_norm", fold_batch_norm), ("fuse_activations", fuse_activations)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{owner}: {arg} must be True or False, got {value!r}.")
+        if freeze_bn_after_steps is not None and (
+            isinstance(freeze_bn_after_steps, bool) or not isinstance(freeze_bn_after_steps, int) or freeze_bn_after_steps < 0
+        ):
+            raise ValueError(
+                f"{owner}: freeze_bn_after_steps must be None or a non-negative int, got {freeze_bn_after_steps!r}."
+            )
+        self.fold_batch_norm = fold_batch_norm
+        self.fuse_activations = fuse_activations
+        self.freeze_bn_after_steps = freeze_bn_after_steps
         self.weight_bits = qops.validate_num_bits(weight_bits, f"{owner}: weight_bits")
         self.activation_bits = qops.validate_num_bits(activation_bits, f"{owner}: activation_bits")
         self.per_axis_conv = bool(per_axis_conv)

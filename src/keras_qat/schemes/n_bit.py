@@ -15,6 +15,8 @@ class NBitScheme(RegistryScheme):
         overrides: per layer name or class, e.g. ``{"conv_first": {"weight_bits": 8,
             "activation_bits": 8}, keras.layers.Dense: {"weight_bits": 8}}``; a QuantizeConfig
             to use instead, or None to keep the layer in float.
+        fold_batch_norm, fuse_activations, freeze_bn_after_steps: the graph transforms, as
+            in :class:`~keras_qat.schemes.base.RegistryScheme`.
     """
 
     def __init__(
@@ -23,7 +25,17 @@ class NBitScheme(RegistryScheme):
         activation_bits: int = 8,
         per_axis: bool = True,
         overrides: Mapping[Any, Any] | None = None,
+        fold_batch_norm: bool = True,
+        fuse_activations: bool = True,
+        freeze_bn_after_steps: int | None = None,
     ):
         super().__init__(
-            weight_bits, activation_bits, per_axis_conv=per_axis, per_axis_dense=per_axis, overrides=overrides
+            weight_bits,
+            activation_bits,
+            per_axis_conv=per_axis,
+            per_axis_dense=per_axis,
+            overrides=overrides,
+            fold_batch_norm=fold_batch_norm,
+            fuse_activations=fuse_activations,
+            freeze_bn_after_steps=freeze_bn_after_steps,
         )

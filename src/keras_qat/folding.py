@@ -1,0 +1,220 @@
+"""A Conv/Dense/DepthwiseConv followed by BatchNormalization, trained as it is deployed.
+
+A deployed integer model has no BatchNormalization: its scale is folded into the weights and
+its shift into the bias, and the folded weights are what gets quantized. Quantizing the
+layer's own weights and normalizing afterwards (tfmot's default for a separate BN) trains
+on a grid that the deployed model does not have.
+
+:class:`QuantizeFoldedBatchNorm` quantizes the folded weights ``w * gamma / sigma`` with
+``sigma = sqrt(moving_variance + epsilon)`` and runs one convolution with them. In training
+(until the statistics are frozen) it normalizes the output divided by the same per-channel
+factor, which is the convolution with the float weights up to their quantization, with the
+batch statistics, and updates the moving ones, as torch.ao's fused ConvBn modules do
+(Krishnamoorthi 2018, section 3.2); the division folds into the normalization's multiplier. In inference, and in training once frozen, the output
+is ``conv(x, quantized folded weights) + folded bias``: exactly the deployed computation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from keras_qat.layers import run_with_substitutes
+from keras_qat.quantizers import Quantizer
+
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+
+
+def _deserialize_quantizer(value):
+    if value is None or isinstance(value, Quantizer):
+        return value
+    return keras.saving.deserialize_keras_object(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeFoldedBatchNorm(keras.layers.Layer):
+    """``layer`` (Conv1D, Conv2D, DepthwiseConv2D or Dense, linear, channels last) with the
+    ``batch_norm`` that follows it folded in, weights quantized after folding.
+
+    Args:
+        layer: the convolution or Dense layer; its activation must be linear.
+        batch_norm: the BatchNormalization on its output's last axis.
+        weight_quantizer: quantizes the folded kernel (variables ``kernel_min``/``kernel_max``).
+        output_quantizer: quantizes the normalized output; None when a following ReLU or
+            Concatenate quantizes it instead.
+        freeze_bn_after_steps: after this many training steps, stop using and updating batch
+            statistics (Jacob et al. 2018): training then computes exactly what inference
+            does. None never freezes.
+    """
+
+    def __init__(
+        self,
+        layer,
+        batch_norm,
+        weight_quantizer: Quantizer,
+        output_quantizer: Quantizer | None = None,
+        freeze_bn_after_steps: int | None = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        super().__init__(**kwargs)
+        owner = f"QuantizeFoldedBatchNorm('{layer.name}' + '{batch_norm.name}')"
+        weight_quantizer = _deserialize_quantizer(weight_quantizer)
+        output_quantizer = _deserialize_quantizer(output_quantizer)
+        if not isinstance(weight_quantizer, Quantizer):
+            raise ValueError(f"{owner}: weight_quantizer must be a keras_qat Quantizer, got {weight_quantizer!r}.")
+        if output_quantizer is not None and not isinstance(output_quantizer, Quantizer):
+            raise ValueError(f"{owner}: output_quantizer must be a keras_qat Quantizer or None, got {output_quantizer!r}.")
+        if freeze_bn_after_steps is not None and (
+            isinstance(freeze_bn_after_steps, bool)
+            or not isinstance(freeze_bn_after_steps, int)
+            or freeze_bn_after_steps < 0
+        ):
+            raise ValueError(
+                f"{owner}: freeze_bn_after_steps must be None or a non-negative int, got {freeze_bn_after_steps!r}."
+            )
+        self.layer = layer
+        self.batch_norm = batch_norm
+        self.weight_quantizer = weight_quantizer
+        self.output_quantizer = output_quantizer
+        self.freeze_bn_after_steps = freeze_bn_after_steps
+
+    # ---- build ------------------------------------------------------------------------
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        output_shape = self.layer.compute_output_shape(input_shape)
+        if not self.batch_norm.built:
+            self.batch_norm.build(output_shape)
+        self.kernel_vars = self.weight_quantizer.build(self.layer.kernel.shape, "kernel", self)
+        self.output_vars = (
+            self.output_quantizer.build(output_shape, "output", self) if self.output_quantizer else None
+        )
+        self.bn_steps = None
+        if self.freeze_bn_after_steps is not None:
+            self.bn_steps = self.add_weight(name="bn_steps", shape=(), initializer="zeros", trainable=False)
+        self.built = True
+
+    # ---- the folded weights -------------------------------------------------------------
+
+    def _factor(self):
+        """``gamma / sqrt(moving_variance + epsilon)`` per output channel; 1 where it is 0."""
+        bn = self.batch_norm
+        gamma = bn.gamma if bn.gamma is not None else ops.ones_like(bn.moving_variance)
+        factor = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+        # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
+        # the normalized output there is beta either way.
+        return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
+
+    def _fold_kernel(self, factor):
+        kernel = self.layer.kernel
+        if isinstance(self.layer, _DEPTHWISE):
+            factor = ops.reshape(factor, tuple(kernel.shape[-2:]))
+        return kernel * factor
+
+    def folded_bias(self, factor=None):
+        """The deployed bias: ``beta + (bias - moving_mean) * factor``."""
+        bn = self.batch_norm
+        factor = self._factor() if factor is None else factor
+        bias = self.layer.bias if getattr(self.layer, "use_bias", False) else 0.0
+        beta = bn.beta if bn.beta is not None else 0.0
+        return beta + (bias - bn.moving_mean) * factor
+
+    def folded_kernel(self, training: bool = False):
+        """The deployed (quantized, folded) kernel, as inference computes it."""
+        factor = self._factor()
+        return self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
+
+    # ---- call -------------------------------------------------------------------------
+
+    def call(self, inputs, training=None):
+        training = bool(training)
+        factor = self._factor()
+        quantized = self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
+        substitutes = {id(self.layer.kernel): quantized}
+        if getattr(self.layer, "use_bias", False):
+            substitutes[id(self.layer.bias)] = ops.zeros(self.layer.bias.shape, self.layer.bias.dtype)
+        convolved = run_with_substitutes(lambda: self.layer(inputs), self.layer.variables, substitutes)
+        if not training:
+            outputs = convolved + self.folded_bias(factor)
+        else:
+            outputs = self._train_with_batch_statistics(convolved, factor)
+        if self.output_quantizer is not None:
+            outputs = self.output_quantizer(outputs, training, self.output_vars)
+        return outputs
+
+    def _train_with_batch_statistics(self, convolved, factor):
+        """Normalize ``convolved / factor + bias`` with its batch statistics.
+
+        That tensor is never formed: its statistics are those of ``convolved`` scaled by
+        ``1 / factor`` (and shifted by the bias, which normalization removes), so the
+        normalization is one multiply-add on ``convolved``, as cheap as a float BN.
+        """
+        bn = self.batch_norm
+        axes = tuple(range(len(convolved.shape) - 1))
+        mean, variance = ops.moments(convolved, axes=axes)
+        gamma = bn.gamma if bn.gamma is not None else 1.0
+        beta = bn.beta if bn.beta is not None else 0.0
+        # (c / f - mean / f) * gamma / sqrt(var / f**2 + eps)
+        #   = (c - mean) * gamma * sign(f) / sqrt(var + eps * f**2)
+        multiplier = gamma * ops.sign(factor) * ops.rsqrt(variance + bn.epsilon * ops.square(factor))
+        normalized = convolved * multiplier + (beta - mean * multiplier)
+        batch_mean = ops.stop_gradient(mean) / factor
+        if getattr(self.layer, "use_bias", False):
+            batch_mean = batch_mean + self.layer.bias
+        batch_variance = ops.stop_gradient(variance) / ops.square(factor)
+        momentum = bn.momentum
+        new_mean = bn.moving_mean * momentum + batch_mean * (1.0 - momentum)
+        new_variance = bn.moving_variance * momentum + batch_variance * (1.0 - momentum)
+        if self.bn_steps is None:
+            bn.moving_mean.assign(new_mean)
+            bn.moving_variance.assign(new_variance)
+            return normalized
+        frozen = self.bn_steps >= float(self.freeze_bn_after_steps)
+        bn.moving_mean.assign(ops.where(frozen, bn.moving_mean.value, new_mean))
+        bn.moving_variance.assign(ops.where(frozen, bn.moving_variance.value, new_variance))
+        self.bn_steps.assign(self.bn_steps + 1.0)
+        return ops.where(frozen, convolved + self.folded_bias(factor), normalized)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    # ---- introspection (as QuantizeWrapper) ----------------------------------------------
+
+    def quantized_weights(self) -> list[tuple[Any, Quantizer, dict]]:
+        """``(kernel variable, quantizer, quantizer variables)``; the quantizer sees the folded
+        kernel, see :meth:`folded_kernel`."""
+        return [(self.layer.kernel, self.weight_quantizer, self.kernel_vars)]
+
+    def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
+        return [] if self.output_quantizer is None else [(self.output_quantizer, self.output_vars)]
+
+    # ---- serialization ----------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "layer": keras.saving.serialize_keras_object(self.layer),
+                "batch_norm": keras.saving.serialize_keras_object(self.batch_norm),
+                "weight_quantizer": keras.saving.serialize_keras_object(self.weight_quantizer),
+                "output_quantizer": None
+                if self.output_quantizer is None
+                else keras.saving.serialize_keras_object(self.output_quantizer),
+                "freeze_bn_after_steps": self.freeze_bn_after_steps,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        batch_norm = keras.saving.deserialize_keras_object(config.pop("batch_norm"), custom_objects=custom_objects)
+        return cls(layer, batch_norm, **config)
+
+
+__all__ = ["QuantizeFoldedBatchNorm"]

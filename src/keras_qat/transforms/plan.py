@@ -1,0 +1,184 @@
+"""Find the BatchNorm folds, activation fusions and shared concat ranges of a functional model.
+
+The plan is read off the annotated model; ``quantize_apply`` carries it out while it rebuilds
+the graph. Only layers that the scheme quantizes by its own registry take part: a layer with
+a user's QuantizeConfig, or one kept in float, is left exactly as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+
+from keras_qat.config import LayerQuantizeConfig
+from keras_qat.layers import QuantizeAnnotate
+from keras_qat.quantizers import MovingAverageQuantizer
+from keras_qat.schemes.base import KERNEL_LAYERS, TRANSPOSED_CONV_LAYERS, activation_name
+
+L = keras.layers
+
+#: Layers whose weights absorb a following BatchNormalization, channels last.
+FOLDABLE_LAYERS = (L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.Dense)
+
+#: Layers that compute a new tensor which a following ReLU can be fused into (TFLite fuses
+#: activations into these kernels or into the ADD/MUL that a BatchNormalization becomes).
+FUSABLE_PRODUCERS = tuple(t for t in KERNEL_LAYERS if t not in TRANSPOSED_CONV_LAYERS) + (
+    L.Add,
+    L.Subtract,
+    L.Multiply,
+    L.BatchNormalization,
+)
+
+
+@dataclass
+class FusionPlan:
+    """What ``quantize_apply`` changes; layers are keyed by ``id`` of the annotated layer.
+
+    Attributes:
+        folds: conv/dense annotation -> the BatchNormalization annotation folded into it.
+        folded: the BatchNormalization annotations that disappear into their producer.
+        unquantized_outputs: annotations whose output quantization moves to their consumer
+            (a fused ReLU, or a Concatenate that quantizes all of its inputs with one range).
+            For a fold, the BatchNormalization's annotation stands for the fused layer.
+        reasons: annotation name -> a sentence saying what was done to it and why.
+    """
+
+    folds: dict[int, Any] = field(default_factory=dict)
+    folded: set[int] = field(default_factory=set)
+    unquantized_outputs: set[int] = field(default_factory=set)
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def output_quantized(self, annotation) -> bool:
+        """Whether the layer (or the fold that ``annotation`` ends) quantizes its output."""
+        return id(annotation) not in self.unquantized_outputs
+
+
+class _Graph:
+    """Producers and consumers of each tensor among one functional model's nodes."""
+
+    def __init__(self, model):
+        self.nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+        self.nodes = [n for n in self.nodes if n.operation is not None and not n.is_input]
+        self.consumers: dict[int, list] = {}
+        self.producer: dict[int, Any] = {}
+        self.calls: dict[int, int] = {}
+        for node in self.nodes:
+            self.calls[id(node.operation)] = self.calls.get(id(node.operation), 0) + 1
+            for tensor in node.input_tensors:
+                self.consumers.setdefault(id(tensor), []).append(node)
+            for tensor in node.outputs:
+                self.producer[id(tensor)] = node
+        self.model_outputs = {id(t) for t in keras.tree.flatten(model.outputs)}
+
+    def sole_consumer(self, node):
+        """The one node that reads ``node``'s single output, unless the output is also a model
+        output or the layer is called more than once."""
+        if len(node.outputs) != 1 or self.calls[id(node.operation)] != 1:
+            return None
+        tensor = node.outputs[0]
+        consumers = self.consumers.get(id(tensor), [])
+        if id(tensor) in self.model_outputs or len(consumers) != 1:
+            return None
+        return consumers[0]
+
+
+def _scheme_layer(operation, scheme):
+    """The inner layer of an annotation the scheme quantizes by its registry, else None."""
+    if not isinstance(operation, QuantizeAnnotate) or operation.quantize_config is not None:
+        return None
+    layer = operation.layer
+    if scheme.keeps_float(layer) or not isinstance(scheme.config_for(layer), LayerQuantizeConfig):
+        return None
+    return layer
+
+
+def _is_linear(layer) -> bool:
+    return activation_name(getattr(layer, "activation", "linear")) == "linear"
+
+
+def is_fusable_relu(layer) -> bool:
+    """A ReLU or ReLU6 that TFLite fuses into the kernel before it."""
+    if type(layer) is L.ReLU:
+        return (
+            float(layer.negative_slope) == 0.0
+            and float(layer.threshold) == 0.0
+            and layer.max_value in (None, 6.0)
+        )
+    if type(layer) is L.Activation:
+        return activation_name(layer.activation) in ("relu", "relu6")
+    return False
+
+
+def _channels_last(layer) -> bool:
+    return getattr(layer, "data_format", "channels_last") == "channels_last"
+
+
+def _bn_on_last_axis(bn, rank: int) -> bool:
+    axis = bn.axis if isinstance(bn.axis, int) else (bn.axis[0] if len(bn.axis) == 1 else None)
+    return axis is not None and axis % rank == rank - 1
+
+
+def plan_fusions(model, scheme) -> FusionPlan:
+    """Read the folds and fusions of one functional ``model`` (not of its nested models)."""
+    plan = FusionPlan()
+    graph = _Graph(model)
+    fold_bn = getattr(scheme, "fold_batch_norm", True)
+    fuse = getattr(scheme, "fuse_activations", True)
+
+    for node in graph.nodes:
+        layer = _scheme_layer(node.operation, scheme)
+        if not fold_bn or type(layer) not in FOLDABLE_LAYERS:
+            continue
+        consumer = graph.sole_consumer(node)
+        if consumer is None:
+            continue
+        bn = _scheme_layer(consumer.operation, scheme)
+        rank = len(node.outputs[0].shape)
+        if (
+            type(bn) is L.BatchNormalization
+            and _is_linear(layer)
+            and _channels_last(layer)
+            and _bn_on_last_axis(bn, rank)
+            and graph.calls[id(consumer.operation)] == 1
+        ):
+            plan.folds[id(node.operation)] = consumer.operation
+            plan.folded.add(id(consumer.operation))
+            plan.reasons[node.operation.name] = f"BatchNormalization '{bn.name}' folded into its weights"
+
+    if not fuse:
+        return plan
+    for node in graph.nodes:
+        operation = node.operation
+        layer = _scheme_layer(operation, scheme)
+        if layer is None or id(operation) in plan.folds:
+            continue  # a fold's output is its BN node's output
+        consumer = graph.sole_consumer(node)
+        if consumer is None:
+            continue
+        target = _scheme_layer(consumer.operation, scheme)
+        if target is None:
+            continue
+        produces = isinstance(layer, FUSABLE_PRODUCERS) and (
+            not isinstance(layer, tuple(KERNEL_LAYERS)) or _is_linear(layer)
+        )
+        if produces and is_fusable_relu(target):
+            plan.unquantized_outputs.add(id(operation))
+            plan.reasons[operation.name] = f"output quantized after '{target.name}' (activation fused)"
+        elif type(target) is L.Concatenate and _observed_output_range(layer, scheme):
+            plan.unquantized_outputs.add(id(operation))
+            plan.reasons[operation.name] = (
+                f"output quantized by '{target.name}' (a concatenation shares one range)"
+            )
+    return plan
+
+
+def _observed_output_range(layer, scheme) -> bool:
+    """Whether the scheme quantizes ``layer``'s output on a range observed from data (not a
+    fixed one, like a sigmoid's, which the deployed kernel fixes)."""
+    config = scheme.config_for(layer)
+    quantizer = config.output_quantizer
+    if quantizer is None and config.activation_attrs:
+        quantizer = config.activation_quantizer
+    return isinstance(quantizer, MovingAverageQuantizer)
