@@ -302,8 +302,9 @@ def test_annotating_a_model_as_a_layer_is_rejected():
         kq.quantize_annotate_layer(keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]))
 
 
-def test_plain_operations_in_the_graph_pass_through_in_float():
-    """keras.applications' MobileNetV3 writes ``x + 3.0`` between layers: no layer to wrap."""
+def test_plain_operations_in_the_graph_are_accepted():
+    """keras.applications' MobileNetV3 writes ``x + 3.0`` between layers: no layer to wrap
+    (its quantization is tested with the transforms)."""
     inputs = keras.Input((4,))
     x = keras.layers.Dense(3, name="d")(inputs)
     outputs = keras.layers.ReLU(name="r")(x + 3.0)

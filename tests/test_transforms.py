@@ -145,3 +145,61 @@ def test_sequential_models_are_transformed_too():
     quantized = kq.quantize_model(model)
     assert isinstance(_layer(quantized, "conv"), kq.QuantizeFoldedBatchNorm)
     assert not _quantizes_output(_layer(quantized, "conv"))
+
+
+def test_plain_arithmetic_on_quantized_tensors_gets_an_output_quantizer():
+    """MobileNetV3's hard-swish, ``x * relu6(x + 3) * (1 / 6)``, written with keras.ops."""
+    inputs = keras.Input((6,))
+    x = L.Dense(6, name="d")(inputs)
+    gate = L.ReLU(6.0, name="relu6")(x + 3.0) * (1.0 / 6.0)
+    outputs = L.Multiply(name="swish")([x, gate])
+    untouched = keras.ops.reshape(inputs, (-1, 3, 2))  # moves values only: stays as it is
+    quantized = kq.quantize_model(keras.Model(inputs, [outputs, untouched]))
+    added = [l for l in quantized.layers if isinstance(l, kq.QuantizeLayer) and l.name.endswith("_output")]
+    assert len(added) == 1, "x + 3.0 fuses into the ReLU6; only the scaling by 1/6 gets a quantizer"
+    x_in = np.random.default_rng(0).normal(size=(8, 6)).astype("float32") * 4
+    quantized(x_in, training=True)
+    probe = keras.Model(quantized.inputs[0], added[0].output)
+    out = to_numpy(probe(x_in, training=False))
+    variables = added[0].quantizer_vars
+    assert same_bits(to_numpy(qops.fake_quant(out, variables["min_var"], variables["max_var"])), out)
+    assert len(np.unique(out)) > 1
+
+
+def test_separable_conv_is_deployed_as_depthwise_and_pointwise_with_a_quantizer_between():
+    import tensorflow as tf
+
+    from tests.conftest import tf_fake_quant
+
+    inputs = keras.Input((9, 9, 3))
+    outputs = L.SeparableConv2D(5, 3, depth_multiplier=2, activation="relu", name="sep")(inputs)
+    model = keras.Model(inputs, outputs)
+    quantized = kq.quantize_model(model)
+    depthwise = _layer(quantized, "sep_depthwise")
+    pointwise = _layer(quantized, "sep_pointwise")
+    assert _quantizes_output(depthwise) and _quantizes_output(pointwise)
+    x = np.random.default_rng(0).normal(size=(4, 9, 9, 3)).astype("float32")
+    quantized(x, training=True)
+
+    def weight(wrapper):
+        (kernel, _, v), = wrapper.quantized_weights()
+        k = to_numpy(kernel)
+        flat = k.reshape(k.shape[:-2] + (-1,)) if k.shape[-1] != to_numpy(v["min_var"]).shape[0] else k
+        return tf_fake_quant(flat, to_numpy(v["min_var"]), to_numpy(v["max_var"]), 8, True, -1).reshape(k.shape)
+
+    def range_of(wrapper):
+        quantizer = wrapper.activation_quantizers()[0]
+        return to_numpy(quantizer.quantizer_vars["min_var"]), to_numpy(quantizer.quantizer_vars["max_var"])
+
+    (input_layer,) = [l for l in quantized.layers if isinstance(l, kq.QuantizeLayer)]
+    xq = to_numpy(input_layer(x, training=False))
+    middle = tf.nn.depthwise_conv2d(xq, weight(depthwise), [1, 1, 1, 1], "VALID").numpy()
+    middle = tf_fake_quant(middle, *range_of(depthwise), 8, False)
+    out = tf.nn.relu(tf.nn.conv2d(middle, weight(pointwise), 1, "VALID") + to_numpy(pointwise.layer.bias)).numpy()
+    want = tf_fake_quant(out, *range_of(pointwise), 8, False)
+    got = to_numpy(quantized(x, training=False))
+    steps = np.abs(got - want) / ((range_of(pointwise)[1] - range_of(pointwise)[0]) / 255)
+    assert np.max(steps) <= 1.0001 and np.mean(steps < 0.5) >= 0.99
+    np.testing.assert_allclose(
+        to_numpy(model(x)), got, atol=float(range_of(pointwise)[1] - range_of(pointwise)[0]) / 8
+    )

@@ -193,6 +193,8 @@ def _apply(model, scheme):
             return layer  # the BatchNormalization lives on in the folded layer before it
         if id(layer) in plan.folds:
             return _folded_layer(layer, plan, scheme, clone)
+        if _splits_separable(layer, scheme):
+            return layer  # split into two quantized layers when it is called
         if isinstance(layer, QuantizeAnnotate):
             inner = layer.layer
             if scheme.keeps_float(inner) and layer.quantize_config is None:
@@ -206,16 +208,79 @@ def _apply(model, scheme):
             return QuantizeWrapper(clone(inner), config, name=name)
         return clone(layer)
 
-    def skip_folded(layer, *args, **kwargs):
+    def intercept(layer, *args, **kwargs):
         if id(layer) in plan.folded:
             return args[0]
+        if _splits_separable(layer, scheme):
+            return _call_separable_split(layer, plan, scheme, args[0])
+        if id(layer) in plan.quantized_operations:
+            quantizer = scheme.activation_quantizer("linear", scheme.activation_bits)
+            return QuantizeLayer(quantizer, name=f"quantize_{layer.name}_output")(layer(*args, **kwargs))
         return None
 
-    rebuilt = _rebuild_graph(model, replace, quantize_inputs=True, intercept=skip_folded)
+    rebuilt = _rebuild_graph(
+        model,
+        replace,
+        quantize_inputs=True,
+        intercept=intercept,
+        is_quantized=lambda layer: _is_quantized_layer(layer) or _splits_separable(layer, scheme),
+    )
     for original, new in copies:
         if original.weights:
             new.set_weights(original.get_weights())
     return rebuilt
+
+
+_SEPARABLE = {
+    keras.layers.SeparableConv1D: (keras.layers.DepthwiseConv1D, keras.layers.Conv1D),
+    keras.layers.SeparableConv2D: (keras.layers.DepthwiseConv2D, keras.layers.Conv2D),
+}
+
+
+def _splits_separable(layer, scheme) -> bool:
+    """A SeparableConv the scheme quantizes: deployed as a depthwise and a 1x1 convolution,
+    with the tensor between them quantized."""
+    return (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) in _SEPARABLE
+        and not scheme.keeps_float(layer.layer)
+        and isinstance(scheme.config_for(layer.layer), LayerQuantizeConfig)
+    )
+
+
+def _call_separable_split(annotation, plan, scheme, inputs):
+    """Call the depthwise and pointwise halves of a SeparableConv, each quantized, on ``inputs``."""
+    separable = annotation.layer
+    depthwise_type, pointwise_type = _SEPARABLE[type(separable)]
+    depthwise = depthwise_type(
+        kernel_size=separable.kernel_size,
+        strides=separable.strides,
+        padding=separable.padding,
+        depth_multiplier=separable.depth_multiplier,
+        data_format=separable.data_format,
+        dilation_rate=separable.dilation_rate,
+        use_bias=False,
+        name=f"{separable.name}_depthwise",
+    )
+    pointwise = pointwise_type(
+        filters=separable.filters,
+        kernel_size=1,
+        data_format=separable.data_format,
+        activation=separable.activation,
+        use_bias=separable.use_bias,
+        name=f"{separable.name}_pointwise",
+    )
+    pointwise_config = scheme.config_for(pointwise)
+    if not plan.output_quantized(annotation):
+        pointwise_config = _without_output_quantization(pointwise_config)
+    depthwise_wrapper = QuantizeWrapper(depthwise, scheme.config_for(depthwise), name=f"quant_{depthwise.name}")
+    pointwise_wrapper = QuantizeWrapper(pointwise, pointwise_config, name=f"quant_{pointwise.name}")
+    outputs = pointwise_wrapper(depthwise_wrapper(inputs))
+    depthwise.set_weights([keras.ops.convert_to_numpy(separable.depthwise_kernel)])
+    pointwise_weights = [separable.pointwise_kernel] + ([separable.bias] if separable.use_bias else [])
+    pointwise.set_weights([keras.ops.convert_to_numpy(w) for w in pointwise_weights])
+    return outputs
 
 
 def _folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:
@@ -240,24 +305,28 @@ def _without_output_quantization(config: QuantizeConfig) -> QuantizeConfig:
     return LayerQuantizeConfig(weight_attrs=config.weight_attrs, weight_quantizer=config.weight_quantizer)
 
 
-def _rebuild_graph(model, replace, quantize_inputs: bool = False, intercept=None):
+def _is_quantized_layer(layer) -> bool:
+    return isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm))
+
+
+def _rebuild_graph(model, replace, quantize_inputs: bool = False, intercept=None, is_quantized=_is_quantized_layer):
     """Clone ``model`` as a functional model, each layer replaced by ``replace(layer)``.
 
-    With ``quantize_inputs``, a model input that feeds a quantized layer goes through one
-    QuantizeLayer first. ``intercept(layer, *args, **kwargs)``, if given, may return the
-    output of a node instead of calling its layer (None: call it).
+    With ``quantize_inputs``, a model input that feeds a layer for which ``is_quantized`` holds
+    goes through one QuantizeLayer first. ``intercept(layer, *args, **kwargs)``, if given,
+    may return the output of a node instead of calling its layer (None: call it).
     """
     if isinstance(model, keras.Sequential):
         model = _functional_from_sequential(model)
     quantized_inputs: dict[int, Any] = {}
 
     def call(layer, *args, **kwargs):
+        if quantize_inputs and is_quantized(layer):
+            args = keras.tree.map_structure(lambda t: _quantized_input(t, quantized_inputs), args)
         if intercept is not None:
             outputs = intercept(layer, *args, **kwargs)
             if outputs is not None:
                 return outputs
-        if quantize_inputs and isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm)):
-            args = keras.tree.map_structure(lambda t: _quantized_input(t, quantized_inputs), args)
         return layer(*args, **kwargs)
 
     def _quantized_input(tensor, cache):

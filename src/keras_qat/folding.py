@@ -161,10 +161,14 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         # (c / f - mean / f) * gamma / sqrt(var / f**2 + eps)
         #   = (c - mean) * gamma * sign(f) / sqrt(var + eps * f**2)
         multiplier = gamma * ops.sign(factor) * ops.rsqrt(variance + bn.epsilon * ops.square(factor))
-        normalized = convolved * multiplier + (beta - mean * multiplier)
+        offset = beta - mean * multiplier
         batch_mean = ops.stop_gradient(mean) / factor
         if getattr(self.layer, "use_bias", False):
             batch_mean = batch_mean + self.layer.bias
+            # Normalization removes the bias: its gradient is exactly zero. Saying so keeps
+            # optimizers from warning that the variable has no gradient.
+            offset = offset + 0.0 * self.layer.bias
+        normalized = convolved * multiplier + offset
         batch_variance = ops.stop_gradient(variance) / ops.square(factor)
         momentum = bn.momentum
         new_mean = bn.moving_mean * momentum + batch_mean * (1.0 - momentum)

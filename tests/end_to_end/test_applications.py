@@ -25,7 +25,8 @@ APPLICATIONS = {
 def test_quantize_fit_save_load(name, tmp_path):
     model = APPLICATIONS[name]()
     quantized = kq.quantize_model(model)
-    kernels = [w for w in quantized.layers if isinstance(w, kq.QuantizeWrapper) and w.quantized_weights()]
+    quantized_layers = (kq.QuantizeWrapper, kq.QuantizeFoldedBatchNorm)
+    kernels = [w for w in quantized.layers if isinstance(w, quantized_layers) and w.quantized_weights()]
     float_kernels = [l for l in model.layers if hasattr(l, "kernel") or hasattr(l, "depthwise_kernel")]
     assert len(kernels) == len(float_kernels), "every kernel layer is quantized"
 

@@ -42,12 +42,16 @@ class FusionPlan:
         unquantized_outputs: annotations whose output quantization moves to their consumer
             (a fused ReLU, or a Concatenate that quantizes all of its inputs with one range).
             For a fold, the BatchNormalization's annotation stands for the fused layer.
+        quantized_operations: plain keras.ops arithmetic in the graph (``x + 3.0`` in
+            MobileNetV3's hard-swish) that computes on quantized tensors: its output gets a
+            quantizer, as the deployed integer ADD or MUL has an output scale.
         reasons: annotation name -> a sentence saying what was done to it and why.
     """
 
     folds: dict[int, Any] = field(default_factory=dict)
     folded: set[int] = field(default_factory=set)
     unquantized_outputs: set[int] = field(default_factory=set)
+    quantized_operations: set[int] = field(default_factory=set)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def output_quantized(self, annotation) -> bool:
@@ -55,11 +59,17 @@ class FusionPlan:
         return id(annotation) not in self.unquantized_outputs
 
 
+#: keras.ops operations that compute new values elementwise and that deployed integer models
+#: run as quantized kernels (ADD, SUB, MUL, DIV with a constant or a tensor).
+ARITHMETIC_OPERATIONS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
+
+
 class _Graph:
     """Producers and consumers of each tensor among one functional model's nodes."""
 
     def __init__(self, model):
-        self.nodes = [node for depth in model._nodes_by_depth.values() for node in depth]
+        by_depth = model._nodes_by_depth
+        self.nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
         self.nodes = [n for n in self.nodes if n.operation is not None and not n.is_input]
         self.consumers: dict[int, list] = {}
         self.producer: dict[int, Any] = {}
@@ -147,6 +157,7 @@ def plan_fusions(model, scheme) -> FusionPlan:
             plan.folded.add(id(consumer.operation))
             plan.reasons[node.operation.name] = f"BatchNormalization '{bn.name}' folded into its weights"
 
+    _plan_plain_operations(graph, plan, scheme, fuse)
     if not fuse:
         return plan
     for node in graph.nodes:
@@ -182,3 +193,27 @@ def _observed_output_range(layer, scheme) -> bool:
     if quantizer is None and config.activation_attrs:
         quantizer = config.activation_quantizer
     return isinstance(quantizer, MovingAverageQuantizer)
+
+
+def is_plain_arithmetic(operation) -> bool:
+    """A keras.ops elementwise arithmetic operation used directly in a functional graph."""
+    return not isinstance(operation, keras.layers.Layer) and type(operation).__name__ in ARITHMETIC_OPERATIONS
+
+
+def _plan_plain_operations(graph, plan, scheme, fuse: bool) -> None:
+    """Quantize the outputs of plain arithmetic on quantized tensors (nodes in graph order)."""
+    if not hasattr(scheme, "activation_bits"):
+        return
+    quantized_tensors: set[int] = set()
+    for node in graph.nodes:
+        operation = node.operation
+        quantized = isinstance(operation, QuantizeAnnotate) or id(operation) in plan.quantized_operations
+        if is_plain_arithmetic(operation) and any(id(t) in quantized_tensors for t in node.input_tensors):
+            consumer = graph.sole_consumer(node)
+            target = None if consumer is None else _scheme_layer(consumer.operation, scheme)
+            if not (fuse and target is not None and is_fusable_relu(target)):
+                plan.quantized_operations.add(id(operation))
+                plan.reasons[operation.name] = "plain arithmetic on quantized tensors: output quantized"
+            quantized = True
+        if quantized:
+            quantized_tensors.update(id(t) for t in node.outputs)
