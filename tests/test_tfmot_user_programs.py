@@ -130,7 +130,7 @@ def _case_id(case):
 
 @pytest.mark.parametrize("build_model", [conv_bn_relu_dense_model, conv_depthwise_model])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-def test_custom_configs_through_clone_model_quantize_scope_apply_and_fit(digits, build_model, case):
+def test_custom_configs_through_clone_model_quantize_scope_apply_and_fit(digits, build_model, case, tmp_path):
     quantizer_cls, per_axis, symmetric, narrow_range, num_bits = case
     x_train, y_train, x_test, y_test = digits
     config_cls = make_config_class(quantizer_cls)
@@ -172,6 +172,13 @@ def test_custom_configs_through_clone_model_quantize_scope_apply_and_fit(digits,
         assert len(np.unique(got)) <= 2**num_bits * (channels if per_axis else 1)
     predictions = quant_aware_model.predict(x_test, verbose=0)
     assert predictions.shape == (len(x_test), 10) and np.all(np.isfinite(predictions))
+
+    # tfmot's documented save and load: the same bits come back.
+    path = tmp_path / "quant_aware.keras"
+    quant_aware_model.save(path)
+    with quantize_scope({config_cls.__name__: config_cls}):
+        restored = keras.models.load_model(path)
+    assert np.array_equal(restored.predict(x_test, verbose=0), predictions)
 
 
 def test_documented_8bit_program_learns_as_well_as_float(digits):
