@@ -232,3 +232,42 @@ def test_rescaling_with_scale_and_offset_quantizes_the_tensor_between_them():
     x = np.random.default_rng(0).random((8, 4)).astype("float32") * 255
     quantized(x, training=True)
     np.testing.assert_allclose(to_numpy(quantized(x)), to_numpy(model(x)), atol=0.1)
+
+
+def _conv_avgpool_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, activation="relu", name="conv")(inputs)
+    outputs = L.AveragePooling2D(2, name="avgpool")(x)
+    return kq.quantize_model(keras.Model(inputs, outputs))
+
+
+def test_average_pooling_keeps_its_inputs_range_and_saves(tmp_path):
+    quantized = _conv_avgpool_model()
+    avgpool = quantized.get_layer("quant_avgpool")
+    assert isinstance(avgpool, kq.QuantizeSameScale)
+    assert not _quantizes_output(_layer(quantized, "conv"))
+    x = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype("float32")
+    quantized(x, training=True)
+    quantized.save(tmp_path / "avgpool.keras")
+    restored = keras.models.load_model(tmp_path / "avgpool.keras")
+    assert same_bits(to_numpy(restored(x, training=False)), to_numpy(quantized(x, training=False)))
+
+
+def test_average_pooling_rounds_as_the_integer_kernel_does():
+    """Oracle: integer arithmetic on the signed int8 codes, as TFLite's AVERAGE_POOL_2D:
+    sum the 2x2 window, divide rounding half away from zero."""
+    quantized = _conv_avgpool_model()
+    x = np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32")
+    quantized(x, training=True)
+    avgpool = quantized.get_layer("quant_avgpool")
+    variables = avgpool.quantizer_vars
+    grid = qops.nudge(variables["min_var"], variables["max_var"], 8, False)
+    scale, zero = float(to_numpy(grid.scale)), int(to_numpy(grid.zero_point)) - 128
+    conv_out = keras.Model(quantized.inputs[0], quantized.get_layer("quant_conv").output)(x, training=False)
+    codes_in = np.rint(to_numpy(qops.fake_quant(conv_out, variables["min_var"], variables["max_var"])) / scale).astype(np.int64) + zero
+    windows = codes_in.reshape(16, 3, 2, 3, 2, 4).sum(axis=(2, 4))
+    expected = np.sign(windows) * ((np.abs(windows) + 2) // 4)
+    got = np.rint(to_numpy(quantized(x, training=False)) / scale).astype(np.int64) + zero
+    np.testing.assert_array_equal(got, expected)
+    assert np.any((windows % 4 == 2) & (windows < 0)), "the data must contain ties below zero"

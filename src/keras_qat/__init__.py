@@ -13,7 +13,7 @@ from keras_qat.api import (
 )
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.folding import QuantizeFoldedBatchNorm
-from keras_qat.layers import QuantizeAnnotate, QuantizeAwareActivation, QuantizeLayer, QuantizeWrapper
+from keras_qat.layers import QuantizeAnnotate, QuantizeAwareActivation, QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 from keras_qat.ops import fake_quant
 from keras_qat.quantizers import (
     AllValuesQuantizer,
@@ -43,6 +43,7 @@ __all__ = [
     "QuantizeAwareActivation",
     "QuantizeLayer",
     "QuantizeWrapper",
+    "QuantizeSameScale",
     "QuantizeFoldedBatchNorm",
     "Quantizer",
     "LastValueQuantizer",

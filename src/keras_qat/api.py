@@ -19,7 +19,7 @@ import numpy as np
 
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
 from keras_qat.folding import QuantizeFoldedBatchNorm
-from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeWrapper
+from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 from keras_qat.schemes import Default8BitScheme, Scheme
 from keras_qat.schemes.base import KERNEL_LAYERS, activation_name
 from keras_qat.transforms import plan_fusions
@@ -197,6 +197,9 @@ def _apply(model, scheme):
             return _folded_layer(layer, plan, scheme, clone)
         if _splits_separable(layer, scheme) or _splits_activation(layer, scheme) or _splits_rescaling(layer, scheme):
             return layer  # split into two quantized layers when it is called
+        if id(layer) in plan.same_scale:
+            quantizer = scheme.config_for(layer.layer).output_quantizer
+            return QuantizeSameScale(clone(layer.layer), quantizer, name=layer.name.replace("quant_annotate_", "quant_", 1))
         if isinstance(layer, QuantizeAnnotate):
             inner = layer.layer
             if scheme.keeps_float(inner) and layer.quantize_config is None:
@@ -375,7 +378,7 @@ def _without_output_quantization(config: QuantizeConfig) -> QuantizeConfig:
 
 
 def _is_quantized_layer(layer) -> bool:
-    return isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm))
+    return isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm, QuantizeSameScale))
 
 
 def _rebuild_graph(model, replace, quantize_inputs: bool = False, intercept=None, is_quantized=_is_quantized_layer):

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
 
@@ -325,6 +326,80 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return cls(layer, quantize_config, **config)
 
 
+_AVERAGE_POOLING = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
+
+
+@keras.saving.register_keras_serializable(package="keras_qat")
+class QuantizeSameScale(keras.layers.Wrapper):
+    """Runs ``layer`` between two fake quantizations that share one range.
+
+    For layers whose integer kernel keeps its input's scale while it computes new values
+    (TFLite's int8 AVERAGE_POOL_2D): the input is quantized on the range, the layer runs,
+    and its output is rounded back onto the same grid, as the integer kernel does. The
+    range is learned from the input (variables ``output_min`` / ``output_max``).
+    """
+
+    def __init__(self, layer, quantizer: Quantizer, **kwargs):
+        kwargs.setdefault("name", f"quant_{layer.name}")
+        super().__init__(layer, **kwargs)
+        if isinstance(quantizer, dict):
+            quantizer = keras.saving.deserialize_keras_object(quantizer)
+        if not isinstance(quantizer, Quantizer):
+            raise ValueError(f"QuantizeSameScale('{layer.name}'): quantizer must be a keras_qat Quantizer, got {quantizer!r}.")
+        self.quantizer = quantizer
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        self.quantizer_vars = self.quantizer.build(input_shape, "output", self)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        training = bool(training)
+        quantized = self.quantizer(inputs, training, self.quantizer_vars)
+        outputs = self.layer(quantized)
+        if not training and not qops.is_exporting() and isinstance(self.layer, _AVERAGE_POOLING):
+            return self._integer_average(outputs)
+        # The range was just updated from the input (training) or is the stored one: read it.
+        return self.quantizer(outputs, False, self.quantizer_vars)
+
+    def _integer_average(self, averaged):
+        """Round an average of quantized values as TFLite's int8 AVERAGE_POOL_2D rounds the
+        average of its signed codes: half away from zero (fake quantization rounds half up,
+        which differs for every tie below the zero point)."""
+        quantizer = self.quantizer
+        lo, hi = qops.sanitize_range(self.quantizer_vars["min_var"], self.quantizer_vars["max_var"])
+        grid = qops.nudge(lo, hi, quantizer.num_bits, quantizer.narrow_range)
+        offset = 2.0 ** (quantizer.num_bits - 1)
+        qmin = float(qops.quant_range(quantizer.num_bits, quantizer.narrow_range)[0])
+        zero = ops.equal(hi - lo, 0.0)
+        scale = ops.where(zero, 1.0, grid.scale)
+        codes = (averaged - grid.nudged_min) / scale + (qmin - offset)
+        rounded = ops.sign(codes) * ops.floor(ops.abs(codes) + 0.5)
+        out = (rounded - (grid.zero_point - offset)) * scale
+        return ops.where(zero, ops.zeros_like(averaged), out)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def quantized_weights(self) -> list:
+        return []
+
+    def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
+        return [(self.quantizer, self.quantizer_vars)]
+
+    def get_config(self):
+        config = super().get_config()
+        config["quantizer"] = keras.saving.serialize_keras_object(self.quantizer)
+        return config
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        layer = keras.saving.deserialize_keras_object(config.pop("layer"), custom_objects=custom_objects)
+        return cls(layer, config.pop("quantizer"), **config)
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
 class QuantizeLayer(keras.layers.Layer):
     """Fake-quantizes a model input (tfmot's ``QuantizeLayer``).
@@ -359,4 +434,11 @@ class QuantizeLayer(keras.layers.Layer):
         return config
 
 
-__all__ = ["QuantizeAnnotate", "QuantizeWrapper", "QuantizeLayer", "QuantizeAwareActivation", "LayerQuantizeConfig"]
+__all__ = [
+    "QuantizeAnnotate",
+    "QuantizeWrapper",
+    "QuantizeLayer",
+    "QuantizeSameScale",
+    "QuantizeAwareActivation",
+    "LayerQuantizeConfig",
+]

@@ -37,8 +37,10 @@ kernel per direction, bit-identical to TF's op (tested against it).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import NamedTuple, Sequence, Union
+from typing import Iterator, NamedTuple, Sequence, Union
 
 import keras
 import numpy as np
@@ -53,6 +55,25 @@ MAX_BITS = 16
 MIN_RANGE_WIDTH = float(np.float32((2**MAX_BITS - 1) * np.finfo(np.float32).tiny))
 
 Axis = Union[int, Sequence[int], None]
+
+_EXPORTING = contextvars.ContextVar("keras_qat_exporting", default=False)
+
+
+@contextlib.contextmanager
+def exporting() -> Iterator[None]:
+    """While a model is traced for a converter: layers emit the plain fake-quant pattern the
+    converter recognises, instead of the exact emulation of an integer kernel that they run
+    in inference otherwise (see :class:`keras_qat.layers.QuantizeSameScale`)."""
+    token = _EXPORTING.set(True)
+    try:
+        yield
+    finally:
+        _EXPORTING.reset(token)
+
+
+def is_exporting() -> bool:
+    """Whether the current trace is for a converter (inside :func:`exporting`)."""
+    return _EXPORTING.get()
 
 
 # --------------------------------------------------------------------------------------
@@ -276,6 +297,11 @@ def _nudge(min, max, qmin_f, qmax_f) -> NudgedRange:
     nudged_min = (qmin_f - zero_point) * scale
     nudged_max = (qmax_f - zero_point) * scale
     return NudgedRange(nudged_min, nudged_max, scale, inv_scale, zero_point)
+
+
+def sanitize_range(min, max):
+    """``(min, max)`` with degenerate ranges replaced by ``[0, 0]``, as :func:`fake_quant` does."""
+    return _sanitize_range(min, max)
 
 
 def _sanitize_range(min, max):

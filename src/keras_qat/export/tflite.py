@@ -33,7 +33,7 @@ import keras
 import numpy as np
 
 from keras_qat.folding import QuantizeFoldedBatchNorm
-from keras_qat.layers import QuantizeLayer, QuantizeWrapper
+from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 
 #: The widest integers an int8 TFLite model holds, for weights and activations alike.
 TFLITE_MAX_BITS = 8
@@ -234,7 +234,7 @@ def layer_quantizers(layer) -> list[tuple[str, Any]]:
         found.append(("folded kernel", layer.weight_quantizer))
         if layer.output_quantizer is not None:
             found.append(("output", layer.output_quantizer))
-    elif isinstance(layer, QuantizeLayer):
+    elif isinstance(layer, (QuantizeLayer, QuantizeSameScale)):
         found.append(("input", layer.quantizer))
     return found
 
@@ -291,14 +291,19 @@ def _input_name(tensor, index: int) -> str:
 
 
 def _convert(model, int8_io: bool) -> bytes:
-    """The flatbuffer: dynamic batch if the converter takes it, else batch 1."""
-    try:
-        return _convert_with_batch(model, int8_io, batch=None)
-    except Exception as dynamic_error:  # the converter raises several types
+    """The flatbuffer: dynamic batch if the converter takes it, else batch 1. Traced in
+    :func:`keras_qat.ops.exporting` mode, so layers emit the fake-quant patterns the
+    converter folds."""
+    from keras_qat import ops as qops
+
+    with qops.exporting():
         try:
-            return _convert_with_batch(model, int8_io, batch=1)
-        except Exception:
-            raise dynamic_error from None
+            return _convert_with_batch(model, int8_io, batch=None)
+        except Exception as dynamic_error:  # the converter raises several types
+            try:
+                return _convert_with_batch(model, int8_io, batch=1)
+            except Exception:
+                raise dynamic_error from None
 
 
 def _convert_with_batch(model, int8_io: bool, batch: int | None) -> bytes:

@@ -22,6 +22,9 @@ L = keras.layers
 #: Layers whose weights absorb a following BatchNormalization, channels last.
 FOLDABLE_LAYERS = (L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.Dense)
 
+#: Layers whose int8 TFLite kernel computes new values but keeps its input's scale.
+SAME_SCALE_LAYERS = (L.AveragePooling1D, L.AveragePooling2D)
+
 #: Layers that compute a new tensor which a following ReLU can be fused into (TFLite fuses
 #: activations into these kernels or into the ADD/MUL that a BatchNormalization becomes).
 FUSABLE_PRODUCERS = tuple(t for t in KERNEL_LAYERS if t not in TRANSPOSED_CONV_LAYERS) + (
@@ -45,6 +48,9 @@ class FusionPlan:
         quantized_operations: plain keras.ops arithmetic in the graph (``x + 3.0`` in
             MobileNetV3's hard-swish) that computes on quantized tensors: its output gets a
             quantizer, as the deployed integer ADD or MUL has an output scale.
+        same_scale: average pooling annotations that quantize their input and output on
+            one range (TFLite's int8 AVERAGE_POOL_2D keeps its input's scale); the layer
+            before them leaves its output to them.
         reasons: annotation name -> a sentence saying what was done to it and why.
     """
 
@@ -52,6 +58,7 @@ class FusionPlan:
     folded: set[int] = field(default_factory=set)
     unquantized_outputs: set[int] = field(default_factory=set)
     quantized_operations: set[int] = field(default_factory=set)
+    same_scale: set[int] = field(default_factory=set)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def output_quantized(self, annotation) -> bool:
@@ -161,6 +168,10 @@ def plan_fusions(model, scheme) -> FusionPlan:
     if not fuse:
         return plan
     for node in graph.nodes:
+        if type(_scheme_layer(node.operation, scheme)) in SAME_SCALE_LAYERS:
+            plan.same_scale.add(id(node.operation))
+            plan.reasons[node.operation.name] = "input and output share one range (same-scale integer kernel)"
+    for node in graph.nodes:
         operation = node.operation
         layer = _scheme_layer(operation, scheme)
         if layer is None or id(operation) in plan.folds:
@@ -177,11 +188,11 @@ def plan_fusions(model, scheme) -> FusionPlan:
         if produces and is_fusable_relu(target):
             plan.unquantized_outputs.add(id(operation))
             plan.reasons[operation.name] = f"output quantized after '{target.name}' (activation fused)"
-        elif type(target) is L.Concatenate and _observed_output_range(layer, scheme):
+        elif (type(target) is L.Concatenate or type(target) in SAME_SCALE_LAYERS) and _observed_output_range(
+            layer, scheme
+        ):
             plan.unquantized_outputs.add(id(operation))
-            plan.reasons[operation.name] = (
-                f"output quantized by '{target.name}' (a concatenation shares one range)"
-            )
+            plan.reasons[operation.name] = f"output quantized by '{target.name}', which shares one range"
     return plan
 
 
