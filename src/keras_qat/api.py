@@ -15,14 +15,12 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 import keras
-import numpy as np
 
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 from keras_qat.schemes import Default8BitScheme, Scheme
-from keras_qat.schemes.base import KERNEL_LAYERS, activation_name
-from keras_qat.transforms import plan_fusions
+from keras_qat.transforms import plan_fusions, rewrites
 
 
 def _is_functional(model) -> bool:
@@ -194,8 +192,8 @@ def _apply(model, scheme):
         if id(layer) in plan.folded:
             return layer  # the BatchNormalization lives on in the folded layer before it
         if id(layer) in plan.folds:
-            return _folded_layer(layer, plan, scheme, clone)
-        if _splits_separable(layer, scheme) or _splits_activation(layer, scheme) or _splits_rescaling(layer, scheme):
+            return rewrites.folded_layer(layer, plan, scheme, clone)
+        if rewrites.splits(layer, scheme):
             return layer  # split into two quantized layers when it is called
         if id(layer) in plan.same_scale:
             quantizer = scheme.config_for(layer.layer).output_quantizer
@@ -208,7 +206,7 @@ def _apply(model, scheme):
             if config is None:
                 raise _unsupported_layer_error(inner, scheme)
             if not plan.output_quantized(layer):
-                config = _without_output_quantization(config)
+                config = rewrites.without_output_quantization(config)
             name = layer.name.replace("quant_annotate_", "quant_", 1)
             return QuantizeWrapper(clone(inner), config, name=name)
         return clone(layer)
@@ -216,12 +214,8 @@ def _apply(model, scheme):
     def intercept(layer, *args, **kwargs):
         if id(layer) in plan.folded:
             return args[0]
-        if _splits_separable(layer, scheme):
-            return _call_separable_split(layer, plan, scheme, args[0])
-        if _splits_activation(layer, scheme):
-            return _call_activation_split(layer, plan, scheme, *args, **kwargs)
-        if _splits_rescaling(layer, scheme):
-            return _call_rescaling_split(layer, plan, scheme, args[0])
+        if rewrites.splits(layer, scheme):
+            return rewrites.call_split(layer, plan, scheme, *args, **kwargs)
         if id(layer) in plan.quantized_operations:
             quantizer = scheme.activation_quantizer("linear", scheme.activation_bits)
             return QuantizeLayer(quantizer, name=f"quantize_{layer.name}_output")(layer(*args, **kwargs))
@@ -232,149 +226,12 @@ def _apply(model, scheme):
         replace,
         quantize_inputs=True,
         intercept=intercept,
-        is_quantized=lambda layer: _is_quantized_layer(layer)
-        or _splits_separable(layer, scheme)
-        or _splits_activation(layer, scheme)
-        or _splits_rescaling(layer, scheme),
+        is_quantized=lambda layer: _is_quantized_layer(layer) or rewrites.splits(layer, scheme),
     )
     for original, new in copies:
         if original.weights:
             new.set_weights(original.get_weights())
     return rebuilt
-
-
-_SEPARABLE = {
-    keras.layers.SeparableConv1D: (keras.layers.DepthwiseConv1D, keras.layers.Conv1D),
-    keras.layers.SeparableConv2D: (keras.layers.DepthwiseConv2D, keras.layers.Conv2D),
-}
-
-
-def _splits_separable(layer, scheme) -> bool:
-    """A SeparableConv the scheme quantizes: deployed as a depthwise and a 1x1 convolution,
-    with the tensor between them quantized."""
-    return (
-        isinstance(layer, QuantizeAnnotate)
-        and layer.quantize_config is None
-        and type(layer.layer) in _SEPARABLE
-        and not scheme.keeps_float(layer.layer)
-        and isinstance(scheme.config_for(layer.layer), LayerQuantizeConfig)
-    )
-
-
-def _call_separable_split(annotation, plan, scheme, inputs):
-    """Call the depthwise and pointwise halves of a SeparableConv, each quantized, on ``inputs``."""
-    separable = annotation.layer
-    depthwise_type, pointwise_type = _SEPARABLE[type(separable)]
-    depthwise = depthwise_type(
-        kernel_size=separable.kernel_size,
-        strides=separable.strides,
-        padding=separable.padding,
-        depth_multiplier=separable.depth_multiplier,
-        data_format=separable.data_format,
-        dilation_rate=separable.dilation_rate,
-        use_bias=False,
-        name=f"{separable.name}_depthwise",
-    )
-    pointwise = pointwise_type(
-        filters=separable.filters,
-        kernel_size=1,
-        data_format=separable.data_format,
-        activation=separable.activation,
-        use_bias=separable.use_bias,
-        name=f"{separable.name}_pointwise",
-    )
-    pointwise_config = scheme.config_for(pointwise)
-    if not plan.output_quantized(annotation):
-        pointwise_config = _without_output_quantization(pointwise_config)
-    depthwise_wrapper = QuantizeWrapper(depthwise, scheme.config_for(depthwise), name=f"quant_{depthwise.name}")
-    pointwise_wrapper = QuantizeWrapper(pointwise, pointwise_config, name=f"quant_{pointwise.name}")
-    outputs = pointwise_wrapper(depthwise_wrapper(inputs))
-    depthwise.set_weights([keras.ops.convert_to_numpy(separable.depthwise_kernel)])
-    pointwise_weights = [separable.pointwise_kernel] + ([separable.bias] if separable.use_bias else [])
-    pointwise.set_weights([keras.ops.convert_to_numpy(w) for w in pointwise_weights])
-    return outputs
-
-
-#: Activations that deployed kernels fuse; any other activation is a kernel of its own.
-_FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
-
-
-def _splits_activation(layer, scheme) -> bool:
-    """A Conv/Dense with an activation TFLite cannot fuse (softmax, sigmoid, tanh, swish...):
-    deployed as the kernel, a quantized tensor, and the activation's own integer kernel."""
-    if not (
-        isinstance(layer, QuantizeAnnotate)
-        and layer.quantize_config is None
-        and type(layer.layer) in KERNEL_LAYERS
-        and type(layer.layer) not in _SEPARABLE
-        and not scheme.keeps_float(layer.layer)
-    ):
-        return False
-    return activation_name(getattr(layer.layer, "activation", "linear")) not in _FUSED_ACTIVATIONS
-
-
-def _call_activation_split(annotation, plan, scheme, inputs, *args, **kwargs):
-    """Call ``annotation``'s kernel layer without its activation, then the activation, each
-    quantized as the scheme says."""
-    inner = annotation.layer
-    linear = type(inner).from_config({**inner.get_config(), "activation": "linear"})
-    activation = keras.layers.Activation(inner.activation, name=f"{inner.name}_activation")
-    activation_config = scheme.config_for(activation)
-    if not plan.output_quantized(annotation):
-        activation_config = _without_output_quantization(activation_config)
-    kernel_wrapper = QuantizeWrapper(linear, scheme.config_for(linear), name=annotation.name.replace("quant_annotate_", "quant_", 1))
-    activation_wrapper = QuantizeWrapper(activation, activation_config, name=f"quant_{activation.name}")
-    outputs = activation_wrapper(kernel_wrapper(inputs, *args, **kwargs))
-    linear.set_weights([keras.ops.convert_to_numpy(w) for w in inner.weights])
-    return outputs
-
-
-def _splits_rescaling(layer, scheme) -> bool:
-    """A Rescaling with both a scale and an offset: deployed as an integer MUL and ADD, each
-    with an output scale, so the tensor between them is quantized too."""
-    if not (
-        isinstance(layer, QuantizeAnnotate)
-        and layer.quantize_config is None
-        and type(layer.layer) is keras.layers.Rescaling
-        and not scheme.keeps_float(layer.layer)
-    ):
-        return False
-    config = layer.layer.get_config()
-    return np.ndim(config["scale"]) == 0 and np.ndim(config["offset"]) == 0 and config["offset"] != 0 and config["scale"] != 1
-
-
-def _call_rescaling_split(annotation, plan, scheme, inputs):
-    rescaling = annotation.layer
-    config = rescaling.get_config()
-    scale = keras.layers.Rescaling(config["scale"], 0.0, name=f"{rescaling.name}_scale")
-    offset = keras.layers.Rescaling(1.0, config["offset"], name=f"{rescaling.name}_offset")
-    offset_config = scheme.config_for(offset)
-    if not plan.output_quantized(annotation):
-        offset_config = _without_output_quantization(offset_config)
-    scaled = QuantizeWrapper(scale, scheme.config_for(scale), name=f"quant_{scale.name}")(inputs)
-    return QuantizeWrapper(offset, offset_config, name=f"quant_{offset.name}")(scaled)
-
-
-def _folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:
-    """The Conv/Dense of ``annotation`` with its BatchNormalization folded in."""
-    bn_annotation = plan.folds[id(annotation)]
-    config = scheme.config_for(annotation.layer)
-    output_quantizer = config.activation_quantizer if plan.output_quantized(bn_annotation) else None
-    return QuantizeFoldedBatchNorm(
-        clone(annotation.layer),
-        clone(bn_annotation.layer),
-        weight_quantizer=config.weight_quantizer,
-        output_quantizer=output_quantizer,
-        freeze_bn_after_steps=scheme.freeze_bn_after_steps,
-        name=annotation.name.replace("quant_annotate_", "quant_", 1),
-    )
-
-
-def _without_output_quantization(config: QuantizeConfig) -> QuantizeConfig:
-    """``config`` with its weights still quantized but not its activation or outputs."""
-    if not isinstance(config, LayerQuantizeConfig):
-        return config
-    return LayerQuantizeConfig(weight_attrs=config.weight_attrs, weight_quantizer=config.weight_quantizer)
 
 
 def _is_quantized_layer(layer) -> bool:

@@ -1,0 +1,166 @@
+"""How quantize_apply builds the layers of each planned rewrite (see :mod:`.plan`).
+
+* :func:`folded_layer`: a Conv/Dense with the BatchNormalization after it folded in;
+* splits, each called in place of one annotated layer: a SeparableConv into depthwise and
+  1x1 convolutions, a Conv/Dense from an activation TFLite cannot fuse, a Rescaling into
+  its scale and its offset; each half quantized as the scheme says, with a quantized tensor
+  between them, as the deployed integer model has it.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.folding import QuantizeFoldedBatchNorm
+from keras_qat.layers import QuantizeAnnotate, QuantizeWrapper
+from keras_qat.schemes.base import KERNEL_LAYERS, activation_name
+
+
+def splits(layer, scheme) -> bool:
+    """Whether ``layer`` (an annotation) is replaced by two quantized layers when called."""
+    return splits_separable(layer, scheme) or splits_activation(layer, scheme) or splits_rescaling(layer, scheme)
+
+
+def call_split(annotation, plan, scheme, *args, **kwargs):
+    """Call the two layers that replace ``annotation`` on its inputs; return the output."""
+    if splits_separable(annotation, scheme):
+        return call_separable_split(annotation, plan, scheme, args[0])
+    if splits_activation(annotation, scheme):
+        return call_activation_split(annotation, plan, scheme, *args, **kwargs)
+    return call_rescaling_split(annotation, plan, scheme, args[0])
+
+
+_SEPARABLE = {
+    keras.layers.SeparableConv1D: (keras.layers.DepthwiseConv1D, keras.layers.Conv1D),
+    keras.layers.SeparableConv2D: (keras.layers.DepthwiseConv2D, keras.layers.Conv2D),
+}
+
+
+def splits_separable(layer, scheme) -> bool:
+    """A SeparableConv the scheme quantizes: deployed as a depthwise and a 1x1 convolution,
+    with the tensor between them quantized."""
+    return (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) in _SEPARABLE
+        and not scheme.keeps_float(layer.layer)
+        and isinstance(scheme.config_for(layer.layer), LayerQuantizeConfig)
+    )
+
+
+def call_separable_split(annotation, plan, scheme, inputs):
+    """Call the depthwise and pointwise halves of a SeparableConv, each quantized, on ``inputs``."""
+    separable = annotation.layer
+    depthwise_type, pointwise_type = _SEPARABLE[type(separable)]
+    depthwise = depthwise_type(
+        kernel_size=separable.kernel_size,
+        strides=separable.strides,
+        padding=separable.padding,
+        depth_multiplier=separable.depth_multiplier,
+        data_format=separable.data_format,
+        dilation_rate=separable.dilation_rate,
+        use_bias=False,
+        name=f"{separable.name}_depthwise",
+    )
+    pointwise = pointwise_type(
+        filters=separable.filters,
+        kernel_size=1,
+        data_format=separable.data_format,
+        activation=separable.activation,
+        use_bias=separable.use_bias,
+        name=f"{separable.name}_pointwise",
+    )
+    pointwise_config = scheme.config_for(pointwise)
+    if not plan.output_quantized(annotation):
+        pointwise_config = without_output_quantization(pointwise_config)
+    depthwise_wrapper = QuantizeWrapper(depthwise, scheme.config_for(depthwise), name=f"quant_{depthwise.name}")
+    pointwise_wrapper = QuantizeWrapper(pointwise, pointwise_config, name=f"quant_{pointwise.name}")
+    outputs = pointwise_wrapper(depthwise_wrapper(inputs))
+    depthwise.set_weights([keras.ops.convert_to_numpy(separable.depthwise_kernel)])
+    pointwise_weights = [separable.pointwise_kernel] + ([separable.bias] if separable.use_bias else [])
+    pointwise.set_weights([keras.ops.convert_to_numpy(w) for w in pointwise_weights])
+    return outputs
+
+
+#: Activations that deployed kernels fuse; any other activation is a kernel of its own.
+_FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+def splits_activation(layer, scheme) -> bool:
+    """A Conv/Dense with an activation TFLite cannot fuse (softmax, sigmoid, tanh, swish...):
+    deployed as the kernel, a quantized tensor, and the activation's own integer kernel."""
+    if not (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) in KERNEL_LAYERS
+        and type(layer.layer) not in _SEPARABLE
+        and not scheme.keeps_float(layer.layer)
+    ):
+        return False
+    return activation_name(getattr(layer.layer, "activation", "linear")) not in _FUSED_ACTIVATIONS
+
+
+def call_activation_split(annotation, plan, scheme, inputs, *args, **kwargs):
+    """Call ``annotation``'s kernel layer without its activation, then the activation, each
+    quantized as the scheme says."""
+    inner = annotation.layer
+    linear = type(inner).from_config({**inner.get_config(), "activation": "linear"})
+    activation = keras.layers.Activation(inner.activation, name=f"{inner.name}_activation")
+    activation_config = scheme.config_for(activation)
+    if not plan.output_quantized(annotation):
+        activation_config = without_output_quantization(activation_config)
+    kernel_wrapper = QuantizeWrapper(linear, scheme.config_for(linear), name=annotation.name.replace("quant_annotate_", "quant_", 1))
+    activation_wrapper = QuantizeWrapper(activation, activation_config, name=f"quant_{activation.name}")
+    outputs = activation_wrapper(kernel_wrapper(inputs, *args, **kwargs))
+    linear.set_weights([keras.ops.convert_to_numpy(w) for w in inner.weights])
+    return outputs
+
+
+def splits_rescaling(layer, scheme) -> bool:
+    """A Rescaling with both a scale and an offset: deployed as an integer MUL and ADD, each
+    with an output scale, so the tensor between them is quantized too."""
+    if not (
+        isinstance(layer, QuantizeAnnotate)
+        and layer.quantize_config is None
+        and type(layer.layer) is keras.layers.Rescaling
+        and not scheme.keeps_float(layer.layer)
+    ):
+        return False
+    config = layer.layer.get_config()
+    return np.ndim(config["scale"]) == 0 and np.ndim(config["offset"]) == 0 and config["offset"] != 0 and config["scale"] != 1
+
+
+def call_rescaling_split(annotation, plan, scheme, inputs):
+    rescaling = annotation.layer
+    config = rescaling.get_config()
+    scale = keras.layers.Rescaling(config["scale"], 0.0, name=f"{rescaling.name}_scale")
+    offset = keras.layers.Rescaling(1.0, config["offset"], name=f"{rescaling.name}_offset")
+    offset_config = scheme.config_for(offset)
+    if not plan.output_quantized(annotation):
+        offset_config = without_output_quantization(offset_config)
+    scaled = QuantizeWrapper(scale, scheme.config_for(scale), name=f"quant_{scale.name}")(inputs)
+    return QuantizeWrapper(offset, offset_config, name=f"quant_{offset.name}")(scaled)
+
+
+def folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:
+    """The Conv/Dense of ``annotation`` with its BatchNormalization folded in."""
+    bn_annotation = plan.folds[id(annotation)]
+    config = scheme.config_for(annotation.layer)
+    output_quantizer = config.activation_quantizer if plan.output_quantized(bn_annotation) else None
+    return QuantizeFoldedBatchNorm(
+        clone(annotation.layer),
+        clone(bn_annotation.layer),
+        weight_quantizer=config.weight_quantizer,
+        output_quantizer=output_quantizer,
+        freeze_bn_after_steps=scheme.freeze_bn_after_steps,
+        name=annotation.name.replace("quant_annotate_", "quant_", 1),
+    )
+
+
+def without_output_quantization(config: QuantizeConfig) -> QuantizeConfig:
+    """``config`` with its weights still quantized but not its activation or outputs."""
+    if not isinstance(config, LayerQuantizeConfig):
+        return config
+    return LayerQuantizeConfig(weight_attrs=config.weight_attrs, weight_quantizer=config.weight_quantizer)
