@@ -6,12 +6,15 @@
 * :func:`compare` runs the TFLite model in the LiteRT interpreter next to the QAT model in
   inference mode and counts their differences in output quantization steps
   (:class:`AgreementReport`).
+* :func:`diagnose` lists, per layer, the quantized tensors with bits and ranges, and what a
+  deployment would still run in float (:class:`Diagnosis`).
 * :func:`quantized_weights` reads out the integers, scales and zero points of every quantized
   weight, at any bit width (:class:`QuantizedTensor`).
 
 This module only re-exports; each exporter lives in its own submodule.
 """
 
+from keras_qat.export.diagnose import Diagnosis, diagnose
 from keras_qat.export.tflite import (
     AgreementReport,
     OutputAgreement,
@@ -31,4 +34,6 @@ __all__ = [
     "OutputAgreement",
     "quantized_weights",
     "QuantizedTensor",
+    "diagnose",
+    "Diagnosis",
 ]

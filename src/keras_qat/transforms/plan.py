@@ -218,7 +218,14 @@ def _plan_plain_operations(graph, plan, scheme, fuse: bool) -> None:
     quantized_tensors: set[int] = set()
     for node in graph.nodes:
         operation = node.operation
-        quantized = isinstance(operation, QuantizeAnnotate) or id(operation) in plan.quantized_operations
+        kept_float = (
+            isinstance(operation, QuantizeAnnotate)
+            and operation.quantize_config is None
+            and scheme.keeps_float(operation.layer)
+        )
+        quantized = (isinstance(operation, QuantizeAnnotate) and not kept_float) or id(
+            operation
+        ) in plan.quantized_operations
         if is_plain_arithmetic(operation) and any(id(t) in quantized_tensors for t in node.input_tensors):
             consumer = graph.sole_consumer(node)
             target = None if consumer is None else _scheme_layer(consumer.operation, scheme)
