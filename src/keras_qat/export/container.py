@@ -21,9 +21,10 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from keras_qat.export.atomic import write_atomically
 
 MAGIC = b"KQAT\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -64,24 +65,6 @@ def decode(data: bytes, source: str = "artifact") -> tuple[dict[str, Any], bytes
         raise ArtifactError(f"{source}: corrupted (checksum mismatch); export it again.")
     manifest = json.loads(data[_HEADER.size : _HEADER.size + manifest_length].decode("utf-8"))
     return manifest, data[payload_at:end]
-
-
-def write_atomically(path: str | os.PathLike, content: bytes) -> Path:
-    """Write ``content`` to a temporary file beside ``path``, then rename it into place:
-    a failure leaves neither a partial file nor the temporary."""
-    path = Path(path)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def read(path: str | os.PathLike) -> tuple[dict[str, Any], bytes]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import keras
 import numpy as np
 
+from keras_qat.export.atomic import write_atomically
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 
@@ -197,7 +197,7 @@ def to_tflite(model: keras.Model, path: str | os.PathLike, int8_io: bool = False
     content = _convert(model, int8_io)
     float_ops, redundant = analyse_flatbuffer(content, layer_names(model))
     path = Path(path)
-    _write_atomically(path, content)
+    write_atomically(path, content)
     return TFLiteCheck(path=path, float_ops=float_ops, redundant_quantize_pairs=redundant)
 
 
@@ -322,23 +322,6 @@ def _convert_with_batch(model, int8_io: bool, batch: int | None) -> bytes:
         # The input ranges come from the model's fake-quant ops, not from statistics.
         warnings.filterwarnings("ignore", message="Statistics for quantized inputs")
         return converter.convert()
-
-
-def _write_atomically(path: Path, content: bytes) -> None:
-    """Write ``content`` to a temporary file beside ``path``, then rename it into place, so
-    that ``path`` holds either its old content or the whole new one, never a part."""
-    directory = path.parent if str(path.parent) else Path(".")
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(content)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 # ---- analysis of the flatbuffer ------------------------------------------------------------
