@@ -59,19 +59,21 @@ class QuantizedTensor:
         """Highest signed integer value."""
         return qops.quant_range(self.bits, self.narrow_range)[1] - 2 ** (self.bits - 1)
 
-    def _per_channel(self, array: np.ndarray) -> np.ndarray:
-        """``array`` (one entry per channel) shaped to broadcast against ``values``."""
-        if self.axis is None:
-            return array
-        shape = [1] * self.values.ndim
-        for a in self.axis:
-            shape[a] = self.values.shape[a]
-        return array.reshape(shape)
-
     def dequantize(self) -> np.ndarray:
         """``(values - zero_point) * scale`` in float32: the QAT model's quantized weight."""
-        steps = (self.values.astype(np.int32) - self._per_channel(self.zero_point)).astype(np.float32)
-        return steps * self._per_channel(self.scale)
+        shape = self.values.shape
+        steps = (self.values.astype(np.int32) - _per_channel(self.zero_point, shape, self.axis)).astype(np.float32)
+        return steps * _per_channel(self.scale, shape, self.axis)
+
+
+def _per_channel(array: np.ndarray, shape: tuple[int, ...], axis: tuple[int, ...] | None) -> np.ndarray:
+    """``array`` (one entry per channel of ``axis``) shaped to broadcast against ``shape``."""
+    if axis is None:
+        return array
+    broadcast = [1] * len(shape)
+    for a in axis:
+        broadcast[a] = shape[a]
+    return array.reshape(broadcast)
 
 
 def smallest_int_dtype(low: int, high: int) -> np.dtype:
@@ -95,19 +97,13 @@ def quantize_tensor(name: str, fake_quantized, range_min, range_max, quantizer, 
     scale = np.asarray(keras.ops.convert_to_numpy(grid.scale), np.float32)
     zero_point = np.asarray(keras.ops.convert_to_numpy(grid.zero_point), np.float32).astype(np.int32)
     offset = 2 ** (bits - 1)
-    tensor = QuantizedTensor(
-        name=name,
-        values=np.zeros(values.shape, np.int32),
-        scale=scale,
-        zero_point=zero_point - offset,
-        bits=bits,
-        axis=tuple(axes) or None,
-        narrow_range=narrow,
+    axis = tuple(axes) or None
+    signed_zero = zero_point - offset
+    signed = np.rint(values / _per_channel(scale, values.shape, axis)).astype(np.int64) + _per_channel(
+        signed_zero, values.shape, axis
     )
-    steps = np.rint(values / tensor._per_channel(scale)).astype(np.int64)
-    signed = steps + tensor._per_channel(tensor.zero_point)
-    dtype = smallest_int_dtype(tensor.qmin, tensor.qmax)
-    tensor = QuantizedTensor(name, signed.astype(dtype), scale, tensor.zero_point, bits, tensor.axis, narrow)
+    qmin, qmax = (q - offset for q in qops.quant_range(bits, narrow))
+    tensor = QuantizedTensor(name, signed.astype(smallest_int_dtype(qmin, qmax)), scale, signed_zero, bits, axis, narrow)
     if signed.size and (signed.min() < tensor.qmin or signed.max() > tensor.qmax):
         raise RuntimeError(f"{name}: integers outside [{tensor.qmin}, {tensor.qmax}]; the range is inconsistent.")
     if not np.array_equal(tensor.dequantize(), values):
