@@ -1,0 +1,151 @@
+"""TFLite's fixed-point requantization, written once for NumPy and for ``keras.ops``.
+
+An integer kernel accumulates in int32 and scales the accumulator by a real multiplier
+``M = input_scale * weight_scale / output_scale``. TFLite's reference kernels (and gemmlowp)
+represent ``M`` as a 31-bit fixed-point mantissa ``m0`` and a power-of-two ``shift``
+(``QuantizeMultiplier``), and compute ``acc * M`` as ``RoundingDivideByPOT(
+SaturatingRoundingDoublingHighMul(acc << max(shift, 0), m0), max(-shift, 0))``
+(``MultiplyByQuantizedMultiplier``). That rounds twice: first to 31 fractional bits, then
+to an integer, so a product a few thousandths of a step below one half can round up, which a
+single rounding (or fake quantization) never does. The runtime and the QAT model's inference
+both use these functions, so that they compute exactly what the deployed model computes.
+
+Every function takes ``xp``: the ``numpy`` module or ``keras.ops``. Integer arguments are
+int64 arrays (values in the int32 range unless said otherwise).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_ONE_30 = 1 << 30
+_ONE_31 = 1 << 31
+
+
+def _cast(xp, x, dtype: str):
+    if xp is np:
+        return np.asarray(x).astype(dtype)
+    return xp.cast(x, dtype)
+
+
+def quantize_multiplier(multiplier):
+    """TFLite's ``QuantizeMultiplier`` for positive real multipliers (NumPy, float64).
+
+    Returns ``(m0, shift)`` as int64 arrays with ``multiplier ~= m0 * 2**(shift - 31)`` and
+    ``m0`` in ``[2**30, 2**31)`` (0 for a zero multiplier).
+    """
+    multiplier = np.asarray(multiplier, dtype=np.float64)
+    if np.any(~np.isfinite(multiplier)) or np.any(multiplier < 0):
+        raise ValueError(f"quantize_multiplier: multipliers must be finite and >= 0, got {multiplier}.")
+    mantissa, shift = np.frexp(multiplier)
+    m0 = _round_half_away(mantissa * float(_ONE_31)).astype(np.int64)
+    carry = m0 == _ONE_31
+    m0 = np.where(carry, m0 // 2, m0)
+    shift = np.where(carry, shift + 1, shift).astype(np.int64)
+    # TFLite flushes multipliers below 2**-31 to zero.
+    tiny = shift < -31
+    return np.where(tiny, 0, m0), np.where(tiny, 0, shift)
+
+
+def quantize_multiplier_graph(multiplier):
+    """:func:`quantize_multiplier` in ``keras.ops``, for a float64 tensor of multipliers > 0.
+
+    ``frexp`` is not a keras op: the exponent comes from ``log2`` and is corrected by one
+    where rounding put the mantissa outside ``[0.5, 1)``; scaling by powers of two is exact.
+    """
+    from keras import ops
+
+    multiplier = ops.cast(multiplier, "float64")
+    safe = ops.where(multiplier > 0, multiplier, 1.0)
+    shift = ops.floor(ops.log2(safe)) + 1.0
+    mantissa = safe * ops.power(2.0, -shift)
+    shift = ops.where(mantissa >= 1.0, shift + 1.0, ops.where(mantissa < 0.5, shift - 1.0, shift))
+    mantissa = safe * ops.power(2.0, -shift)
+    m0 = ops.floor(mantissa * float(_ONE_31) + 0.5)
+    carry = ops.equal(m0, float(_ONE_31))
+    m0 = ops.where(carry, m0 / 2.0, m0)
+    shift = ops.where(carry, shift + 1.0, shift)
+    keep = (multiplier > 0) & (shift >= -31.0)
+    return (
+        ops.cast(ops.where(keep, m0, 0.0), "int64"),
+        ops.cast(ops.where(keep, shift, 0.0), "int64"),
+    )
+
+
+def _round_half_away(x):
+    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+
+
+def saturating_rounding_doubling_high_mul(xp, a, b):
+    """gemmlowp's ``SaturatingRoundingDoublingHighMul``: ``round(a * b / 2**31)``, ties away
+    from zero, for int64 ``a`` (int32 range) and ``b`` in ``[0, 2**31)``."""
+    product = a * b
+    nudge = _cast(xp, xp.where(product >= 0, _ONE_30, 1 - _ONE_30), "int64")
+    total = product + nudge
+    # C++ integer division truncates toward zero; a right shift floors.
+    magnitude = xp.right_shift(xp.abs(total), 31)
+    return xp.where(total >= 0, magnitude, -magnitude)
+
+
+def rounding_divide_by_pot(xp, x, exponent):
+    """gemmlowp's ``RoundingDivideByPOT``: ``x / 2**exponent`` rounded half away from zero."""
+    one = xp.ones_like(exponent)
+    mask = xp.left_shift(one, exponent) - one
+    remainder = xp.bitwise_and(x, mask)
+    threshold = xp.right_shift(mask, one) + _cast(xp, x < 0, "int64")
+    return xp.right_shift(x, exponent) + _cast(xp, remainder > threshold, "int64")
+
+
+def multiply_by_quantized_multiplier(xp, x, m0, shift):
+    """TFLite's ``MultiplyByQuantizedMultiplier(x, m0, shift)`` on int64 arrays: ``x * M``
+    rounded as the int8 kernels round it (``m0``/``shift`` broadcast against ``x``)."""
+    zero = xp.zeros_like(shift)
+    left = xp.maximum(shift, zero)
+    right = xp.maximum(-shift, zero)
+    scaled = xp.left_shift(x, left)
+    return rounding_divide_by_pot(xp, saturating_rounding_doubling_high_mul(xp, scaled, m0), right)
+
+
+def multiply_by_quantized_multiplier_single_rounding(xp, x, m0, shift):
+    """``x * M`` rounded once, half up: ``(x * m0 + 2**(30 - shift)) >> (31 - shift)``, as
+    TFLite's reference int8 FULLY_CONNECTED (and XNNPACK) requantize. ``x`` times ``m0`` must
+    fit in int64 (``|x| < 2**32``)."""
+    total_shift = 31 - shift
+    one = xp.ones_like(total_shift)
+    rounding = xp.left_shift(one, total_shift - one)
+    return xp.right_shift(x * m0 + rounding, total_shift)
+
+
+def divide_multiplier(xp, m0, shift, count: int):
+    """The multiplier ``(m0, shift)`` divided by ``count`` as TFLite's integer MEAN does it:
+    ``k = min(floor(log2(count)), 32, 31 + shift)``, ``m0 * 2**k // count``, ``shift - k``."""
+    k = xp.minimum(_cast(xp, min(int(count).bit_length() - 1, 32), "int64") + xp.zeros_like(shift), 31 + shift)
+    return xp.floor_divide(xp.left_shift(m0, k), count), shift - k
+
+
+#: TFLite's int8 ADD scales both inputs up by 2**20 before rescaling them to a common scale.
+ADD_LEFT_SHIFT = 20
+
+
+def add_multipliers(scale_a: float, scale_b: float, scale_out: float):
+    """The real multipliers of TFLite's int8 ADD (``PrepareGeneralSubOp``), in float64:
+    ``(input_a, input_b, output)``."""
+    twice_max = 2.0 * np.maximum(np.float64(scale_a), np.float64(scale_b))
+    return (
+        np.float64(scale_a) / twice_max,
+        np.float64(scale_b) / twice_max,
+        twice_max / (float(1 << ADD_LEFT_SHIFT) * np.float64(scale_out)),
+    )
+
+
+__all__ = [
+    "quantize_multiplier",
+    "quantize_multiplier_graph",
+    "saturating_rounding_doubling_high_mul",
+    "rounding_divide_by_pot",
+    "multiply_by_quantized_multiplier",
+    "multiply_by_quantized_multiplier_single_rounding",
+    "add_multipliers",
+    "divide_multiplier",
+    "ADD_LEFT_SHIFT",
+]
