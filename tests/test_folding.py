@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_qat as kq
+from keras_qat import ops as qops
 from tests.conftest import same_bits, tf_fake_quant, to_numpy
 
 pytestmark = pytest.mark.api
@@ -101,7 +102,8 @@ def test_inference_quantizes_the_folded_weights_as_deployed(kind, use_bias):
     assert not same_bits(want_kernel, kernel)
 
     want = _tf_layer_output(folded.layer, x, want_kernel, bias)
-    got = to_numpy(folded(x, training=False))
+    with qops.exporting():  # the fake-quant graph, as the converter reads it
+        got = to_numpy(folded(x, training=False))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -144,7 +146,8 @@ def test_freezing_batch_statistics_makes_training_compute_the_deployed_output():
     frozen_mean = to_numpy(folded.batch_norm.moving_mean)
     training = to_numpy(folded(x, training=True))
     assert np.array_equal(to_numpy(folded.batch_norm.moving_mean), frozen_mean)
-    assert same_bits(training, to_numpy(folded(x, training=False)))
+    with qops.exporting():  # inference as fake quantization (not the integer kernel)
+        assert same_bits(training, to_numpy(folded(x, training=False)))
     assert not np.allclose(first, training)
 
 
@@ -161,9 +164,10 @@ def test_the_output_quantizer_follows_the_normalization():
     unquantized.kernel_vars = folded.kernel_vars
     unquantized.output_vars, unquantized.bn_steps, unquantized.built = None, None, True
     (input_layer,) = [l for l in model.layers if isinstance(l, kq.QuantizeLayer)]
-    quantized_x = input_layer(x, training=False)
-    want = tf_fake_quant(to_numpy(unquantized(quantized_x, training=False)), lo, hi, 8, False)
-    assert same_bits(to_numpy(model(x, training=False)), want)
+    with qops.exporting():  # fake quantization in inference, as TF's ops compute it
+        quantized_x = input_layer(x, training=False)
+        want = tf_fake_quant(to_numpy(unquantized(quantized_x, training=False)), lo, hi, 8, False)
+        assert same_bits(to_numpy(model(x, training=False)), want)
 
 
 def test_folded_models_save_and_load_bit_identically(tmp_path):

@@ -21,6 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_qat import emulation
 from keras_qat.layers import run_with_substitutes
 from keras_qat.quantizers import Quantizer
 
@@ -104,7 +105,10 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         """``gamma / sqrt(moving_variance + epsilon)`` per output channel; 1 where it is 0."""
         bn = self.batch_norm
         gamma = bn.gamma if bn.gamma is not None else ops.ones_like(bn.moving_variance)
-        factor = gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+        # gamma * rsqrt(...), not gamma / sqrt(...): graph optimizers (Grappler, the TFLite
+        # converter's) rewrite the latter into the former, and the two differ in the last bit,
+        # which moves the rare folded weight within an ulp of a half step to the next integer.
+        factor = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
         # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
         # the normalized output there is beta either way.
         return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
@@ -128,10 +132,44 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         factor = self._factor()
         return self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
 
+    # ---- links to the grids of inputs and outputs (see keras_qat.emulation) ---------------
+
+    def __call__(self, *args, **kwargs):
+        emulation.link(self, args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
+
+    def accepts_output_target(self) -> bool:
+        return self.output_quantizer is None and emulation.supports_kernel(self.layer, self.weight_quantizer)
+
+    def _integer_inference(self, inputs):
+        """The deployed integer kernel's output, or None where a grid is unknown."""
+        if not emulation.supports_kernel(self.layer, self.weight_quantizer):
+            return None
+        sources = emulation.input_sources(self)
+        if self.output_quantizer is not None:
+            target = emulation.OutputTarget(emulation.Source(self.output_quantizer, self.output_vars), "linear")
+        else:
+            target = emulation.output_target(self)
+        if target is None or len(sources) != 1 or sources[0] is None:
+            return None
+        return emulation.kernel_inference(
+            self.layer,
+            inputs,
+            self.folded_kernel(),
+            self.folded_bias(),
+            sources[0],
+            emulation.Source(self.weight_quantizer, self.kernel_vars),
+            target,
+        )
+
     # ---- call -------------------------------------------------------------------------
 
     def call(self, inputs, training=None):
         training = bool(training)
+        if emulation.enabled(training):
+            outputs = self._integer_inference(inputs)
+            if outputs is not None:
+                return outputs
         factor = self._factor()
         quantized = self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
         substitutes = {id(self.layer.kernel): quantized}

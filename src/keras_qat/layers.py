@@ -17,9 +17,14 @@ from typing import Any
 import keras
 from keras import ops
 
+from keras_qat import emulation
 from keras_qat import ops as qops
-from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
+
+
+_AVERAGE_POOLING = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
+_GLOBAL_AVERAGE_POOLING = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
 
 
 def _is_variable(value) -> bool:
@@ -256,10 +261,105 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self._output_spec_cache = cached
         return cached
 
+    # ---- links to the grids of inputs and outputs (see keras_qat.emulation) ---------------
+
+    def __call__(self, *args, **kwargs):
+        emulation.link(self, args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
+
+    @property
+    def passes_grid_through(self) -> bool:
+        """A layer that only moves values (NoOpQuantizeConfig): its output is on its input's grid."""
+        return isinstance(self.quantize_config, NoOpQuantizeConfig) and not self.layer.weights
+
+    def accepts_output_target(self) -> bool:
+        """Whether a consumer may quantize this layer's output for it (fused ReLU, Concatenate)
+        and this layer then requantizes to that consumer's grid in integer inference."""
+        if self._output_vars or self._activations:
+            return False
+        return self.integer_kind() is not None or isinstance(self.layer, keras.layers.Concatenate)
+
+    def quantizes_inputs_as(self) -> emulation.OutputTarget | None:
+        """For a ReLU or Concatenate that quantizes its inputs' values: its grid and clamp.
+        A Concatenate whose own consumer quantizes it passes that consumer's on."""
+        layer = self.layer
+        if self._weight_vars or self._activations:
+            return None
+        inherited = emulation.inherited_source(self)
+        if inherited is not None:
+            return emulation.OutputTarget(inherited, "linear")
+        if isinstance(layer, keras.layers.Concatenate) and not self._output_vars:
+            return emulation.output_target(self)
+        if len(self._output_vars) != 1:
+            return None
+        if isinstance(layer, keras.layers.Concatenate):
+            activation = "linear"
+        elif isinstance(layer, keras.layers.ReLU):
+            if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0 or layer.max_value not in (None, 6.0):
+                return None
+            activation = "relu6" if layer.max_value == 6.0 else "relu"
+        elif isinstance(layer, keras.layers.Activation):
+            activation = emulation.activation_name(layer.activation)
+            if activation not in ("relu", "relu6"):
+                return None
+        else:
+            return None
+        quantizer, variables = self._output_vars[0]
+        return emulation.OutputTarget(emulation.Source(quantizer, variables), activation)
+
+    @property
+    def inherits_input_grid(self) -> bool:
+        """A Concatenate: if one input already has a grid, the others are quantized onto it."""
+        return isinstance(self.layer, keras.layers.Concatenate) and not self._weight_vars and not self._activations
+
+    def integer_kind(self) -> str | None:
+        """"kernel" or "add" when inference can run this layer's integer kernel, else None."""
+        if isinstance(self.layer, keras.layers.Add) and not self._weight_vars:
+            return "add"
+        if isinstance(self.layer, _GLOBAL_AVERAGE_POOLING) and self.layer.data_format == "channels_last":
+            return "mean"
+        kernel_vars = [entry for entry in self._weight_vars if entry[0] is getattr(self.layer, "kernel", None)]
+        if len(self._weight_vars) == 1 and kernel_vars and emulation.supports_kernel(self.layer, kernel_vars[0][1]):
+            return "kernel"
+        return None
+
+    def output_target(self) -> emulation.OutputTarget | None:
+        if self._activations:
+            activation = self._activations[0]
+            return emulation.OutputTarget(emulation.Source(activation.quantizer, activation.quantizer_vars), "linear")
+        if len(self._output_vars) == 1:
+            return emulation.OutputTarget(emulation.Source(*self._output_vars[0]), "linear")
+        return emulation.output_target(self)
+
+    def _integer_inference(self, inputs):
+        """The integer kernel's output, or None where a grid is unknown (see emulation)."""
+        kind = self.integer_kind()
+        target = self.output_target()
+        sources = emulation.input_sources(self)
+        if kind is None or target is None or not sources or any(s is None for s in sources):
+            return None
+        if kind == "mean":
+            return emulation.mean_inference(self.layer, inputs, sources[0], target)
+        if kind == "add":
+            flat = keras.tree.flatten(inputs)
+            if len(flat) != 2 or len(sources) != 2:
+                return None
+            return emulation.add_inference(flat[0], flat[1], sources[0], sources[1], target)
+        weight, quantizer, qvars = self._weight_vars[0]
+        kernel = quantizer(weight, False, qvars)
+        bias = self.layer.bias if getattr(self.layer, "use_bias", False) else None
+        return emulation.kernel_inference(
+            self.layer, inputs, kernel, bias, sources[0], emulation.Source(quantizer, qvars), target
+        )
+
     # ---- call -------------------------------------------------------------------------
 
     def call(self, inputs, training=None, **kwargs):
         training = bool(training)
+        if emulation.enabled(training) and not kwargs:
+            outputs = self._integer_inference(inputs)
+            if outputs is not None:
+                return outputs
         substitutes = {}
         if self._weight_vars:
             quantized = [quantizer(weight, training, qvars) for weight, quantizer, qvars in self._weight_vars]
@@ -277,6 +377,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
             )
         else:
             outputs = self.layer(inputs, **layer_kwargs)
+        inherited = emulation.inherited_source(self) if self.inherits_input_grid else None
+        if inherited is not None:
+            # The range is the input's owner's to learn; here it is only read.
+            return inherited.quantizer(outputs, False, inherited.variables)
         if not self._output_vars:
             return outputs
         flat = keras.tree.flatten(outputs)
@@ -326,7 +430,6 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return cls(layer, quantize_config, **config)
 
 
-_AVERAGE_POOLING = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -354,30 +457,32 @@ class QuantizeSameScale(keras.layers.Wrapper):
         self.quantizer_vars = self.quantizer.build(input_shape, "output", self)
         self.built = True
 
+    def __call__(self, *args, **kwargs):
+        emulation.link(self, args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
+
+    #: When the input already has a grid (from the layer that produced it), that grid is used,
+    #: read only: the deployed kernel requires one scale for its input and output.
+    inherits_input_grid = True
+
+    def _source(self) -> emulation.Source:
+        inherited = emulation.inherited_source(self)
+        return inherited if inherited is not None else emulation.Source(self.quantizer, self.quantizer_vars)
+
+    def quantizes_inputs_as(self) -> emulation.OutputTarget:
+        """The layer before requantizes onto this grid (see keras_qat.emulation)."""
+        return emulation.OutputTarget(self._source(), "linear")
+
     def call(self, inputs, training=None):
         training = bool(training)
-        quantized = self.quantizer(inputs, training, self.quantizer_vars)
+        source = self._source()
+        learns = training and source.variables is self.quantizer_vars
+        quantized = source.quantizer(inputs, learns, source.variables)
         outputs = self.layer(quantized)
         if not training and not qops.is_exporting() and isinstance(self.layer, _AVERAGE_POOLING):
-            return self._integer_average(outputs)
+            return emulation.average_pool_inference(self.layer, quantized, source)
         # The range was just updated from the input (training) or is the stored one: read it.
-        return self.quantizer(outputs, False, self.quantizer_vars)
-
-    def _integer_average(self, averaged):
-        """Round an average of quantized values as TFLite's int8 AVERAGE_POOL_2D rounds the
-        average of its signed codes: half away from zero (fake quantization rounds half up,
-        which differs for every tie below the zero point)."""
-        quantizer = self.quantizer
-        lo, hi = qops.sanitize_range(self.quantizer_vars["min_var"], self.quantizer_vars["max_var"])
-        grid = qops.nudge(lo, hi, quantizer.num_bits, quantizer.narrow_range)
-        offset = 2.0 ** (quantizer.num_bits - 1)
-        qmin = float(qops.quant_range(quantizer.num_bits, quantizer.narrow_range)[0])
-        zero = ops.equal(hi - lo, 0.0)
-        scale = ops.where(zero, 1.0, grid.scale)
-        codes = (averaged - grid.nudged_min) / scale + (qmin - offset)
-        rounded = ops.sign(codes) * ops.floor(ops.abs(codes) + 0.5)
-        out = (rounded - (grid.zero_point - offset)) * scale
-        return ops.where(zero, ops.zeros_like(averaged), out)
+        return source.quantizer(outputs, False, source.variables)
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
@@ -422,8 +527,21 @@ class QuantizeLayer(keras.layers.Layer):
         self.quantizer_vars = self.quantizer.build(input_shape, "input", self)
         self.built = True
 
+    def __call__(self, *args, **kwargs):
+        inputs = args[0] if args else kwargs.get("inputs")
+        if isinstance(inputs, keras.KerasTensor):
+            # A QUANTIZE op in the deployed model only where the input is the model's.
+            object.__setattr__(self, "_quantizes_model_input", emulation.is_model_input(inputs))
+        return super().__call__(*args, **kwargs)
+
     def call(self, inputs, training=None):
-        return self.quantizer(inputs, bool(training), self.quantizer_vars)
+        training = bool(training)
+        if emulation.enabled(training) and self.__dict__.get("_quantizes_model_input", False):
+            return emulation.quantize_inference(inputs, emulation.Source(self.quantizer, self.quantizer_vars))
+        return self.quantizer(inputs, training, self.quantizer_vars)
+
+    def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
+        return [(self.quantizer, self.quantizer_vars)]
 
     def compute_output_shape(self, input_shape):
         return input_shape

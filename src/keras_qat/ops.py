@@ -76,6 +76,20 @@ def is_exporting() -> bool:
     return _EXPORTING.get()
 
 
+def exact_integer_arithmetic() -> bool:
+    """Whether the backend computes in int64 and float64 (JAX only with ``jax_enable_x64``).
+
+    Inference that reproduces an integer kernel bit for bit needs both: float64 holds every
+    int32 accumulator exactly, and the fixed-point requantization multiplies in int64.
+    """
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return bool(jax.config.jax_enable_x64)
+    return backend in ("tensorflow", "torch")
+
+
 # --------------------------------------------------------------------------------------
 # Argument checking
 # --------------------------------------------------------------------------------------

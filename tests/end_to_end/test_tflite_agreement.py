@@ -2,7 +2,8 @@
 
 The oracle is the LiteRT interpreter: the exported model has no float op between its
 boundaries, no redundant quantize pair, and computes what the QAT model computes in
-inference, in output quantization steps.
+inference, in output quantization steps (the interpreter's reference kernels, whose
+arithmetic the QAT model's inference reproduces; see ``keras_qat.emulation``).
 """
 
 from __future__ import annotations
@@ -19,18 +20,12 @@ from keras_qat.export import compare, to_tflite
 
 pytestmark = pytest.mark.slow
 
-#: ResNet50 does not reach issue 4's agreement yet (measured: no float op, no redundant
-#: quantization, 73.75% of outputs identical, up to 3 steps apart, argmax agreement 100%):
-#: TFLite's two-step fixed-point requantization differs from fake quantization on a small
-#: fraction of each layer's outputs, and 50 layers accumulate it. Strict: it flags a pass.
-RESNET_GAP = pytest.mark.xfail(strict=True, reason="issue 4 open: ResNet50 LiteRT agreement below 99.9%")
-
 APPLICATIONS = {
     "MobileNetV2": lambda: keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None, classes=10),
     "ResNet50": lambda: keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None, classes=10),
     "MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), weights=None, classes=10),
 }
-CASES = [pytest.param(name, marks=RESNET_GAP) if name == "ResNet50" else name for name in APPLICATIONS]
+CASES = list(APPLICATIONS)
 
 #: Where the agreement figures go when set (the closing notes quote them).
 REPORT_DIR = os.environ.get("KERAS_QAT_REPORT_DIR")

@@ -474,12 +474,16 @@ def _float_detail(graph: _Graph, op: dict) -> str:
 # --------------------------------------------------------------------------------------
 
 
-#: The interpreter's kernels that :func:`compare` can run: its default (XNNPACK where it
-#: applies, as deployed on CPU), the built-in optimized kernels, or the reference kernels.
-KERNELS = ("default", "builtin", "reference")
+#: The interpreter's kernels that :func:`compare` can run: the reference kernels (the
+#: arithmetic of TFLite's quantization spec, which the QAT model's inference reproduces), the
+#: built-in optimized kernels, or the interpreter's default (XNNPACK where it applies, as
+#: deployed on CPU). They requantize differently: the reference kernels round twice
+#: (gemmlowp), the optimized x86 kernels round negative halves up in their second rounding,
+#: XNNPACK rounds once.
+KERNELS = ("reference", "builtin", "default")
 
 
-def compare(model: keras.Model, tflite_path: str | os.PathLike, x, *, kernels: str = "default") -> AgreementReport:
+def compare(model: keras.Model, tflite_path: str | os.PathLike, x, *, kernels: str = "reference") -> AgreementReport:
     """Run the TFLite model and ``model(x, training=False)`` on ``x``; count the differences.
 
     Each output's difference is measured in its TFLite quantization step (the scale of the
@@ -492,8 +496,9 @@ def compare(model: keras.Model, tflite_path: str | os.PathLike, x, *, kernels: s
         x: the inputs: one array, or a list (in ``model.inputs`` order) or dict (by input
             name) of arrays for several inputs. Float values; int8 model inputs are quantized
             with their own scale and zero point.
-        kernels: which of the interpreter's kernels run (:data:`KERNELS`); integer kernels
-            differ in how they round, e.g. MEAN.
+        kernels: which of the interpreter's kernels run (:data:`KERNELS`). The default,
+            the reference kernels, is the arithmetic the QAT model reproduces bit for bit;
+            the others round some ties differently (see :data:`KERNELS`).
 
     Returns:
         An :class:`AgreementReport`, overall and per output.

@@ -1,0 +1,414 @@
+"""Inference that computes exactly what the deployed integer kernels compute.
+
+Fake quantization rounds ``conv(x, w) + b`` once, in float. The deployed int8 kernel adds an
+int32 bias (``b`` rounded at ``input_scale * weight_scale``) to an exact int32 accumulator
+and requantizes with TFLite's fixed-point multiplier, which rounds twice
+(:mod:`keras_qat.fixed_point`). The two differ by one step on a fraction of a percent of
+the outputs of every layer, and deep or trained networks amplify those steps. So in
+inference (``training=False``, and not while a converter traces the model, see
+:func:`keras_qat.ops.exporting`) the quantized Conv/Dense/DepthwiseConv and Add layers
+compute the integer pipeline itself; training keeps fake quantization and its gradients.
+
+A layer needs three grids for that: its input's, its weights' and its output's. The input
+grid belongs to the layer that produced the input (its output quantizer), possibly through
+layers that only move values (max pooling, reshape, padding). The output grid is the
+layer's own output quantizer, or, where a fused ReLU or a Concatenate quantizes the output
+(:mod:`keras_qat.transforms`), that consumer's. :func:`link` records both from the
+functional graph when a layer is called on symbolic tensors, which happens when
+``quantize_apply`` builds the model and again when Keras loads it, so the links survive
+saving. A layer without complete links keeps fake quantization in inference.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import keras
+from keras import ops
+
+from keras_qat import fixed_point
+from keras_qat import ops as qops
+from keras_qat.quantizers import Quantizer
+
+L = keras.layers
+
+#: Layers whose integer kernel this module reproduces (channels last, no groups).
+KERNEL_TYPES = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv1D, L.DepthwiseConv2D)
+
+#: Activations an int8 kernel applies as a clamp of its output codes.
+CLAMP_ACTIVATIONS = ("linear", "relu", "relu6")
+
+
+class Source(NamedTuple):
+    """The quantizer (and its variables) that puts a tensor on its grid."""
+
+    quantizer: Quantizer
+    variables: dict
+
+
+class OutputTarget(NamedTuple):
+    """Where a layer's output is quantized when a consumer does it: that consumer's
+    quantizer, and the activation (a clamp) the consumer applies first."""
+
+    source: Source
+    activation: str
+
+
+class Grid(NamedTuple):
+    """A quantization grid as tensors: ``real = (q - zero_point) * scale``, ``q`` in
+    ``[qmin, qmax]`` (TF's unsigned convention, zero point a float32 integer)."""
+
+    scale: Any
+    zero_point: Any
+    qmin: int
+    qmax: int
+
+
+def grid(source: Source) -> Grid:
+    """The grid that the deployed model has for ``source``'s tensor, from its range now.
+
+    This is the TFLite converter's arithmetic (gemmlowp's ``ChooseQuantizationParams``), in
+    float64: ``scale = (max - min) / (qmax - qmin)`` rounded once to float32, and the zero
+    point from whichever end of the range gives the smaller rounding error. TF's fake-quant
+    op computes the scale in float32 and can be one ulp away, which moves the rare product
+    within an ulp of a half step to the other side.
+    """
+    quantizer = source.quantizer
+    lo, hi = qops.sanitize_range(source.variables["min_var"], source.variables["max_var"])
+    qmin, qmax = qops.quant_range(quantizer.num_bits, quantizer.narrow_range)
+    lo, hi = ops.cast(lo, "float64"), ops.cast(hi, "float64")
+    scale = (hi - lo) / float(qmax - qmin)
+    safe = ops.where(scale == 0, 1.0, scale)
+    from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
+    use_min = (abs(qmin) + ops.abs(lo / safe)) < (abs(qmax) + ops.abs(hi / safe))
+    zero_point = ops.clip(_round_half_away(ops.where(use_min, from_min, from_max)), float(qmin), float(qmax))
+    return Grid(ops.cast(scale, "float32"), ops.cast(zero_point, "float32"), qmin, qmax)
+
+
+def activation_name(activation) -> str:
+    if isinstance(activation, str):
+        return activation
+    return getattr(activation, "__name__", type(activation).__name__.lower())
+
+
+# ---- links ------------------------------------------------------------------------------
+
+
+def _history(tensor):
+    return getattr(tensor, "_keras_history", None)
+
+
+def source_of(tensor) -> Source | None:
+    """The quantizer whose grid ``tensor`` (a symbolic tensor) lies on, or None."""
+    history = _history(tensor)
+    while history is not None:
+        operation = history.operation
+        inherited = inherited_source(operation)
+        if inherited is not None:
+            return inherited
+        own = _output_sources(operation)
+        if own:
+            return own[history.tensor_index] if history.tensor_index < len(own) else None
+        target = output_target(operation)
+        if target is not None:
+            return target.source
+        if not getattr(operation, "passes_grid_through", False):
+            return None
+        inputs = operation._inbound_nodes[history.node_index].input_tensors
+        if len(inputs) != 1:
+            return None
+        history = _history(inputs[0])
+    return None
+
+
+def _output_sources(operation) -> list[Source]:
+    """The quantizers of ``operation``'s outputs, one per output, or [] if it has none."""
+    activations = getattr(operation, "activation_quantizers", None)
+    if activations is not None and activations():
+        activation = activations()[0]
+        return [Source(activation.quantizer, activation.quantizer_vars)]
+    outputs = getattr(operation, "output_quantizers", None)
+    if outputs is None:
+        return []
+    return [Source(quantizer, variables) for quantizer, variables in outputs()]
+
+
+class _Links:
+    """What :func:`link` found for one layer. A plain object, kept out of Keras's tracking:
+    the grids belong to other layers, whose variables this layer must not own or save."""
+
+    def __init__(self):
+        self.input_sources: list[Source | None] = []
+        self.output_consumer = None
+        self.inherited: Source | None = None
+
+
+def _links(layer) -> _Links:
+    links = layer.__dict__.get("_kqat_links")
+    if links is None:
+        links = _Links()
+        object.__setattr__(layer, "_kqat_links", links)
+    return links
+
+
+def link(layer, inputs) -> None:
+    """Record the grids of ``layer``'s inputs, and tell producers that ``layer`` quantizes.
+
+    Called with the inputs of a call; does nothing unless they are symbolic (a functional
+    model being built or loaded).
+    """
+    flat = keras.tree.flatten(inputs)
+    if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
+        return
+    links = _links(layer)
+    links.input_sources = [source_of(t) for t in flat]
+    known = [source for source in links.input_sources if source is not None]
+    links.inherited = known[0] if len(known) == 1 and getattr(layer, "inherits_input_grid", False) else None
+    if not hasattr(layer, "quantizes_inputs_as"):
+        return
+    for tensor in flat:
+        history = _history(tensor)
+        producer = None if history is None else history.operation
+        if getattr(producer, "accepts_output_target", lambda: False)():
+            # The consumer is not built yet: its grid is looked up when the producer runs.
+            _links(producer).output_consumer = layer
+
+
+def input_sources(layer) -> list[Source | None]:
+    return list(_links(layer).input_sources)
+
+
+def inherited_source(layer) -> Source | None:
+    """For a same-scale layer (Concatenate, average pooling) one of whose inputs already has
+    a grid of its own: that grid, which the layer and its other inputs then share, as the
+    deployed kernel requires (otherwise the converter requantizes that input)."""
+    links = layer.__dict__.get("_kqat_links")
+    return None if links is None else links.inherited
+
+
+def output_target(layer) -> OutputTarget | None:
+    """The grid and clamp of the consumer that quantizes ``layer``'s output, if one does."""
+    consumer = _links(layer).output_consumer
+    return None if consumer is None else consumer.quantizes_inputs_as()
+
+
+def enabled(training: bool) -> bool:
+    """Whether inference reproduces the integer kernels in this call."""
+    return not training and not qops.is_exporting() and qops.exact_integer_arithmetic()
+
+
+# ---- the arithmetic -----------------------------------------------------------------------
+
+
+def _safe(scale):
+    return ops.where(ops.equal(scale, 0.0), ops.ones_like(scale), scale)
+
+
+def _round_half_away(x):
+    return ops.sign(x) * ops.floor(ops.abs(x) + 0.5)
+
+
+def centered_codes(x, g: Grid):
+    """``q - zero_point`` of values on grid ``g``, as float64 (exact integers)."""
+    return ops.cast(ops.round(x / _safe(g.scale)), "float64")
+
+
+def _activation_bounds(g: Grid, activation: str):
+    """``(low, high)`` of the output codes after the activation's clamp, as TFLite's
+    ``CalculateActivationRangeQuantized`` computes them."""
+    low = ops.cast(g.qmin, "float32")
+    high = ops.cast(g.qmax, "float32")
+    if activation in ("relu", "relu6"):
+        low = ops.maximum(low, g.zero_point)
+    if activation == "relu6":
+        high = ops.minimum(high, g.zero_point + _round_half_away(6.0 / _safe(g.scale)))
+    return low, high
+
+
+def requantize(total, multiplier, out: Grid, activation: str, single_rounding: bool = False):
+    """``total`` (exact integers, float64) times ``multiplier`` (float64), rounded as
+    TFLite does (twice, or once for ``single_rounding``), shifted to ``out``'s zero point
+    and clamped; returned as real values."""
+    m0, shift = fixed_point.quantize_multiplier_graph(multiplier)
+    multiply = (
+        fixed_point.multiply_by_quantized_multiplier_single_rounding
+        if single_rounding
+        else fixed_point.multiply_by_quantized_multiplier
+    )
+    scaled = multiply(ops, ops.cast(total, "int64"), m0, shift)
+    return _clamped_real(scaled, out, activation)
+
+
+def _clamped_real(scaled, out: Grid, activation: str):
+    """Requantized integers (int64, centered) shifted to the zero point, clamped to the
+    range and the activation, as real values."""
+    codes = ops.cast(scaled, "float32") + out.zero_point
+    low, high = _activation_bounds(out, activation)
+    codes = ops.minimum(ops.maximum(codes, low), high)
+    real = (codes - out.zero_point) * out.scale
+    return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
+
+
+def _accumulate(layer, x, w):
+    """The layer's linear map on float64 codes (exact: every partial sum is below 2**53)."""
+    if isinstance(layer, L.Dense):
+        return ops.matmul(x, w)
+    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+        return ops.depthwise_conv(
+            x, w, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate, data_format="channels_last"
+        )
+    return ops.conv(
+        x, w, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate, data_format="channels_last"
+    )
+
+
+def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
+    """Whether :func:`kernel_inference` reproduces ``layer``'s integer kernel."""
+    return (
+        type(layer) in KERNEL_TYPES
+        and getattr(layer, "data_format", "channels_last") == "channels_last"
+        and getattr(layer, "padding", "valid") in ("valid", "same")
+        and getattr(layer, "groups", 1) == 1
+        and activation_name(getattr(layer, "activation", "linear")) in CLAMP_ACTIVATIONS
+        and getattr(weight_quantizer, "symmetric", False)
+    )
+
+
+def _per_kernel(layer, values):
+    """Per-output-channel ``values`` shaped to broadcast against ``layer``'s kernel."""
+    if len(values.shape) == 1 and isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+        return ops.reshape(values, tuple(layer.kernel.shape)[-2:])
+    return values
+
+
+def weight_codes(layer, kernel, kernel_source: Source):
+    """The fake-quantized kernel's integers (centered; exact on its grid)."""
+    g = grid(kernel_source)
+    return ops.cast(ops.round(kernel / _safe(_per_kernel(layer, g.scale))), "float64")
+
+
+def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_source: Source, out: OutputTarget):
+    """``layer``'s output as its deployed integer kernel computes it.
+
+    Args:
+        layer: the Conv/Dense/DepthwiseConv (its strides, padding, activation are read).
+        inputs: values on ``in_source``'s grid.
+        kernel: the fake-quantized kernel (on ``kernel_source``'s grid, symmetric).
+        bias: the float bias per output channel, or None.
+        out: the output's quantizer and the activation clamped in the output codes.
+    """
+    in_grid = grid(in_source)
+    w_grid = grid(kernel_source)
+    x = centered_codes(inputs, in_grid)
+    w = weight_codes(layer, kernel, kernel_source)
+    accumulator = _accumulate(layer, x, w)
+    channel_scale = ops.reshape(ops.cast(w_grid.scale, "float64"), (-1,))
+    product_scale = ops.cast(in_grid.scale, "float64") * channel_scale
+    if bias is not None:
+        bias_codes = _round_half_away(ops.cast(bias, "float64") / ops.where(product_scale == 0, 1.0, product_scale))
+        accumulator = accumulator + ops.where(product_scale == 0, 0.0, bias_codes)
+    out_grid = grid(out.source)
+    multiplier = product_scale / ops.cast(_safe(out_grid.scale), "float64")
+    activation = activation_name(getattr(layer, "activation", "linear"))
+    if activation == "linear":
+        activation = out.activation
+    # TFLite's reference FULLY_CONNECTED rounds once; its convolutions round twice.
+    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=isinstance(layer, L.Dense))
+
+
+def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
+    """TFLite's int8 ADD of ``a`` and ``b`` (each on its source's grid): both inputs scaled
+    to twice the larger scale with 20 extra bits, summed, and requantized to the output."""
+    grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
+    scale_a = ops.cast(grid_a.scale, "float64")
+    scale_b = ops.cast(grid_b.scale, "float64")
+    twice_max = 2.0 * ops.maximum(ops.maximum(scale_a, scale_b), 1e-300)
+    shift = float(1 << fixed_point.ADD_LEFT_SHIFT)
+
+    def scaled(values, g, scale):
+        m0, exponent = fixed_point.quantize_multiplier_graph(scale / twice_max)
+        codes = ops.cast(centered_codes(values, g) * shift, "int64")
+        return fixed_point.multiply_by_quantized_multiplier(ops, codes, m0, exponent)
+
+    total = scaled(a, grid_a, scale_a) + scaled(b, grid_b, scale_b)
+    multiplier = twice_max / (shift * ops.cast(_safe(out_grid.scale), "float64"))
+    return requantize(ops.cast(total, "float64"), multiplier, out_grid, out.activation)
+
+
+def quantize_inference(inputs, source: Source):
+    """TFLite's QUANTIZE of a float model input: ``round(x / scale)`` half away from zero
+    (float32 division), plus the zero point, clamped. TF's fake-quant op rounds
+    ``(x - nudged_min) / scale`` half up, which differs on ties below the zero point and on
+    values a rounding error from a half step."""
+    g = grid(source)
+    codes = _round_half_away(inputs / _safe(g.scale)) + g.zero_point
+    codes = ops.minimum(ops.maximum(codes, float(g.qmin)), float(g.qmax))
+    return (codes - g.zero_point) * g.scale
+
+
+def is_model_input(tensor) -> bool:
+    """Whether the symbolic ``tensor`` is a functional model's input."""
+    history = _history(tensor)
+    return history is not None and isinstance(history.operation, L.InputLayer)
+
+
+def average_pool_inference(layer, inputs, source: Source):
+    """TFLite's int8 AVERAGE_POOL_2D: the average of the signed codes, rounded half away from
+    zero, on the input's grid (fake quantization rounds ties half up).
+
+    The codes are exact integers in float32, so the pooled sum is exact; its division by the
+    count can land a hair off an exact tie, which ``tie`` (a quarter of the smallest step
+    between averages) absorbs.
+    """
+    g = grid(source)
+    offset = float(2 ** (source.quantizer.num_bits - 1))
+    signed = ops.round(inputs / _safe(g.scale)) + g.zero_point - offset
+    averaged = layer(signed)
+    area = 1
+    for size in layer.pool_size:
+        area *= int(size)
+    tie = 0.25 / area
+    rounded = ops.sign(averaged) * ops.floor(ops.abs(averaged) + 0.5 + tie)
+    return (rounded + offset - g.zero_point) * g.scale
+
+
+def mean_inference(layer, inputs, source: Source, out: OutputTarget):
+    """TFLite's int8 MEAN over the spatial axes: the sum of the centered codes, requantized
+    with the multiplier of ``input_scale / output_scale`` divided by the count in integer
+    arithmetic (``m0 * 2**k // count`` with ``k = floor(log2(count))``, at most 32 and
+    ``31 + shift``), rounding twice as the convolutions do."""
+    in_grid, out_grid = grid(source), grid(out.source)
+    codes = centered_codes(inputs, in_grid)
+    axes = tuple(range(1, len(inputs.shape) - 1))
+    count = 1
+    for axis in axes:
+        count *= int(inputs.shape[axis])
+    total = ops.sum(codes, axis=axes, keepdims=bool(getattr(layer, "keepdims", False)))
+    multiplier = ops.cast(in_grid.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
+    m0, shift = fixed_point.quantize_multiplier_graph(multiplier)
+    m0, shift = fixed_point.divide_multiplier(ops, m0, shift, count)
+    scaled = fixed_point.multiply_by_quantized_multiplier(ops, ops.cast(total, "int64"), m0, shift)
+    return _clamped_real(scaled, out_grid, out.activation)
+
+
+__all__ = [
+    "quantize_inference",
+    "is_model_input",
+    "average_pool_inference",
+    "mean_inference",
+    "Source",
+    "OutputTarget",
+    "Grid",
+    "grid",
+    "source_of",
+    "link",
+    "input_sources",
+    "output_target",
+    "inherited_source",
+    "enabled",
+    "kernel_inference",
+    "add_inference",
+    "supports_kernel",
+    "requantize",
+    "centered_codes",
+]
