@@ -8,12 +8,16 @@
   (:class:`AgreementReport`).
 * :func:`diagnose` lists, per layer, the quantized tensors with bits and ranges, and what a
   deployment would still run in float (:class:`Diagnosis`).
+* :func:`save_artifact` writes the model as integer ops with its weights packed at their bit
+  widths, in one checksummed ``.kqat`` file that :func:`keras_qat.runtime.load` runs.
 * :func:`quantized_weights` reads out the integers, scales and zero points of every quantized
   weight, at any bit width (:class:`QuantizedTensor`).
 
 This module only re-exports; each exporter lives in its own submodule.
 """
 
+from keras_qat.export.artifact import save_artifact
+from keras_qat.export.container import ArtifactError
 from keras_qat.export.diagnose import Diagnosis, diagnose
 from keras_qat.export.tflite import (
     AgreementReport,
@@ -36,4 +40,6 @@ __all__ = [
     "QuantizedTensor",
     "diagnose",
     "Diagnosis",
+    "save_artifact",
+    "ArtifactError",
 ]

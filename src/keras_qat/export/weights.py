@@ -111,7 +111,7 @@ def quantize_tensor(name: str, fake_quantized, range_min, range_max, quantizer, 
     return tensor
 
 
-def _check_finite(layer_name: str, weight_name: str, value) -> None:
+def check_finite(layer_name: str, weight_name: str, value) -> None:
     array = keras.ops.convert_to_numpy(value)
     if not np.all(np.isfinite(array)):
         raise ValueError(
@@ -134,7 +134,7 @@ def layer_quantized_weights(layer) -> list[QuantizedTensor]:
     tensors = []
     if isinstance(layer, QuantizeFoldedBatchNorm):
         for variable in layer.layer.weights + layer.batch_norm.weights:
-            _check_finite(layer.name, variable.name, variable)
+            check_finite(layer.name, variable.name, variable)
         quantizer, variables = layer.weight_quantizer, layer.kernel_vars
         folded = layer.folded_kernel(training=False)
         axes = quantizer.channel_axes(tuple(folded.shape), "kernel", layer)
@@ -143,7 +143,7 @@ def layer_quantized_weights(layer) -> list[QuantizedTensor]:
         )
         return tensors
     for weight, quantizer, variables in layer.quantized_weights():
-        _check_finite(layer.name, weight.name, weight)
+        check_finite(layer.name, weight.name, weight)
         fake_quantized = quantizer(weight, False, variables)
         axes = quantizer.channel_axes(tuple(weight.shape), weight.name, layer)
         tensors.append(

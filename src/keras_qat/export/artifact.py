@@ -1,0 +1,385 @@
+"""``save_artifact``: a QAT model as integer ops in one ``.kqat`` file, for the integer runtime.
+
+The manifest (JSON, see :mod:`keras_qat.export.container` for the file layout) holds:
+
+``format_version``
+    the container version.
+``tensors``
+    ``{id: {"shape", "scale", "zero_point", "bits", "qmin", "qmax"}}``: every activation
+    tensor's grid, ``real = (q - zero_point) * scale`` with signed integers ``q`` in
+    ``[qmin, qmax]`` (``scale`` a float32 value written exactly).
+``inputs`` / ``outputs``
+    tensor ids, in the model's order.
+``ops``
+    in topological order: ``{"layer", "op", "inputs", "outputs", "attributes", "weights"}``.
+    ``op`` is one of :data:`OPS`. Each weight is ``{"offset", "nbytes", "shape", "bits",
+    "encoding", ...}`` into the payload: ``"packed"`` (signed integers at ``bits`` bits,
+    :mod:`keras_qat.export.packing`) or ``"int32"`` (little-endian); kernels add
+    ``scale``/``zero_point`` (one per output channel, or one) and ``axis``.
+
+What each op computes is the integer arithmetic of :mod:`keras_qat.emulation` (TFLite's
+reference kernels), which the QAT model's inference reproduces: the runtime's outputs are
+the QAT model's, element for element. Tables stand in for elementwise activations
+(``lookup``: the QAT layer evaluated once on every input code) and for the exponentials of
+a softmax, so that the runtime computes nothing in float.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_qat import emulation
+from keras_qat import ops as qops
+from keras_qat.export import container, packing
+from keras_qat.export.weights import check_finite
+from keras_qat.folding import QuantizeFoldedBatchNorm
+from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
+
+L = keras.layers
+
+#: The ops of format version 1 (what :mod:`keras_qat.runtime` executes).
+OPS = (
+    "quantize",
+    "conv",
+    "depthwise_conv",
+    "dense",
+    "add",
+    "concatenate",
+    "max_pool",
+    "average_pool",
+    "mean",
+    "pad",
+    "reshape",
+    "identity",
+    "lookup",
+    "softmax",
+)
+
+#: Fixed-point bits of the softmax exponential table: ``round(2**SOFTMAX_BITS * exp(-s d))``.
+SOFTMAX_BITS = 20
+
+
+class _Writer:
+    """Collects tensors' grids, ops and the payload while the graph is walked."""
+
+    def __init__(self):
+        self.tensors: dict[str, dict] = {}
+        self.ids: dict[int, str] = {}
+        self.ops: list[dict] = []
+        self.payload = bytearray()
+
+    def tensor(self, keras_tensor, source: emulation.Source | None, owner: str) -> str:
+        key = id(keras_tensor)
+        if key in self.ids:
+            return self.ids[key]
+        if source is None:
+            raise ValueError(
+                f"save_artifact: the output of layer '{owner}' is not quantized, so the integer "
+                "runtime cannot hold it; quantize the layer (quantize_annotate_layer) or keep the "
+                "float part of the model outside the exported one."
+            )
+        name = f"t{len(self.ids)}"
+        self.ids[key] = name
+        self.tensors[name] = {"shape": [None] + [int(d) for d in keras_tensor.shape[1:]], **grid_entry(source)}
+        return name
+
+    def blob(self, data: bytes) -> dict:
+        entry = {"offset": len(self.payload), "nbytes": len(data)}
+        self.payload.extend(data)
+        return entry
+
+    def packed(self, values: np.ndarray, bits: int) -> dict:
+        values = np.asarray(values, dtype=np.int64)
+        return {**self.blob(packing.pack(values, bits)), "shape": list(values.shape), "bits": bits, "encoding": "packed"}
+
+    def int32(self, values: np.ndarray) -> dict:
+        values = np.asarray(values, dtype=np.int64)
+        if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
+            raise ValueError("save_artifact: a bias or table value does not fit in int32.")
+        data = values.astype("<i4").tobytes()
+        return {**self.blob(data), "shape": list(values.shape), "bits": 32, "encoding": "int32"}
+
+
+def grid_entry(source: emulation.Source) -> dict:
+    """A tensor's grid in the signed convention: scale, zero point, bits, qmin, qmax."""
+    g = emulation.grid(source)
+    bits = source.quantizer.num_bits
+    offset = 2 ** (bits - 1)
+    scale = np.asarray(keras.ops.convert_to_numpy(g.scale), dtype=np.float32)
+    zero_point = np.asarray(keras.ops.convert_to_numpy(g.zero_point))
+    if scale.ndim:
+        raise ValueError("save_artifact: activations are quantized per tensor in format version 1.")
+    return {
+        "scale": float(scale),
+        "zero_point": int(round(float(zero_point))) - offset,
+        "bits": bits,
+        "qmin": g.qmin - offset,
+        "qmax": g.qmax - offset,
+    }
+
+
+def save_artifact(model: keras.Model, path: str | os.PathLike) -> Path:
+    """Write ``model`` (a QAT model from ``quantize_apply``) as one ``.kqat`` file.
+
+    The file holds the integer ops of the model in topological order and its weights packed
+    at their bit widths; :func:`keras_qat.runtime.load` runs it. Written atomically.
+
+    Raises:
+        ValueError: a layer whose computation has no integer op (naming the layer and what
+            to do), a tensor that is not quantized, or a NaN or Inf weight (naming the layer).
+    """
+    if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
+        raise ValueError(f"save_artifact: needs a functional QAT model, got {type(model).__name__}.")
+    manifest, payload = build(model)
+    return container.write_atomically(Path(path), container.encode(manifest, payload))
+
+
+def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
+    """The manifest and payload of ``model``'s artifact."""
+    writer = _Writer()
+    by_depth = model._nodes_by_depth
+    nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+    for tensor in model.inputs:
+        writer.ids.setdefault(id(tensor), f"input_{len(writer.ids)}")
+        writer.tensors[writer.ids[id(tensor)]] = {"shape": [None] + [int(d) for d in tensor.shape[1:]], "float": True}
+    for node in nodes:
+        operation = node.operation
+        if operation is None or isinstance(operation, L.InputLayer):
+            continue
+        _add_op(writer, operation, list(node.input_tensors), list(node.outputs))
+    manifest = {
+        "format_version": container.FORMAT_VERSION,
+        "model": model.name,
+        "tensors": writer.tensors,
+        "inputs": [writer.ids[id(t)] for t in model.inputs],
+        "outputs": [writer.ids[id(t)] for t in keras.tree.flatten(model.outputs)],
+        "ops": writer.ops,
+    }
+    return manifest, bytes(writer.payload)
+
+
+# ---- one layer -----------------------------------------------------------------------------
+
+
+def _unsupported(layer, what: str) -> ValueError:
+    return ValueError(
+        f"save_artifact: layer '{layer.name}' ({what}) has no integer op in the .kqat format "
+        f"(version {container.FORMAT_VERSION}; ops: {', '.join(OPS)}). Keep it outside the "
+        "exported model, or export to TFLite or ONNX instead."
+    )
+
+
+def _output_source(layer) -> emulation.Source | None:
+    if isinstance(layer, QuantizeFoldedBatchNorm):
+        if layer.output_quantizer is not None:
+            return emulation.Source(layer.output_quantizer, layer.output_vars)
+        target = emulation.output_target(layer)
+        return None if target is None else target.source
+    if isinstance(layer, QuantizeWrapper):
+        target = layer.output_target()
+        return None if target is None else target.source
+    return None
+
+
+def _activation_of(layer) -> str:
+    """The clamp the integer kernel applies: the layer's own ReLU/ReLU6, or the fused one."""
+    own = emulation.activation_name(getattr(layer.layer, "activation", "linear"))
+    if own != "linear":
+        return own
+    target = layer.output_target() if isinstance(layer, QuantizeWrapper) else emulation.output_target(layer)
+    if isinstance(layer, QuantizeFoldedBatchNorm) and layer.output_quantizer is not None:
+        return "linear"
+    return "linear" if target is None else target.activation
+
+
+def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
+    sources = emulation.input_sources(layer)
+    entry: dict[str, Any] = {"layer": layer.name, "attributes": {}, "weights": {}}
+
+    def emit(op: str, input_tensors=None, output_source=None, **attributes):
+        input_tensors = inputs if input_tensors is None else input_tensors
+        entry["op"] = op
+        entry["inputs"] = [writer.ids[id(t)] for t in input_tensors]
+        out_source = output_source if output_source is not None else emulation.source_of(outputs[0])
+        entry["outputs"] = [writer.tensor(outputs[0], out_source, layer.name)]
+        entry["attributes"].update(attributes)
+        writer.ops.append(entry)
+
+    if len(outputs) != 1:
+        raise _unsupported(layer, f"{len(outputs)} outputs")
+    for tensor in inputs:
+        if id(tensor) not in writer.ids:
+            raise _unsupported(layer, "an input from outside the graph")
+
+    if isinstance(layer, QuantizeLayer):
+        if not emulation.is_model_input(inputs[0]):
+            raise _unsupported(layer, "a quantizer on a value computed in float")
+        return emit("quantize", output_source=emulation.Source(layer.quantizer, layer.quantizer_vars))
+
+    if isinstance(layer, QuantizeSameScale):
+        inner = layer.layer
+        if not isinstance(inner, (L.AveragePooling1D, L.AveragePooling2D)):
+            raise _unsupported(layer, type(inner).__name__)
+        return emit("average_pool", **_pool_attributes(inner))
+
+    if isinstance(layer, QuantizeFoldedBatchNorm):
+        check_finite(layer.name, "kernel", layer.layer.kernel)
+        kernel = layer.folded_kernel()
+        bias = layer.folded_bias()
+        kernel_source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
+        return _kernel_op(writer, entry, emit, layer, layer.layer, kernel, bias, sources, kernel_source)
+
+    if not isinstance(layer, QuantizeWrapper):
+        raise _unsupported(layer, type(layer).__name__)
+
+    inner = layer.layer
+    kind = layer.integer_kind()
+    if kind == "kernel":
+        weight, quantizer, qvars = layer.quantized_weights()[0]
+        check_finite(layer.name, weight.name, weight)
+        kernel = quantizer(weight, False, qvars)
+        bias = inner.bias if getattr(inner, "use_bias", False) else None
+        return _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, emulation.Source(quantizer, qvars))
+    if kind == "add":
+        return emit("add", output_source=_output_source(layer), activation=_activation_of(layer))
+    if kind == "mean":
+        return emit("mean", output_source=_output_source(layer), keepdims=bool(inner.keepdims))
+    if layer.quantized_weights():
+        raise _unsupported(layer, f"{type(inner).__name__} with weights")
+    if isinstance(inner, L.Concatenate):
+        axis = inner.axis % len(outputs[0].shape)
+        return emit("concatenate", axis=axis)
+    if layer.passes_grid_through:
+        return _moving_op(emit, layer, inner, inputs, outputs)
+    if _requantized_by_producer(layer, inputs):
+        return emit("identity")
+    if isinstance(inner, (L.Softmax, L.Activation)) and _is_softmax(inner):
+        return _softmax_op(writer, entry, emit, layer, sources)
+    if _elementwise(inner):
+        return _lookup_op(writer, entry, emit, layer, sources)
+    raise _unsupported(layer, type(inner).__name__)
+
+
+def _requantized_by_producer(layer, inputs) -> bool:
+    """A fused ReLU: the kernel before it already requantized and clamped onto its grid."""
+    history = getattr(inputs[0], "_keras_history", None)
+    producer = None if history is None else history.operation
+    return producer is not None and emulation._links(producer).output_consumer is layer
+
+
+def _is_softmax(layer) -> bool:
+    if isinstance(layer, L.Softmax):
+        return layer.axis in (-1, None)
+    return emulation.activation_name(layer.activation) == "softmax"
+
+
+_ELEMENTWISE = (L.ReLU, L.Activation, L.LeakyReLU, L.ELU)
+
+
+def _elementwise(layer) -> bool:
+    return isinstance(layer, _ELEMENTWISE)
+
+
+def _moving_op(emit, layer, inner, inputs, outputs):
+    if isinstance(inner, (L.MaxPooling1D, L.MaxPooling2D)):
+        return emit("max_pool", **_pool_attributes(inner))
+    if isinstance(inner, (L.ZeroPadding1D, L.ZeroPadding2D)):
+        padding = [list(p) for p in inner.padding] if isinstance(inner.padding[0], (tuple, list)) else [list(inner.padding)]
+        return emit("pad", padding=padding)
+    if isinstance(inner, (L.Flatten, L.Reshape)):
+        return emit("reshape", shape=[int(d) for d in outputs[0].shape[1:]])
+    if isinstance(inner, (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.Identity)):
+        return emit("identity")
+    raise _unsupported(layer, type(inner).__name__)
+
+
+def _pool_attributes(layer) -> dict:
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        raise _unsupported(layer, "channels_first pooling")
+    return {"pool_size": list(layer.pool_size), "strides": list(layer.strides), "padding": layer.padding}
+
+
+def _numpy(value) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_source) -> None:
+    if not emulation.supports_kernel(inner, kernel_source.quantizer):
+        raise _unsupported(layer, f"{type(inner).__name__} with these settings (asymmetric weights, groups or channels_first)")
+    if not sources or sources[0] is None:
+        raise _unsupported(layer, "an input that is not quantized")
+    out_source = _output_source(layer)
+    if out_source is None:
+        raise _unsupported(layer, "an output that is not quantized")
+    g = emulation.grid(kernel_source)
+    scale = _numpy(g.scale).astype(np.float32).reshape(-1)
+    kernel = _numpy(kernel)
+    kernel_scale = scale.reshape(tuple(inner.kernel.shape)[-2:]) if (
+        scale.size > 1 and isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D))
+    ) else scale if scale.size > 1 else scale[0]
+    codes = np.round(kernel.astype(np.float64) / np.where(kernel_scale == 0, 1.0, kernel_scale)).astype(np.int64)
+    bits = kernel_source.quantizer.num_bits
+    weight = writer.packed(codes, bits)
+    weight.update({"scale": [float(s) for s in scale], "zero_point": [0] * scale.size})
+    entry["weights"]["kernel"] = weight
+    in_scale = np.float64(np.float32(emulation.grid(sources[0]).scale))
+    if bias is not None:
+        product = in_scale * scale.astype(np.float64)
+        raw = _numpy(bias).astype(np.float64) / np.where(product == 0, 1.0, product)
+        bias_codes = np.where(product == 0, 0.0, np.sign(raw) * np.floor(np.abs(raw) + 0.5))
+        entry["weights"]["bias"] = writer.int32(bias_codes)
+    if isinstance(inner, L.Dense):
+        op, attributes = "dense", {}
+    else:
+        rank = len(inner.kernel.shape) - 2
+        op = "depthwise_conv" if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)) else "conv"
+        attributes = {
+            "rank": rank,
+            "strides": list(inner.strides),
+            "padding": inner.padding,
+            "dilation_rate": list(inner.dilation_rate),
+        }
+    attributes["activation"] = _activation_of(layer)
+    emit(op, output_source=out_source, **attributes)
+
+
+def _lookup_op(writer, entry, emit, layer, sources) -> None:
+    """An elementwise layer as a table: the QAT layer run once on every input code."""
+    if not sources or sources[0] is None:
+        raise _unsupported(layer, "an input that is not quantized")
+    quantizers = layer.output_quantizers()
+    if len(quantizers) != 1:
+        raise _unsupported(layer, "an elementwise layer without one output quantizer")
+    source = sources[0]
+    inp = grid_entry(source)
+    codes = np.arange(inp["qmin"], inp["qmax"] + 1, dtype=np.float32)
+    real = ((codes - inp["zero_point"]) * np.float32(inp["scale"])).reshape(-1, 1)
+    outputs = _numpy(layer(real, training=False)).reshape(-1)
+    out = grid_entry(emulation.Source(*quantizers[0]))
+    table = np.round(outputs.astype(np.float64) / out["scale"]) + out["zero_point"]
+    table = np.clip(table, out["qmin"], out["qmax"]).astype(np.int64)
+    entry["weights"]["table"] = writer.packed(table, out["bits"])
+    emit("lookup", output_source=emulation.Source(*quantizers[0]))
+
+
+def _softmax_op(writer, entry, emit, layer, sources) -> None:
+    """A softmax over the last axis: ``exp(-scale * d)`` tabulated in fixed point for every
+    distance ``d`` from the row's largest code; the runtime normalizes in integers."""
+    if not sources or sources[0] is None:
+        raise _unsupported(layer, "an input that is not quantized")
+    quantizers = layer.output_quantizers()
+    if len(quantizers) != 1:
+        raise _unsupported(layer, "a softmax without an output quantizer")
+    inp = grid_entry(sources[0])
+    distances = np.arange(inp["qmax"] - inp["qmin"] + 1, dtype=np.float64)
+    table = np.round(np.exp(-np.float64(inp["scale"]) * distances) * 2.0**SOFTMAX_BITS).astype(np.int64)
+    entry["weights"]["exp_table"] = writer.int32(table)
+    emit("softmax", output_source=emulation.Source(*quantizers[0]))
+
+
+__all__ = ["save_artifact", "build", "OPS", "SOFTMAX_BITS", "grid_entry"]

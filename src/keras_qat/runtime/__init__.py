@@ -1,0 +1,181 @@
+"""The integer-only runtime: runs a ``.kqat`` artifact (:func:`keras_qat.export.save_artifact`).
+
+Between the input quantization and the output dequantization everything is integer
+arithmetic (:mod:`keras_qat.runtime.kernels`), as on a microcontroller or an accelerator:
+the reference that shows what the integer model computes, at any bit width.
+
+    model = keras_qat.runtime.load("model.kqat")
+    probabilities = model.run(images)            # float in, float out
+    codes = model.run(input_codes, integer_io=True)   # signed integer codes in and out
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from keras_qat.export import container, packing
+from keras_qat.export.artifact import OPS
+from keras_qat.runtime import kernels as K
+from keras_qat.runtime.kernels import Grid
+
+
+class UnsupportedOpError(ValueError):
+    """An artifact op that this runtime does not implement."""
+
+
+class IntegerModel:
+    """A loaded artifact. Use :func:`load`.
+
+    Attributes:
+        manifest: the artifact's manifest (see :mod:`keras_qat.export.artifact`).
+        input_grids, output_grids: the integer grids of the model's inputs (after their
+            quantization) and outputs, for the integer mode of :meth:`run`.
+    """
+
+    def __init__(self, manifest: dict[str, Any], payload: bytes, source: str = "artifact"):
+        self.manifest = manifest
+        self._source = source
+        self._grids = {name: Grid.from_manifest(t) for name, t in manifest["tensors"].items() if not t.get("float")}
+        self._steps: list[tuple[dict, Callable]] = []
+        for op in manifest["ops"]:
+            if op.get("op") not in OPS:
+                raise UnsupportedOpError(
+                    f"{source}: layer '{op.get('layer')}' needs op '{op.get('op')}', which this runtime "
+                    f"does not implement (it runs: {', '.join(OPS)}). Upgrade keras-qat, or export "
+                    "the model without that layer."
+                )
+            self._steps.append((op, self._prepare(op, payload)))
+        self._quantized_inputs = {op["inputs"][0]: op["outputs"][0] for op in manifest["ops"] if op["op"] == "quantize"}
+        self.input_grids = [self._grids[self._quantized_inputs[name]] for name in manifest["inputs"]]
+        self.output_grids = [self._grids[name] for name in manifest["outputs"]]
+
+    # ---- preparing each op once -------------------------------------------------------------
+
+    def _weight(self, op: dict, name: str, payload: bytes) -> np.ndarray:
+        entry = op["weights"][name]
+        data = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
+        count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+        if entry["encoding"] == "int32":
+            values = np.frombuffer(data, dtype="<i4", count=count).astype(np.int64)
+        else:
+            values = packing.unpack(data, entry["bits"], count, dtype=np.int64)
+        return values.reshape(entry["shape"])
+
+    def _prepare(self, op: dict, payload: bytes) -> Callable:
+        kind, attributes = op["op"], op["attributes"]
+        grids = [self._grids.get(name) for name in op["inputs"]]
+        out = self._grids[op["outputs"][0]]
+        if kind == "quantize":
+            return lambda x: K.quantize(x, out)
+        if kind in ("conv", "depthwise_conv", "dense"):
+            return self._prepare_kernel(op, payload, grids[0], out)
+        if kind == "add":
+            params = K.AddParams.of(grids[0], grids[1], out, attributes["activation"])
+            return lambda a, b: K.add(a, b, params)
+        if kind == "mean":
+            return lambda x: K.mean(x, grids[0].zero_point, attributes["keepdims"], grids[0].scale, out)
+        if kind == "concatenate":
+            axis = attributes["axis"]
+            return lambda *xs: np.concatenate([K.requantize_codes(x, g, out) for x, g in zip(xs, grids)], axis=axis)
+        if kind == "max_pool":
+            return lambda x: K.requantize_codes(
+                K.max_pool(x, attributes["pool_size"], attributes["strides"], attributes["padding"]), grids[0], out
+            )
+        if kind == "average_pool":
+            return lambda x: K.requantize_codes(
+                K.average_pool(x, attributes["pool_size"], attributes["strides"], attributes["padding"]), grids[0], out
+            )
+        if kind == "pad":
+            padding = [(0, 0)] + [tuple(p) for p in attributes["padding"]] + [(0, 0)]
+            return lambda x: K.requantize_codes(np.pad(x, padding, constant_values=grids[0].zero_point), grids[0], out)
+        if kind == "reshape":
+            shape = tuple(attributes["shape"])
+            return lambda x: K.requantize_codes(x.reshape((x.shape[0],) + shape), grids[0], out)
+        if kind == "identity":
+            return lambda x: K.requantize_codes(x, grids[0], out)
+        if kind == "lookup":
+            table = self._weight(op, "table", payload)
+            return lambda x: K.lookup(x, table, grids[0].qmin)
+        if kind == "softmax":
+            table = self._weight(op, "exp_table", payload)
+            levels = int(round(1.0 / float(out.scale)))
+            if abs(levels * float(out.scale) - 1.0) > 1e-6:
+                raise UnsupportedOpError(
+                    f"{self._source}: layer '{op['layer']}': a softmax output scale of {float(out.scale)} "
+                    "is not 1/integer; the integer softmax needs one."
+                )
+            return lambda x: K.softmax(x, table, out, levels)
+        raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': op '{kind}' is not implemented.")
+
+    def _prepare_kernel(self, op: dict, payload: bytes, grid: Grid, out: Grid) -> Callable:
+        attributes = op["attributes"]
+        kernel = self._weight(op, "kernel", payload)
+        bias = self._weight(op, "bias", payload) if "bias" in op["weights"] else None
+        weight_scale = np.asarray(op["weights"]["kernel"]["scale"], dtype=np.float32).astype(np.float64)
+        multiplier = np.float64(grid.scale) * weight_scale / np.float64(out.scale)
+        requantize = K.Requantizer.of(multiplier, out, attributes["activation"], single_rounding=op["op"] == "dense")
+        if op["op"] == "dense":
+            return lambda x: K.dense(x, grid.zero_point, kernel, bias, requantize)
+        rank = attributes["rank"]
+        if rank not in (1, 2):
+            raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': {rank}-D convolutions are not implemented.")
+        function = K.depthwise_conv if op["op"] == "depthwise_conv" else K.conv
+        strides, dilation, padding = attributes["strides"], attributes["dilation_rate"], attributes["padding"]
+        return lambda x: function(x, grid.zero_point, kernel, bias, strides, dilation, padding, requantize)
+
+    # ---- running ----------------------------------------------------------------------------
+
+    def run(self, x, integer_io: bool = False):
+        """Run the model on a batch.
+
+        Args:
+            x: one array, or a list in the model's input order. Float values; with
+                ``integer_io``, the signed integer codes on :attr:`input_grids`.
+            integer_io: take and return integer codes instead of float values.
+
+        Returns:
+            One array (or a list for several outputs): float32 values, or int64 codes on
+            :attr:`output_grids` with ``integer_io``.
+        """
+        inputs = list(x) if isinstance(x, (list, tuple)) else [x]
+        names = self.manifest["inputs"]
+        if len(inputs) != len(names):
+            raise ValueError(f"run: the model has {len(names)} inputs, got {len(inputs)}.")
+        values: dict[str, np.ndarray] = {}
+        for name, array in zip(names, inputs):
+            array = np.asarray(array)
+            if integer_io:
+                grid = self._grids[self._quantized_inputs[name]]
+                if not np.issubdtype(array.dtype, np.integer):
+                    raise ValueError("run(integer_io=True): inputs must be integer codes.")
+                if array.size and (array.min() < grid.qmin or array.max() > grid.qmax):
+                    raise ValueError(f"run(integer_io=True): input codes must lie in [{grid.qmin}, {grid.qmax}].")
+                values[self._quantized_inputs[name]] = array.astype(np.int64)
+            else:
+                values[name] = array.astype(np.float32)
+        for op, step in self._steps:
+            if integer_io and op["op"] == "quantize":
+                continue
+            values[op["outputs"][0]] = step(*[values[name] for name in op["inputs"]])
+        outputs = []
+        for name, grid in zip(self.manifest["outputs"], self.output_grids):
+            outputs.append(values[name] if integer_io else K.dequantize(values[name], grid))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+def load(path: str | os.PathLike) -> IntegerModel:
+    """Read and check the ``.kqat`` file at ``path`` (magic, version, lengths, checksum) and
+    prepare every op.
+
+    Raises:
+        keras_qat.export.container.ArtifactError: truncated, corrupted or of an unknown version.
+        UnsupportedOpError: an op this runtime lacks (naming the layer and the op).
+    """
+    manifest, payload = container.read(path)
+    return IntegerModel(manifest, payload, source=str(path))
+
+
+__all__ = ["load", "IntegerModel", "UnsupportedOpError"]

@@ -1,0 +1,203 @@
+"""The ``.kqat`` artifact (``keras_qat.export.save_artifact``) and the integer runtime.
+
+Oracles: the QAT model's own inference (which reproduces TFLite's integer kernels, itself
+tested against the LiteRT interpreter in test_export_tflite.py), the LiteRT interpreter's
+reference kernels on the same 8-bit model, and the packed sizes computed from the model's
+tensors. The digits CNN is issue 4's: Conv+BN+ReLU, DepthwiseConv+BN+ReLU6, a residual
+Add+ReLU, MaxPool, Concatenate, AveragePool, GlobalAveragePool, Dense+BN+ReLU, softmax.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qat as kq
+from keras_qat import ops as qops
+from keras_qat import runtime
+from keras_qat.export import ArtifactError, compare, save_artifact, to_tflite
+from keras_qat.export import container
+from tests.test_export_tflite import _digits, _digits_cnn, _fit
+
+needs_exact_inference = pytest.mark.skipif(
+    not qops.exact_integer_arithmetic(),
+    reason="the QAT model reproduces integer kernels only with int64/float64 on the backend",
+)
+
+#: (weight bits, activation bits); the first convolution and the classifier stay at 8 bits.
+BIT_WIDTHS = [(8, 8), (4, 8), (4, 4), (3, 8), (2, 8)]
+
+
+def _scheme(weight_bits: int, activation_bits: int):
+    eight = {"weight_bits": 8, "activation_bits": 8}
+    return kq.schemes.NBitScheme(weight_bits, activation_bits, overrides={"conv1": eight, "classifier": eight})
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return _digits()
+
+
+def _trained(digits, weight_bits, activation_bits):
+    images, labels = digits
+    keras.utils.set_random_seed(1)
+    model = kq.quantize_model(_digits_cnn(), _scheme(weight_bits, activation_bits))
+    _fit(model, images[:1400], labels[:1400], epochs=2)
+    return model
+
+
+def _steps(actual: np.ndarray, expected: np.ndarray, scale: float) -> np.ndarray:
+    return np.rint(np.abs(actual.astype(np.float64) - expected.astype(np.float64)) / scale)
+
+
+@needs_exact_inference
+@pytest.mark.parametrize("weight_bits,activation_bits", BIT_WIDTHS, ids=[f"W{w}A{a}" for w, a in BIT_WIDTHS])
+def test_runtime_computes_what_the_qat_model_computes(digits, tmp_path, weight_bits, activation_bits):
+    images, labels = digits
+    model = _trained(digits, weight_bits, activation_bits)
+    path = save_artifact(model, tmp_path / "digits.kqat")
+    integer_model = runtime.load(path)
+    held_out, truth = images[1400:], labels[1400:]
+
+    got = integer_model.run(held_out)
+    want = keras.ops.convert_to_numpy(model(held_out, training=False))
+    steps = _steps(got, want, float(integer_model.output_grids[0].scale))
+    assert np.mean(steps == 0) >= 0.999, f"{np.mean(steps == 0):.4%} identical"
+    assert steps.max() <= 1
+    runtime_accuracy = np.mean(np.argmax(got, -1) == truth)
+    qat_accuracy = np.mean(np.argmax(want, -1) == truth)
+    assert abs(runtime_accuracy - qat_accuracy) <= 0.005
+
+
+@pytest.fixture(scope="module")
+def eight_bit(digits, tmp_path_factory):
+    """The default 8-bit scheme (per-tensor Dense, which the TFLite converter requires)."""
+    images, labels = digits
+    keras.utils.set_random_seed(1)
+    model = kq.quantize_model(_digits_cnn())
+    _fit(model, images[:1400], labels[:1400], epochs=2)
+    directory = tmp_path_factory.mktemp("artifact")
+    return model, save_artifact(model, directory / "digits.kqat"), directory
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TFLite conversion needs TensorFlow")
+def test_runtime_computes_what_litert_computes_at_8_bits(digits, eight_bit):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    model, path, directory = eight_bit
+    check = to_tflite(model, directory / "digits.tflite")
+    held_out = digits[0][1400:]
+    interpreter = Interpreter(model_path=str(check.path), experimental_op_resolver_type=OpResolverType.BUILTIN_REF)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], held_out.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(detail["index"], held_out)
+    interpreter.invoke()
+    litert = interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    integer_model = runtime.load(path)
+    steps = _steps(integer_model.run(held_out), litert, float(integer_model.output_grids[0].scale))
+    assert np.mean(steps == 0) >= 0.999
+    assert steps.max() <= 1
+    # The LiteRT interpreter's and the QAT model's own agreement, for the same inputs:
+    assert compare(model, check.path, held_out).identical_fraction >= 0.999
+
+
+def test_integer_mode_takes_and_returns_codes(digits, eight_bit):
+    _, path, _ = eight_bit
+    integer_model = runtime.load(path)
+    held_out = digits[0][1400:1432]
+    (grid,) = integer_model.input_grids
+    codes = runtime.kernels.quantize(held_out, grid)
+    out_codes = integer_model.run(codes, integer_io=True)
+    assert np.issubdtype(out_codes.dtype, np.integer)
+    (out_grid,) = integer_model.output_grids
+    np.testing.assert_array_equal(runtime.kernels.dequantize(out_codes, out_grid), integer_model.run(held_out))
+    with pytest.raises(ValueError, match="integer codes"):
+        integer_model.run(held_out, integer_io=True)
+
+
+@pytest.mark.parametrize("weight_bits,activation_bits", [(4, 8), (3, 8), (2, 8)])
+def test_tensors_take_their_bit_width_in_the_file(digits, tmp_path, weight_bits, activation_bits):
+    keras.utils.set_random_seed(0)
+    model = kq.quantize_model(_digits_cnn(), _scheme(weight_bits, activation_bits))
+    model(digits[0][:64], training=True)
+    path = save_artifact(model, tmp_path / "m.kqat")
+    manifest, payload = container.read(path)
+    manifest_bytes = len(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
+    parameter_bits = 0
+    per_channel = 0
+    for op in manifest["ops"]:
+        for name, weight in op["weights"].items():
+            count = int(np.prod(weight["shape"]))
+            parameter_bits += count * weight["bits"]
+            assert weight["nbytes"] == (count * weight["bits"] + 7) // 8, (op["layer"], name)
+            per_channel += 8 * len(weight.get("scale", []))  # a float32 scale and an int32 zero point
+        if op["layer"] == "quant_dw":
+            assert op["weights"]["kernel"]["bits"] == weight_bits
+    bound = 1.02 * (parameter_bits / 8 + per_channel) + manifest_bytes
+    file_size = path.stat().st_size
+    assert file_size <= bound, (file_size, bound)
+    assert len(payload) <= parameter_bits / 8 + len(manifest["ops"])  # at most a padding byte per tensor
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_truncated_corrupted_and_unknown_version_artifacts_are_refused(eight_bit, tmp_path):
+    _, path, _ = eight_bit
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.kqat"
+    truncated.write_bytes(data[:-40])
+    with pytest.raises(ArtifactError, match="truncated"):
+        runtime.load(truncated)
+    corrupted = tmp_path / "corrupted.kqat"
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0x01
+    corrupted.write_bytes(bytes(flipped))
+    with pytest.raises(ArtifactError, match="checksum"):
+        runtime.load(corrupted)
+    future = tmp_path / "future.kqat"
+    future.write_bytes(data[:8] + struct.pack("<I", container.FORMAT_VERSION + 1) + data[12:])
+    with pytest.raises(ArtifactError, match="version"):
+        runtime.load(future)
+
+
+def test_an_op_the_runtime_lacks_is_named_with_its_layer(eight_bit, tmp_path):
+    _, path, _ = eight_bit
+    manifest, payload = container.read(path)
+    manifest["ops"][3]["op"] = "fft"
+    layer = manifest["ops"][3]["layer"]
+    edited = tmp_path / "edited.kqat"
+    edited.write_bytes(container.encode(manifest, payload))
+    with pytest.raises(runtime.UnsupportedOpError, match=rf"layer '{layer}' needs op 'fft'"):
+        runtime.load(edited)
+
+
+def test_a_nan_weight_is_refused_naming_the_layer(digits, tmp_path):
+    keras.utils.set_random_seed(0)
+    model = kq.quantize_model(_digits_cnn())
+    model(digits[0][:32], training=True)
+    dense = model.get_layer("quant_classifier").layer
+    kernel = keras.ops.convert_to_numpy(dense.kernel).copy()
+    kernel[0, 0] = np.nan
+    dense.kernel.assign(kernel)
+    with pytest.raises(ValueError, match="quant_classifier.*NaN"):
+        save_artifact(model, tmp_path / "nan.kqat")
+    assert not (tmp_path / "nan.kqat").exists()
+
+
+def test_a_layer_without_an_integer_op_is_refused_naming_it(tmp_path):
+    inputs = keras.Input((6,))
+    x = keras.layers.Dense(4, name="fc")(inputs)
+    x = keras.layers.LayerNormalization(name="norm")(x)
+    base = keras.Model(inputs, x)
+    annotated = keras.models.clone_model(
+        base, clone_function=lambda layer: kq.quantize_annotate_layer(layer) if layer.name == "fc" else layer
+    )
+    model = kq.quantize_apply(annotated)
+    with pytest.raises(ValueError, match="'norm'"):
+        save_artifact(model, tmp_path / "float.kqat")
