@@ -29,6 +29,7 @@ test-jax: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/fake_quant.py
 	$(PY) bench/qat_overhead.py
+	$(PY) bench/runtime.py
 
 clean:
 	rm -rf $(VENV) build .pytest_cache .hypothesis src/*.egg-info
