@@ -46,7 +46,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from timing import machine_info, time_call
 
 SEED = 0
 NUM_BITS = 8
@@ -164,13 +164,6 @@ def bits_equal(actual: np.ndarray, expected: np.ndarray) -> bool:
 # --------------------------------------------------------------------------------------
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Milliseconds that one call of ``fn`` takes."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
 def time_interleaved(
     fns: dict[str, Callable[[], object]], warmup: int, repeats: int
 ) -> dict[str, list[float]]:
@@ -187,7 +180,7 @@ def time_interleaved(
 
 
 def summarize(times_ms: Sequence[float]) -> dict[str, float]:
-    """Median, 10th and 90th percentile in milliseconds."""
+    """Median, 10th and 90th percentile in milliseconds (the JSON keys carry the unit)."""
     p10, median, p90 = np.percentile(np.asarray(times_ms), [10, 50, 90])
     return {"median_ms": float(median), "p10_ms": float(p10), "p90_ms": float(p90)}
 
@@ -370,24 +363,6 @@ def print_plain_table(cells: list[list[str]], title: str) -> None:
     print("  ".join("-" * w for w in widths))
     for line in cells:
         print(fmt(line))
-
-
-def machine_info() -> dict[str, Any]:
-    import keras
-    import tensorflow as tf
-
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "numpy": np.__version__,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-    }
 
 
 def parameters(repeats: int) -> dict[str, Any]:

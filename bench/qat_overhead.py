@@ -61,7 +61,6 @@ import argparse
 import datetime
 import gc
 import json
-import platform
 import shutil
 import sys
 import time
@@ -70,6 +69,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from timing import machine_info as base_machine_info, summarize, time_alternating, warm_up
 
 SEED = 0
 BATCH_SIZE = 32
@@ -215,38 +215,6 @@ def train_step_fn(model: Any, x: Any, y: Any) -> Callable[[], float]:
     return step
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Milliseconds that one call of ``fn`` takes."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def warm_up(fns: dict[str, Callable[[], float]], calls: int) -> dict[str, float]:
-    """Call every function ``calls`` times (tracing on the first); seconds spent per function."""
-    spent = {name: 0.0 for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            spent[name] += time_call(fn) / 1e3
-    return spent
-
-
-def time_alternating(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
-    """Time the functions back to back, reversing their order every other repetition."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            times[name].append(time_call(fns[name]))
-    return times
-
-
-def summarize(times_ms: Sequence[float]) -> dict[str, float]:
-    """Median, 10th and 90th percentile."""
-    p10, median, p90 = np.percentile(np.asarray(times_ms, dtype=np.float64), [10, 50, 90])
-    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
-
-
 def measure_model(spec: ModelSpec, repeats: int, warmup: int) -> ModelResult:
     """Build, warm up and time the float and QAT models of ``spec``."""
     started = time.perf_counter()
@@ -380,23 +348,13 @@ def machine_info() -> dict[str, Any]:
 
     import keras_qat
 
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "numpy": np.__version__,
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
+        **base_machine_info(),
         "keras_backend": keras.backend.backend(),
         "keras_qat": keras_qat.__version__,
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
     }
-
 
 def parameters(models: Sequence[str], repeats: int, warmup: int) -> dict[str, Any]:
     return {

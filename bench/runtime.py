@@ -67,7 +67,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import shutil
 import sys
@@ -78,6 +77,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
+from timing import machine_info as base_machine_info, summarize, time_alternating, warm_up
 
 SEED = 0
 INPUT_SHAPE = (96, 96, 3)
@@ -262,38 +262,6 @@ def runtime_call(program: Any, x: np.ndarray) -> Callable[[], np.ndarray]:
 # --------------------------------------------------------------------------------------
 
 
-def time_call(fn: Callable[[], object]) -> float:
-    """Milliseconds that one call of ``fn`` takes."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
-
-
-def warm_up(fns: dict[str, Callable[[], object]], calls: int) -> dict[str, float]:
-    """Call every function ``calls`` times; seconds spent per function."""
-    spent = {name: 0.0 for name in fns}
-    for _ in range(calls):
-        for name, fn in fns.items():
-            spent[name] += time_call(fn) / 1e3
-    return spent
-
-
-def time_alternating(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Time the functions back to back, reversing their order every other repetition."""
-    names = list(fns)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(repeats):
-        for name in names if i % 2 == 0 else reversed(names):
-            times[name].append(time_call(fns[name]))
-    return times
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """Median, 10th and 90th percentile."""
-    p10, median, p90 = np.percentile(np.asarray(values, dtype=np.float64), [10, 50, 90])
-    return {"median": float(median), "p10": float(p10), "p90": float(p90)}
-
-
 def agreement(actual: np.ndarray, expected: np.ndarray, step: float) -> Agreement:
     """How far ``actual`` is from ``expected``, in output quantization steps."""
     if actual.shape != expected.shape:
@@ -461,28 +429,17 @@ def numpy_blas() -> Optional[str]:
 def machine_info() -> dict[str, Any]:
     import ai_edge_litert
     import keras
-    import tensorflow as tf
 
     import keras_qat
 
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
     return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "cpus_usable": affinity,
-        "numpy": np.__version__,
+        **base_machine_info(),
         "numpy_blas": numpy_blas(),
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
         "keras_backend": keras.backend.backend(),
         "keras_qat": keras_qat.__version__,
         "ai_edge_litert": getattr(ai_edge_litert, "__version__", None),
         "thread_environment": {name: os.environ.get(name) for name in THREAD_VARIABLES},
     }
-
 
 def parameters(repeats: dict[int, int], warmup: int, threads: Optional[int]) -> dict[str, Any]:
     return {

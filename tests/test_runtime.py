@@ -201,3 +201,33 @@ def test_a_layer_without_an_integer_op_is_refused_naming_it(tmp_path):
     model = kq.quantize_apply(annotated)
     with pytest.raises(ValueError, match="'norm'"):
         save_artifact(model, tmp_path / "float.kqat")
+
+
+@needs_exact_inference
+def test_one_dimensional_ops_and_tabulated_activations_run_as_in_the_qat_model(tmp_path):
+    """Conv1D with SAME padding and dilation, ZeroPadding1D, max and average pooling with
+    SAME padding (partial windows), sigmoid, tanh and hard-swish as tables, a global mean."""
+    L = keras.layers
+    inputs = keras.Input((20, 3))
+    x = L.Conv1D(6, 3, padding="same", dilation_rate=2, activation="relu", name="conv")(inputs)
+    x = L.ZeroPadding1D((1, 2), name="pad")(x)
+    x = L.MaxPooling1D(3, strides=2, padding="same", name="max")(x)
+    a = L.Activation("sigmoid", name="sigmoid")(L.Conv1D(4, 1, name="to_sigmoid")(x))
+    b = L.Activation("tanh", name="tanh")(L.Conv1D(4, 1, name="to_tanh")(x))
+    c = L.Activation("hard_swish", name="hard_swish")(L.Conv1D(4, 1, name="to_hard_swish")(x))
+    x = L.Concatenate(name="concat")([a, b, c])
+    x = L.AveragePooling1D(3, strides=2, padding="same", name="avg")(x)
+    x = L.GlobalAveragePooling1D(name="gap")(x)
+    outputs = L.Dense(3, name="fc")(x)
+    keras.utils.set_random_seed(2)
+    model = kq.quantize_model(keras.Model(inputs, outputs))
+    data = np.random.default_rng(2).normal(size=(128, 20, 3)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(data, np.zeros((128, 3), "float32"), epochs=1, batch_size=32, verbose=0)
+
+    integer_model = runtime.load(save_artifact(model, tmp_path / "seq.kqat"))
+    ops_used = {op["op"] for op in integer_model.manifest["ops"]}
+    assert {"conv", "pad", "max_pool", "lookup", "concatenate", "average_pool", "mean", "dense"} <= ops_used
+    want = keras.ops.convert_to_numpy(model(data, training=False))
+    steps = _steps(integer_model.run(data), want, float(integer_model.output_grids[0].scale))
+    assert np.mean(steps == 0) >= 0.999 and steps.max() <= 1

@@ -277,7 +277,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         and this layer then requantizes to that consumer's grid in integer inference."""
         if self._output_vars or self._activations:
             return False
-        return self.integer_kind() is not None or isinstance(self.layer, keras.layers.Concatenate)
+        return self.integer_kind() is not None or isinstance(
+            self.layer, (keras.layers.Concatenate, keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
+        )
 
     def quantizes_inputs_as(self) -> emulation.OutputTarget | None:
         """For a ReLU or Concatenate that quantizes its inputs' values: its grid and clamp.
@@ -356,7 +358,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
 
     def call(self, inputs, training=None, **kwargs):
         training = bool(training)
-        if emulation.enabled(training) and not kwargs:
+        # Keras passes ``mask=None`` to layers that support masking; only a real argument
+        # (a mask, or anything the integer kernel does not know) keeps fake quantization.
+        if emulation.enabled(training) and all(value is None for value in kwargs.values()):
             outputs = self._integer_inference(inputs)
             if outputs is not None:
                 return outputs

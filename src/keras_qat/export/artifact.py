@@ -352,19 +352,20 @@ def _lookup_op(writer, entry, emit, layer, sources) -> None:
     """An elementwise layer as a table: the QAT layer run once on every input code."""
     if not sources or sources[0] is None:
         raise _unsupported(layer, "an input that is not quantized")
-    quantizers = layer.output_quantizers()
-    if len(quantizers) != 1:
-        raise _unsupported(layer, "an elementwise layer without one output quantizer")
-    source = sources[0]
-    inp = grid_entry(source)
+    out_source = _output_source(layer)
+    if out_source is None:
+        raise _unsupported(layer, "an elementwise layer whose output is not quantized")
+    inp = grid_entry(sources[0])
     codes = np.arange(inp["qmin"], inp["qmax"] + 1, dtype=np.float32)
     real = ((codes - inp["zero_point"]) * np.float32(inp["scale"])).reshape(-1, 1)
+    # The layer's own output quantizer rounds inside this call; a consumer's (a
+    # Concatenate that quantizes this output) rounds in the table.
     outputs = _numpy(layer(real, training=False)).reshape(-1)
-    out = grid_entry(emulation.Source(*quantizers[0]))
+    out = grid_entry(out_source)
     table = np.round(outputs.astype(np.float64) / out["scale"]) + out["zero_point"]
     table = np.clip(table, out["qmin"], out["qmax"]).astype(np.int64)
     entry["weights"]["table"] = writer.packed(table, out["bits"])
-    emit("lookup", output_source=emulation.Source(*quantizers[0]))
+    emit("lookup", output_source=out_source)
 
 
 def _softmax_op(writer, entry, emit, layer, sources) -> None:

@@ -219,10 +219,12 @@ def average_pool(x, pool_size, strides, padding: str):
 
 
 def requantize_codes(x, grid: Grid, out: Grid):
-    """Codes moved from ``grid`` to ``out`` (a requantization; the identity when equal)."""
+    """Codes moved from ``grid`` to ``out`` (the identity when equal), rounded once, half
+    up, as the QAT model's fake quantization of the dequantized value rounds."""
     if grid == out:
         return x
-    return Requantizer.of(np.float64(grid.scale) / np.float64(out.scale), out)(x - grid.zero_point)
+    multiplier = np.float64(grid.scale) / np.float64(out.scale)
+    return Requantizer.of(multiplier, out, single_rounding=True)(x - grid.zero_point)
 
 
 def softmax(x, exp_table: np.ndarray, out: Grid, levels: int):
