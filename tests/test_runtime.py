@@ -231,3 +231,37 @@ def test_one_dimensional_ops_and_tabulated_activations_run_as_in_the_qat_model(t
     want = keras.ops.convert_to_numpy(model(data, training=False))
     steps = _steps(integer_model.run(data), want, float(integer_model.output_grids[0].scale))
     assert np.mean(steps == 0) >= 0.999 and steps.max() <= 1
+
+
+def test_accumulators_beyond_int32_requantize_exactly():
+    """16-bit operands make accumulators wider than int32; the runtime takes the fixed-point
+    product in exact integers there. Oracle: gemmlowp's formulas on Python integers."""
+    from tests.test_fixed_point import _multiply
+
+    grid = runtime.kernels.Grid(np.float32(1.0), 0, -(2**15), 2**15 - 1, 16)
+    multiplier = np.array([3.1e-6, 7.7e-7])
+    requantize = runtime.kernels.Requantizer.of(multiplier, grid)
+    accumulator = np.array([[2**33 + 12345, -(2**34) - 999], [2**31 + 1, -(2**31) - 3]], dtype=np.int64)
+    got = requantize(accumulator)
+    m0, shift = requantize.m0, requantize.shift
+    want = [[_multiply(int(a), int(m0[j]), int(shift[j])) for j, a in enumerate(row)] for row in accumulator]
+    np.testing.assert_array_equal(got, np.clip(np.array(want), grid.qmin, grid.qmax))
+
+
+@needs_exact_inference
+def test_sixteen_bit_models_run_with_int64_biases(digits, tmp_path):
+    """At 16 bits the biases need int64 and the accumulators leave int32. Those layers keep
+    fake quantization in the QAT model (its graph has no wider integers), which rounds once
+    where the integer kernel rounds twice, so outputs may differ by a few 2**-16 steps; the
+    predictions agree."""
+    images, labels = digits
+    keras.utils.set_random_seed(4)
+    model = kq.quantize_model(_digits_cnn(), kq.schemes.NBitScheme(16, 16))
+    _fit(model, images[:1400], labels[:1400], epochs=1)
+    path = save_artifact(model, tmp_path / "wide.kqat")
+    manifest, _ = container.read(path)
+    assert any(w["encoding"] == "int64" for op in manifest["ops"] for w in op["weights"].values())
+    held_out = images[1400:]
+    got = runtime.load(path).run(held_out)
+    want = keras.ops.convert_to_numpy(model(held_out, training=False))
+    assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.99

@@ -186,6 +186,12 @@ def inherited_source(layer) -> Source | None:
     return None if links is None else links.inherited
 
 
+def output_consumer(layer):
+    """The consumer that quantizes ``layer``'s output for it (a fused ReLU, a Concatenate), or None."""
+    links = layer.__dict__.get("_kqat_links")
+    return None if links is None else links.output_consumer
+
+
 def output_target(layer) -> OutputTarget | None:
     """The grid and clamp of the consumer that quantizes ``layer``'s output, if one does."""
     consumer = _links(layer).output_consumer
@@ -249,8 +255,8 @@ def _clamped_real(scaled, out: Grid, activation: str):
     return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
 
 
-def _accumulate(layer, x, w):
-    """The layer's linear map on float64 codes (exact: every partial sum is below 2**53)."""
+def _linear(layer, x, w):
+    """The layer's linear map (no bias, no activation) on ``x`` with kernel ``w``."""
     if isinstance(layer, L.Dense):
         return ops.matmul(x, w)
     if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
@@ -260,6 +266,31 @@ def _accumulate(layer, x, w):
     return ops.conv(
         x, w, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate, data_format="channels_last"
     )
+
+
+#: float32 sums integers exactly while every partial sum stays below 2**24.
+_FLOAT32_EXACT = 2**24
+
+
+def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
+    """The exact integer accumulator of ``layer`` on centered codes ``x`` and ``w``, as float64.
+
+    float32 convolutions are fast but exact only below 2**24. When the accumulator's bound
+    (``terms`` products of at most ``2**input_bits`` by ``2**(weight_bits - 1)``) is too
+    large, the input codes are split into high and low halves, ``x = hi * 2**p + lo``, each
+    accumulated exactly in float32 and recombined in float64; float64 convolutions (slow on
+    CPU) are the last resort.
+    """
+    weight_bound = terms * 2 ** (weight_bits - 1)
+    if weight_bound * 2**input_bits < _FLOAT32_EXACT:
+        return ops.cast(_linear(layer, x, w), "float64")
+    low_bits = (input_bits + 1) // 2
+    if weight_bound * 2 ** max(low_bits, input_bits - low_bits) < _FLOAT32_EXACT:
+        base = float(2**low_bits)
+        high = ops.floor(x / base)
+        low = x - high * base
+        return ops.cast(_linear(layer, high, w), "float64") * base + ops.cast(_linear(layer, low, w), "float64")
+    return _linear(layer, ops.cast(x, "float64"), ops.cast(w, "float64"))
 
 
 def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
@@ -287,6 +318,24 @@ def weight_codes(layer, kernel, kernel_source: Source):
     return ops.cast(ops.round(kernel / _safe(_per_kernel(layer, g.scale))), "float64")
 
 
+def accumulator_bound(layer, in_source: Source, kernel_source: Source) -> int:
+    """The largest magnitude the layer's accumulator can reach, from its bit widths and its
+    reduction size. Above 2**31 the kernel needs int64 accumulators and a product wider
+    than 64 bits; :func:`kernel_inference` then leaves the layer to fake quantization, and
+    the runtime computes it with exact integers."""
+    return _reduction_terms(layer) * (2**in_source.quantizer.num_bits - 1) * 2 ** (kernel_source.quantizer.num_bits - 1)
+
+
+def _reduction_terms(layer) -> int:
+    """How many products each output of ``layer`` sums."""
+    shape = tuple(layer.kernel.shape)
+    depthwise = isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D))
+    terms = 1
+    for size in shape[:-2] if depthwise else shape[:-1]:
+        terms *= int(size)
+    return terms
+
+
 def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_source: Source, out: OutputTarget):
     """``layer``'s output as its deployed integer kernel computes it.
 
@@ -296,12 +345,19 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         kernel: the fake-quantized kernel (on ``kernel_source``'s grid, symmetric).
         bias: the float bias per output channel, or None.
         out: the output's quantizer and the activation clamped in the output codes.
+
+    Returns None where the accumulator could leave the int32 range (see
+    :func:`accumulator_bound`).
     """
+    if accumulator_bound(layer, in_source, kernel_source) >= 2**31:
+        return None
     in_grid = grid(in_source)
     w_grid = grid(kernel_source)
-    x = centered_codes(inputs, in_grid)
-    w = weight_codes(layer, kernel, kernel_source)
-    accumulator = _accumulate(layer, x, w)
+    x = ops.cast(centered_codes(inputs, in_grid), "float32")
+    w = ops.cast(weight_codes(layer, kernel, kernel_source), "float32")
+    accumulator = _accumulate(
+        layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
+    )
     channel_scale = ops.reshape(ops.cast(w_grid.scale, "float64"), (-1,))
     product_scale = ops.cast(in_grid.scale, "float64") * channel_scale
     if bias is not None:
@@ -317,13 +373,14 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
-    """TFLite's int8 ADD of ``a`` and ``b`` (each on its source's grid): both inputs scaled
-    to twice the larger scale with 20 extra bits, summed, and requantized to the output."""
+    """TFLite's ADD of ``a`` and ``b`` (each on its source's grid): both inputs scaled to
+    twice the larger scale with 20 extra bits (15 above 8 bits), summed, and requantized."""
     grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
     scale_a = ops.cast(grid_a.scale, "float64")
     scale_b = ops.cast(grid_b.scale, "float64")
     twice_max = 2.0 * ops.maximum(ops.maximum(scale_a, scale_b), 1e-300)
-    shift = float(1 << fixed_point.ADD_LEFT_SHIFT)
+    bits = max(source_a.quantizer.num_bits, source_b.quantizer.num_bits)
+    shift = float(1 << fixed_point.add_left_shift(bits))
 
     def scaled(values, g, scale):
         m0, exponent = fixed_point.quantize_multiplier_graph(scale / twice_max)
@@ -405,6 +462,7 @@ __all__ = [
     "input_sources",
     "output_target",
     "inherited_source",
+    "output_consumer",
     "enabled",
     "kernel_inference",
     "add_inference",

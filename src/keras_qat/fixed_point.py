@@ -123,19 +123,11 @@ def divide_multiplier(xp, m0, shift, count: int):
     return xp.floor_divide(xp.left_shift(m0, k), count), shift - k
 
 
-#: TFLite's int8 ADD scales both inputs up by 2**20 before rescaling them to a common scale.
-ADD_LEFT_SHIFT = 20
-
-
-def add_multipliers(scale_a: float, scale_b: float, scale_out: float):
-    """The real multipliers of TFLite's int8 ADD (``PrepareGeneralSubOp``), in float64:
-    ``(input_a, input_b, output)``."""
-    twice_max = 2.0 * np.maximum(np.float64(scale_a), np.float64(scale_b))
-    return (
-        np.float64(scale_a) / twice_max,
-        np.float64(scale_b) / twice_max,
-        twice_max / (float(1 << ADD_LEFT_SHIFT) * np.float64(scale_out)),
-    )
+def add_left_shift(bits: int) -> int:
+    """The bits TFLite's ADD shifts both inputs up by before rescaling them to a common scale:
+    20 for 8-bit inputs, 15 for wider ones (its int16 kernel), so that the shifted codes
+    stay within 31 bits."""
+    return 20 if bits <= 8 else 15
 
 
 __all__ = [
@@ -145,7 +137,6 @@ __all__ = [
     "rounding_divide_by_pot",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single_rounding",
-    "add_multipliers",
     "divide_multiplier",
-    "ADD_LEFT_SHIFT",
+    "add_left_shift",
 ]

@@ -15,7 +15,6 @@ import inspect
 from typing import Any
 
 import keras
-from keras import ops
 
 from keras_qat import emulation
 from keras_qat import ops as qops

@@ -14,7 +14,7 @@ The manifest (JSON, see :mod:`keras_qat.export.container` for the file layout) h
     in topological order: ``{"layer", "op", "inputs", "outputs", "attributes", "weights"}``.
     ``op`` is one of :data:`OPS`. Each weight is ``{"offset", "nbytes", "shape", "bits",
     "encoding", ...}`` into the payload: ``"packed"`` (signed integers at ``bits`` bits,
-    :mod:`keras_qat.export.packing`) or ``"int32"`` (little-endian); kernels add
+    :mod:`keras_qat.export.packing`), ``"int32"`` or ``"int64"`` (little-endian); kernels add
     ``scale``/``zero_point`` (one per output channel, or one) and ``axis``.
 
 What each op computes is the integer arithmetic of :mod:`keras_qat.emulation` (TFLite's
@@ -34,7 +34,6 @@ import keras
 import numpy as np
 
 from keras_qat import emulation
-from keras_qat import ops as qops
 from keras_qat.export import container, packing
 from keras_qat.export.weights import check_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
@@ -61,7 +60,7 @@ OPS = (
 )
 
 #: Fixed-point bits of the softmax exponential table: ``round(2**SOFTMAX_BITS * exp(-s d))``.
-SOFTMAX_BITS = 20
+SOFTMAX_BITS = 30
 
 
 class _Writer:
@@ -97,12 +96,13 @@ class _Writer:
         values = np.asarray(values, dtype=np.int64)
         return {**self.blob(packing.pack(values, bits)), "shape": list(values.shape), "bits": bits, "encoding": "packed"}
 
-    def int32(self, values: np.ndarray) -> dict:
+    def integers(self, values: np.ndarray) -> dict:
+        """Little-endian int32, or int64 where a value needs it (a bias at 16-bit scales)."""
         values = np.asarray(values, dtype=np.int64)
-        if values.size and (values.min() < -(2**31) or values.max() >= 2**31):
-            raise ValueError("save_artifact: a bias or table value does not fit in int32.")
-        data = values.astype("<i4").tobytes()
-        return {**self.blob(data), "shape": list(values.shape), "bits": 32, "encoding": "int32"}
+        wide = bool(values.size) and (values.min() < -(2**31) or values.max() >= 2**31)
+        encoding, dtype, bits = ("int64", "<i8", 64) if wide else ("int32", "<i4", 32)
+        data = values.astype(dtype).tobytes()
+        return {**self.blob(data), "shape": list(values.shape), "bits": bits, "encoding": encoding}
 
 
 def grid_entry(source: emulation.Source) -> dict:
@@ -187,13 +187,15 @@ def _output_source(layer) -> emulation.Source | None:
 
 
 def _activation_of(layer) -> str:
-    """The clamp the integer kernel applies: the layer's own ReLU/ReLU6, or the fused one."""
+    """The clamp the integer kernel applies: the layer's own ReLU/ReLU6, or the one fused
+    into it by the consumer that quantizes its output."""
     own = emulation.activation_name(getattr(layer.layer, "activation", "linear"))
-    if own != "linear":
+    if own != "linear" or _output_source(layer) is None:
         return own
-    target = layer.output_target() if isinstance(layer, QuantizeWrapper) else emulation.output_target(layer)
-    if isinstance(layer, QuantizeFoldedBatchNorm) and layer.output_quantizer is not None:
-        return "linear"
+    if isinstance(layer, QuantizeFoldedBatchNorm):
+        target = None if layer.output_quantizer is not None else emulation.output_target(layer)
+    else:
+        target = layer.output_target()
     return "linear" if target is None else target.activation
 
 
@@ -269,7 +271,7 @@ def _requantized_by_producer(layer, inputs) -> bool:
     """A fused ReLU: the kernel before it already requantized and clamped onto its grid."""
     history = getattr(inputs[0], "_keras_history", None)
     producer = None if history is None else history.operation
-    return producer is not None and emulation._links(producer).output_consumer is layer
+    return producer is not None and emulation.output_consumer(producer) is layer
 
 
 def _is_softmax(layer) -> bool:
@@ -332,7 +334,7 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
         product = in_scale * scale.astype(np.float64)
         raw = _numpy(bias).astype(np.float64) / np.where(product == 0, 1.0, product)
         bias_codes = np.where(product == 0, 0.0, np.sign(raw) * np.floor(np.abs(raw) + 0.5))
-        entry["weights"]["bias"] = writer.int32(bias_codes)
+        entry["weights"]["bias"] = writer.integers(bias_codes)
     if isinstance(inner, L.Dense):
         op, attributes = "dense", {}
     else:
@@ -379,7 +381,7 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
     inp = grid_entry(sources[0])
     distances = np.arange(inp["qmax"] - inp["qmin"] + 1, dtype=np.float64)
     table = np.round(np.exp(-np.float64(inp["scale"]) * distances) * 2.0**SOFTMAX_BITS).astype(np.int64)
-    entry["weights"]["exp_table"] = writer.int32(table)
+    entry["weights"]["exp_table"] = writer.integers(table)
     emit("softmax", output_source=emulation.Source(*quantizers[0]))
 
 

@@ -12,7 +12,7 @@ the reference that shows what the integer model computes, at any bit width.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 
@@ -58,8 +58,9 @@ class IntegerModel:
         entry = op["weights"][name]
         data = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
         count = int(np.prod(entry["shape"])) if entry["shape"] else 1
-        if entry["encoding"] == "int32":
-            values = np.frombuffer(data, dtype="<i4", count=count).astype(np.int64)
+        if entry["encoding"] in ("int32", "int64"):
+            dtype = "<i4" if entry["encoding"] == "int32" else "<i8"
+            values = np.frombuffer(data, dtype=dtype, count=count).astype(np.int64)
         else:
             values = packing.unpack(data, entry["bits"], count, dtype=np.int64)
         return values.reshape(entry["shape"])

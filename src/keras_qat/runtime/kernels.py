@@ -29,10 +29,13 @@ class Grid:
     zero_point: int
     qmin: int
     qmax: int
+    bits: int = 8
 
     @classmethod
     def from_manifest(cls, entry: dict) -> "Grid":
-        return cls(np.float32(entry["scale"]), int(entry["zero_point"]), int(entry["qmin"]), int(entry["qmax"]))
+        return cls(
+            np.float32(entry["scale"]), int(entry["zero_point"]), int(entry["qmin"]), int(entry["qmax"]), int(entry["bits"])
+        )
 
 
 def _round_half_away(x):
@@ -68,7 +71,13 @@ class Requantizer:
 
     def __call__(self, accumulator: np.ndarray) -> np.ndarray:
         multiply = fp.multiply_by_quantized_multiplier_single_rounding if self.single_rounding else fp.multiply_by_quantized_multiplier
-        return np.clip(multiply(np, accumulator, self.m0, self.shift) + self.zero_point, self.low, self.high)
+        if accumulator.size and int(np.abs(accumulator).max()) >= 2**31:
+            # A wide accumulator (16-bit operands): its product with the 31-bit multiplier
+            # needs more than 64 bits, so it is taken in Python's exact integers.
+            scaled = multiply(np, accumulator.astype(object), self.m0.astype(object), self.shift).astype(np.int64)
+        else:
+            scaled = multiply(np, accumulator, self.m0, self.shift)
+        return np.clip(scaled + self.zero_point, self.low, self.high)
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------
@@ -168,18 +177,20 @@ class AddParams:
     out: Requantizer
     zero_a: int
     zero_b: int
+    left_shift: int
 
     @classmethod
     def of(cls, grid_a: Grid, grid_b: Grid, out: Grid, activation: str) -> "AddParams":
+        left_shift = fp.add_left_shift(max(grid_a.bits, grid_b.bits))
         twice_max = 2.0 * max(np.float64(grid_a.scale), np.float64(grid_b.scale), 1e-300)
         a = fp.quantize_multiplier(np.float64(grid_a.scale) / twice_max)
         b = fp.quantize_multiplier(np.float64(grid_b.scale) / twice_max)
-        requantize = Requantizer.of(twice_max / (float(1 << fp.ADD_LEFT_SHIFT) * np.float64(out.scale)), out, activation)
-        return cls(a, b, requantize, grid_a.zero_point, grid_b.zero_point)
+        requantize = Requantizer.of(twice_max / (float(1 << left_shift) * np.float64(out.scale)), out, activation)
+        return cls(a, b, requantize, grid_a.zero_point, grid_b.zero_point, left_shift)
 
 
 def add(a, b, params: AddParams):
-    shift = 1 << fp.ADD_LEFT_SHIFT
+    shift = 1 << params.left_shift
     scaled_a = fp.multiply_by_quantized_multiplier(np, (a - params.zero_a) * shift, *params.a)
     scaled_b = fp.multiply_by_quantized_multiplier(np, (b - params.zero_b) * shift, *params.b)
     return params.out(scaled_a + scaled_b)
