@@ -265,3 +265,22 @@ def test_sixteen_bit_models_run_with_int64_biases(digits, tmp_path):
     got = runtime.load(path).run(held_out)
     want = keras.ops.convert_to_numpy(model(held_out, training=False))
     assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.99
+
+
+def test_an_add_of_three_inputs_and_a_collapsed_range_are_refused_naming_the_layer(tmp_path):
+    L = keras.layers
+    inputs = keras.Input((4,))
+    a, b, c = (L.Dense(3, name=f"fc_{i}")(inputs) for i in range(3))
+    model = kq.quantize_model(keras.Model(inputs, L.Add(name="sum3")([a, b, c])))
+    data = np.random.default_rng(0).normal(size=(16, 4)).astype("float32")
+    with pytest.raises(ValueError, match=r"'quant_sum3'.*ADD of 3 inputs"):
+        model(data, training=True)
+        save_artifact(model, tmp_path / "sum3.kqat")
+    collapsed = kq.quantize_model(keras.Model(inputs, L.ReLU(name="dead")(L.Dense(2, name="fc")(inputs))))
+    collapsed(data, training=True)
+    (quantizer, variables), = collapsed.get_layer("quant_dead").output_quantizers()
+    variables["min_var"].assign(0.0)  # a ReLU that never fired: its range is [0, 0]
+    variables["max_var"].assign(0.0)
+    with pytest.raises(ValueError, match=r"range of layer 'quant_fc' is empty.*calibrate"):
+        save_artifact(collapsed, tmp_path / "empty.kqat")
+    assert not list(tmp_path.iterdir())

@@ -162,8 +162,9 @@ def link(layer, inputs) -> None:
         return
     links = _links(layer)
     links.input_sources = [source_of(t) for t in flat]
-    known = [source for source in links.input_sources if source is not None]
-    links.inherited = known[0] if len(known) == 1 and getattr(layer, "inherits_input_grid", False) else None
+    known = {id(source.variables["min_var"]): source for source in links.input_sources if source is not None}
+    inheritable = getattr(layer, "inherits_input_grid", False) and len(known) == 1
+    links.inherited = next(iter(known.values())) if inheritable else None
     if not hasattr(layer, "quantizes_inputs_as"):
         return
     for tensor in flat:
@@ -430,13 +431,16 @@ def average_pool_inference(layer, inputs, source: Source):
 
 
 def mean_inference(layer, inputs, source: Source, out: OutputTarget):
-    """TFLite's int8 MEAN over the spatial axes: the sum of the centered codes, requantized
+    """TFLite's int8 MEAN over the spatial axes (None when a spatial size is unknown, which
+    the multiplier depends on): the sum of the centered codes, requantized
     with the multiplier of ``input_scale / output_scale`` divided by the count in integer
     arithmetic (``m0 * 2**k // count`` with ``k = floor(log2(count))``, at most 32 and
     ``31 + shift``), rounding twice as the convolutions do."""
     in_grid, out_grid = grid(source), grid(out.source)
     codes = centered_codes(inputs, in_grid)
     axes = tuple(range(1, len(inputs.shape) - 1))
+    if any(inputs.shape[axis] is None for axis in axes):
+        return None  # the count fixes the multiplier; unknown here, fake quantization instead
     count = 1
     for axis in axes:
         count *= int(inputs.shape[axis])

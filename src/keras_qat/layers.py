@@ -314,7 +314,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return isinstance(self.layer, keras.layers.Concatenate) and not self._weight_vars and not self._activations
 
     def integer_kind(self) -> str | None:
-        """"kernel" or "add" when inference can run this layer's integer kernel, else None."""
+        """"kernel", "add" or "mean" when inference can run this layer's integer kernel, else None."""
         if isinstance(self.layer, keras.layers.Add) and not self._weight_vars:
             return "add"
         if isinstance(self.layer, _GLOBAL_AVERAGE_POOLING) and self.layer.data_format == "channels_last":
@@ -481,9 +481,9 @@ class QuantizeSameScale(keras.layers.Wrapper):
         source = self._source()
         learns = training and source.variables is self.quantizer_vars
         quantized = source.quantizer(inputs, learns, source.variables)
-        outputs = self.layer(quantized)
         if not training and not qops.is_exporting() and isinstance(self.layer, _AVERAGE_POOLING):
             return emulation.average_pool_inference(self.layer, quantized, source)
+        outputs = self.layer(quantized)
         # The range was just updated from the input (training) or is the stored one: read it.
         return source.quantizer(outputs, False, source.variables)
 

@@ -19,7 +19,9 @@ The manifest (JSON, see :mod:`keras_qat.export.container` for the file layout) h
 
 What each op computes is the integer arithmetic of :mod:`keras_qat.emulation` (TFLite's
 reference kernels), which the QAT model's inference reproduces: the runtime's outputs are
-the QAT model's, element for element. Tables stand in for elementwise activations
+the QAT model's, element for element, wherever accumulators fit in int32 (up to 8-bit
+operands). Beyond that (16-bit) the QAT model keeps fake quantization, which rounds once,
+and the two can differ by a step per layer. Tables stand in for elementwise activations
 (``lookup``: the QAT layer evaluated once on every input code) and for the exponentials of
 a softmax, so that the runtime computes nothing in float.
 """
@@ -82,9 +84,15 @@ class _Writer:
                 "runtime cannot hold it; quantize the layer (quantize_annotate_layer) or keep the "
                 "float part of the model outside the exported one."
             )
+        entry = grid_entry(source)
+        if entry["scale"] == 0.0:
+            raise ValueError(
+                f"save_artifact: the output range of layer '{owner}' is empty (min == max), so its "
+                "tensor has no integer grid; train or calibrate the model on data before exporting."
+            )
         name = f"t{len(self.ids)}"
         self.ids[key] = name
-        self.tensors[name] = {"shape": [None] + [int(d) for d in keras_tensor.shape[1:]], **grid_entry(source)}
+        self.tensors[name] = {"shape": _shape(keras_tensor), **entry}
         return name
 
     def blob(self, data: bytes) -> dict:
@@ -103,6 +111,11 @@ class _Writer:
         encoding, dtype, bits = ("int64", "<i8", 64) if wide else ("int32", "<i4", 32)
         data = values.astype(dtype).tobytes()
         return {**self.blob(data), "shape": list(values.shape), "bits": bits, "encoding": encoding}
+
+
+def _shape(tensor) -> list:
+    """A tensor's shape for the manifest: the batch and any unknown dimension as None."""
+    return [None] + [None if d is None else int(d) for d in tensor.shape[1:]]
 
 
 def grid_entry(source: emulation.Source) -> dict:
@@ -146,7 +159,7 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
     nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
     for tensor in model.inputs:
         writer.ids.setdefault(id(tensor), f"input_{len(writer.ids)}")
-        writer.tensors[writer.ids[id(tensor)]] = {"shape": [None] + [int(d) for d in tensor.shape[1:]], "float": True}
+        writer.tensors[writer.ids[id(tensor)]] = {"shape": _shape(tensor), "float": True}
     for node in nodes:
         operation = node.operation
         if operation is None or isinstance(operation, L.InputLayer):
@@ -217,6 +230,8 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
     for tensor in inputs:
         if id(tensor) not in writer.ids:
             raise _unsupported(layer, "an input from outside the graph")
+        if writer.tensors[writer.ids[id(tensor)]].get("float") and not isinstance(layer, QuantizeLayer):
+            raise _unsupported(layer, "a float model input that no QuantizeLayer quantizes")
 
     if isinstance(layer, QuantizeLayer):
         if not emulation.is_model_input(inputs[0]):
@@ -230,7 +245,8 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         return emit("average_pool", **_pool_attributes(inner))
 
     if isinstance(layer, QuantizeFoldedBatchNorm):
-        check_finite(layer.name, "kernel", layer.layer.kernel)
+        for variable in layer.layer.weights + layer.batch_norm.weights:
+            check_finite(layer.name, variable.name, variable)
         kernel = layer.folded_kernel()
         bias = layer.folded_bias()
         kernel_source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
@@ -243,14 +259,19 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
     kind = layer.integer_kind()
     if kind == "kernel":
         weight, quantizer, qvars = layer.quantized_weights()[0]
-        check_finite(layer.name, weight.name, weight)
+        for variable in inner.weights:
+            check_finite(layer.name, variable.name, variable)
         kernel = quantizer(weight, False, qvars)
         bias = inner.bias if getattr(inner, "use_bias", False) else None
         return _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, emulation.Source(quantizer, qvars))
     if kind == "add":
+        if len(inputs) != 2:
+            raise _unsupported(layer, f"an ADD of {len(inputs)} inputs (the integer ADD takes two)")
         return emit("add", output_source=_output_source(layer), activation=_activation_of(layer))
     if kind == "mean":
-        return emit("mean", output_source=_output_source(layer), keepdims=bool(inner.keepdims))
+        return emit(
+            "mean", output_source=_output_source(layer), keepdims=bool(inner.keepdims), activation=_activation_of(layer)
+        )
     if layer.quantized_weights():
         raise _unsupported(layer, f"{type(inner).__name__} with weights")
     if isinstance(inner, L.Concatenate):
@@ -288,6 +309,8 @@ def _elementwise(layer) -> bool:
 
 
 def _moving_op(emit, layer, inner, inputs, outputs):
+    if getattr(inner, "data_format", "channels_last") != "channels_last":
+        raise _unsupported(layer, f"{type(inner).__name__} with channels_first")
     if isinstance(inner, (L.MaxPooling1D, L.MaxPooling2D)):
         return emit("max_pool", **_pool_attributes(inner))
     if isinstance(inner, (L.ZeroPadding1D, L.ZeroPadding2D)):
@@ -361,10 +384,10 @@ def _lookup_op(writer, entry, emit, layer, sources) -> None:
     codes = np.arange(inp["qmin"], inp["qmax"] + 1, dtype=np.float32)
     real = ((codes - inp["zero_point"]) * np.float32(inp["scale"])).reshape(-1, 1)
     # The layer's own output quantizer rounds inside this call; a consumer's (a
-    # Concatenate that quantizes this output) rounds in the table.
-    outputs = _numpy(layer(real, training=False)).reshape(-1)
+    # Concatenate that quantizes this output) rounds here, with the same fake quantization.
+    outputs = out_source.quantizer(layer(real, training=False), False, out_source.variables)
     out = grid_entry(out_source)
-    table = np.round(outputs.astype(np.float64) / out["scale"]) + out["zero_point"]
+    table = np.round(_numpy(outputs).reshape(-1).astype(np.float64) / out["scale"]) + out["zero_point"]
     table = np.clip(table, out["qmin"], out["qmax"]).astype(np.int64)
     entry["weights"]["table"] = writer.packed(table, out["bits"])
     emit("lookup", output_source=out_source)

@@ -77,7 +77,10 @@ class IntegerModel:
             params = K.AddParams.of(grids[0], grids[1], out, attributes["activation"])
             return lambda a, b: K.add(a, b, params)
         if kind == "mean":
-            return lambda x: K.mean(x, grids[0].zero_point, attributes["keepdims"], grids[0].scale, out)
+            requantize = K.Requantizer.of(
+                np.float64(grids[0].scale) / np.float64(out.scale), out, attributes.get("activation", "linear")
+            )
+            return lambda x: K.mean(x, grids[0].zero_point, attributes["keepdims"], requantize)
         if kind == "concatenate":
             axis = attributes["axis"]
             return lambda *xs: np.concatenate([K.requantize_codes(x, g, out) for x, g in zip(xs, grids)], axis=axis)
@@ -160,7 +163,10 @@ class IntegerModel:
         for op, step in self._steps:
             if integer_io and op["op"] == "quantize":
                 continue
-            values[op["outputs"][0]] = step(*[values[name] for name in op["inputs"]])
+            try:
+                values[op["outputs"][0]] = step(*[values[name] for name in op["inputs"]])
+            except (ValueError, IndexError, TypeError) as error:
+                raise ValueError(f"run: layer '{op['layer']}' (op '{op['op']}') failed on its input: {error}") from error
         outputs = []
         for name, grid in zip(self.manifest["outputs"], self.output_grids):
             outputs.append(values[name] if integer_io else K.dequantize(values[name], grid))

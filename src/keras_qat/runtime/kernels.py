@@ -7,8 +7,8 @@ fixed-point requantization (:mod:`keras_qat.fixed_point`). The products of a con
 summed by BLAS in float64, which is exact: every partial sum of at most 16-bit by 16-bit
 products over fewer than 2**20 terms stays far below 2**53.
 
-The multipliers are derived from the scales when the model is loaded (as TFLite's ``Prepare``
-does), never while it runs.
+The multipliers are derived from the scales when the model is loaded, as TFLite's ``Prepare``
+does (a mean divides its multiplier by the count when it runs, once the count is known).
 """
 
 from __future__ import annotations
@@ -86,7 +86,9 @@ class Requantizer:
 def quantize(x: np.ndarray, out: Grid) -> np.ndarray:
     """TFLite's QUANTIZE: ``round(x / scale)`` half away from zero (float32), plus the zero point."""
     scaled = np.asarray(x, dtype=np.float32) / out.scale
-    return np.clip(_round_half_away(scaled).astype(np.int64) + out.zero_point, out.qmin, out.qmax)
+    # Clamped while still float: inf or huge values must not wrap around in the int cast.
+    codes = np.clip(_round_half_away(scaled) + out.zero_point, out.qmin, out.qmax)
+    return codes.astype(np.int64)
 
 
 def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
@@ -196,14 +198,16 @@ def add(a, b, params: AddParams):
     return params.out(scaled_a + scaled_b)
 
 
-def mean(x, zero_point: int, keepdims: bool, in_scale: np.float32, out: Grid):
-    """TFLite's int8 MEAN over the spatial axes (see :func:`keras_qat.fixed_point.divide_multiplier`)."""
+def mean(x, zero_point: int, keepdims: bool, requantize: Requantizer):
+    """TFLite's int8 MEAN over the spatial axes; ``requantize`` holds the multiplier of
+    ``input_scale / output_scale`` before its division by the count (done here, as the
+    count is known once the input's shape is)."""
     axes = tuple(range(1, x.ndim - 1))
     count = int(np.prod([x.shape[a] for a in axes]))
     total = np.sum(x - zero_point, axis=axes, keepdims=keepdims)
-    m0, shift = fp.quantize_multiplier(np.float64(in_scale) / np.float64(out.scale))
-    m0, shift = fp.divide_multiplier(np, m0, shift, count)
-    return np.clip(fp.multiply_by_quantized_multiplier(np, total, m0, shift) + out.zero_point, out.qmin, out.qmax)
+    m0, shift = fp.divide_multiplier(np, requantize.m0, requantize.shift, count)
+    divided = Requantizer(m0, shift, requantize.zero_point, requantize.low, requantize.high)
+    return divided(total)
 
 
 def max_pool(x, pool_size, strides, padding: str):
