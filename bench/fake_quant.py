@@ -46,7 +46,6 @@ import argparse
 import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -55,7 +54,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from timing import machine_info, time_call
+from common import machine_info, print_table, time_call, write_json_atomic
 
 SEED = 0
 NUM_BITS = 8
@@ -331,40 +330,6 @@ HEADERS = ["path", "mode", "layout", "median ms", "p10 ms", "p90 ms", "ratio", "
 NUMERIC_COLUMNS = {3, 4, 5, 6}
 
 
-def print_table(rows: list[Row], title: str) -> None:
-    """Print the rows with rich if it is installed, else as aligned plain text."""
-    cells = [table_cells(r) for r in rows]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print_plain_table(cells, title)
-        return
-    table = Table(title=title)
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="right" if i in NUMERIC_COLUMNS else "left")
-    for i, (row, line) in enumerate(zip(rows, cells)):
-        last_of_layout = i + 1 < len(rows) and rows[i + 1].layout != row.layout
-        table.add_row(*line, end_section=last_of_layout)
-    Console(width=shutil.get_terminal_size((120, 24)).columns).print(table)
-
-
-def print_plain_table(cells: list[list[str]], title: str) -> None:
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
-
-    def fmt(line: Sequence[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if i in NUMERIC_COLUMNS else v.ljust(w)
-            for i, (v, w) in enumerate(zip(line, widths))
-        )
-
-    print(title)
-    print(fmt(HEADERS))
-    print("  ".join("-" * w for w in widths))
-    for line in cells:
-        print(fmt(line))
-
-
 def parameters(repeats: int) -> dict[str, Any]:
     return {
         "cases": [asdict(c) for c in CASES],
@@ -380,14 +345,6 @@ def parameters(repeats: int) -> dict[str, Any]:
                  "(JAX rows: the raw TF op under tf.function)",
         "per_axis_0_reference": "raw TF per-channel op on a channels-last copy of x",
     }
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write the results as JSON atomically (keras_qat's own atomic writer)."""
-    from keras_qat.export.atomic import write_atomically
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------
@@ -437,7 +394,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     title = (f"fake_quant, float32 x {int(np.prod(CASES[0].shape)):,} elements, "
              f"{NUM_BITS} bits, {args.repeats} repeats after {WARMUP} warm-up")
-    print_table(rows, title)
+    section_ends = [i + 1 < len(rows) and rows[i + 1].layout != row.layout for i, row in enumerate(rows)]
+    print_table(HEADERS, NUMERIC_COLUMNS, [table_cells(r) for r in rows], title, section_ends)
     print("ratio: median / raw TF op median in the same mode and layout "
           "(JAX rows: / raw TF op under tf.function).")
     print("per-axis 0 reference: the raw per-channel op on a channels-last copy of x.")

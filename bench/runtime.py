@@ -66,9 +66,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
 import datetime
-import json
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -77,7 +75,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
-from timing import machine_info as base_machine_info, summarize, time_alternating, warm_up
+from common import machine_info as base_machine_info
+from common import print_table, summarize, time_alternating, warm_up, write_json_atomic
 
 SEED = 0
 INPUT_SHAPE = (96, 96, 3)
@@ -361,39 +360,6 @@ def table_cells(r: BatchResult) -> list[str]:
     ]
 
 
-def print_table(results: list[BatchResult], title: str) -> None:
-    """Print the results with rich if it is installed, else as aligned plain text."""
-    cells = [table_cells(r) for r in results]
-    try:
-        from rich.console import Console
-        from rich.table import Table
-    except ImportError:
-        print_plain_table(cells, title)
-        return
-    table = Table(title=title)
-    for i, header in enumerate(HEADERS):
-        table.add_column(header, justify="right" if i in NUMERIC_COLUMNS else "left")
-    for line in cells:
-        table.add_row(*line)
-    Console(width=max(160, shutil.get_terminal_size((160, 24)).columns)).print(table)
-
-
-def print_plain_table(cells: list[list[str]], title: str) -> None:
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(HEADERS)]
-
-    def fmt(line: Sequence[str]) -> str:
-        return "  ".join(
-            v.rjust(w) if i in NUMERIC_COLUMNS else v.ljust(w)
-            for i, (v, w) in enumerate(zip(line, widths))
-        )
-
-    print(title)
-    print(fmt(HEADERS))
-    print("  ".join("-" * w for w in widths))
-    for line in cells:
-        print(fmt(line))
-
-
 def print_notes(results: list[BatchResult], step: float, step_source: str) -> None:
     print(f"goal: runtime median / LiteRT median <= {TARGET_RATIO:g}; "
           "ref = LiteRT reference kernels (BUILTIN_REF), default = AUTO (XNNPACK).")
@@ -466,14 +432,6 @@ def parameters(repeats: dict[int, int], warmup: int, threads: Optional[int]) -> 
     }
 
 
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write the results as JSON atomically (keras_qat's own atomic writer)."""
-    from keras_qat.export.atomic import write_atomically
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
-
-
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
@@ -538,7 +496,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     title = (f"keras_qat.runtime vs LiteRT, MobileNetV2 (alpha 0.35, 96x96) int8, "
              f"alternating repeats after {args.warmup} warm-up")
-    print_table(results, title)
+    print_table(HEADERS, NUMERIC_COLUMNS, [table_cells(r) for r in results], title)
     print_notes(results, step, step_source)
 
     export_info = {k: v for k, v in export.items() if not k.endswith("_path")}

@@ -235,7 +235,8 @@ def average_pool(x, pool_size, strides, padding: str):
 
 def requantize_codes(x, grid: Grid, out: Grid):
     """Codes moved from ``grid`` to ``out`` (the identity when equal), rounded once, half
-    up, as the QAT model's fake quantization of the dequantized value rounds."""
+    up, in fixed point. The QAT model rounds the same value half up in float32 fake
+    quantization; the two can differ only on a value within an ulp of a half step."""
     if grid == out:
         return x
     multiplier = np.float64(grid.scale) / np.float64(out.scale)

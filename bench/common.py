@@ -1,11 +1,15 @@
-"""Timing helpers shared by the benchmark scripts: alternating repetitions, percentiles,
-and the machine description that goes into every JSON result."""
+"""What the benchmark scripts share: alternating timed repetitions, percentiles, the
+machine description that goes into every JSON result, the printed table and the atomic
+JSON write."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import shutil
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -64,3 +68,50 @@ def machine_info() -> dict[str, Any]:
     except ImportError:
         pass
     return info
+
+
+def print_table(
+    headers: Sequence[str],
+    numeric_columns: set[int] | frozenset[int],
+    cells: list[list[str]],
+    title: str,
+    section_ends: Sequence[bool] | None = None,
+) -> None:
+    """Print ``cells`` with rich if it is installed, else as aligned plain text; numeric
+    columns are right-aligned, and a rule follows each row whose ``section_ends`` is True."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        _print_plain_table(headers, numeric_columns, cells, title)
+        return
+    table = Table(title=title)
+    for i, header in enumerate(headers):
+        table.add_column(header, justify="right" if i in numeric_columns else "left")
+    ends = section_ends or [False] * len(cells)
+    for line, end in zip(cells, ends):
+        table.add_row(*line, end_section=end)
+    Console(width=max(160, shutil.get_terminal_size((160, 24)).columns)).print(table)
+
+
+def _print_plain_table(headers, numeric_columns, cells: list[list[str]], title: str) -> None:
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+
+    def fmt(line: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if i in numeric_columns else v.ljust(w) for i, (v, w) in enumerate(zip(line, widths))
+        )
+
+    print(title)
+    print(fmt(headers))
+    print("  ".join("-" * w for w in widths))
+    for line in cells:
+        print(fmt(line))
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write the results as JSON atomically (keras_qat's own atomic writer)."""
+    from keras_qat.export.atomic import write_atomically
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
