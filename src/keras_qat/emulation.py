@@ -81,14 +81,16 @@ def grid(source: Source) -> Grid:
     safe = ops.where(scale == 0, 1.0, scale)
     from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
     use_min = (abs(qmin) + ops.abs(lo / safe)) < (abs(qmax) + ops.abs(hi / safe))
-    zero_point = ops.clip(_round_half_away(ops.where(use_min, from_min, from_max)), float(qmin), float(qmax))
+    zero_point = ops.clip(_rounded(ops.where(use_min, from_min, from_max)), float(qmin), float(qmax))
     return Grid(ops.cast(scale, "float32"), ops.cast(zero_point, "float32"), qmin, qmax)
 
 
 def activation_name(activation) -> str:
+    """The registered name of an activation function ('relu', 'softmax', ...)."""
     if isinstance(activation, str):
         return activation
-    return getattr(activation, "__name__", type(activation).__name__.lower())
+    name = getattr(activation, "__name__", None)
+    return name or type(activation).__name__.lower()
 
 
 # ---- links ------------------------------------------------------------------------------
@@ -207,12 +209,13 @@ def enabled(training: bool) -> bool:
 # ---- the arithmetic -----------------------------------------------------------------------
 
 
+def _rounded(x):
+    return fixed_point.round_half_away(ops, x)
+
+
 def _safe(scale):
     return ops.where(ops.equal(scale, 0.0), ops.ones_like(scale), scale)
 
-
-def _round_half_away(x):
-    return ops.sign(x) * ops.floor(ops.abs(x) + 0.5)
 
 
 def centered_codes(x, g: Grid):
@@ -228,7 +231,7 @@ def _activation_bounds(g: Grid, activation: str):
     if activation in ("relu", "relu6"):
         low = ops.maximum(low, g.zero_point)
     if activation == "relu6":
-        high = ops.minimum(high, g.zero_point + _round_half_away(6.0 / _safe(g.scale)))
+        high = ops.minimum(high, g.zero_point + _rounded(6.0 / _safe(g.scale)))
     return low, high
 
 
@@ -362,7 +365,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     channel_scale = ops.reshape(ops.cast(w_grid.scale, "float64"), (-1,))
     product_scale = ops.cast(in_grid.scale, "float64") * channel_scale
     if bias is not None:
-        bias_codes = _round_half_away(ops.cast(bias, "float64") / ops.where(product_scale == 0, 1.0, product_scale))
+        bias_codes = _rounded(ops.cast(bias, "float64") / ops.where(product_scale == 0, 1.0, product_scale))
         accumulator = accumulator + ops.where(product_scale == 0, 0.0, bias_codes)
     out_grid = grid(out.source)
     multiplier = product_scale / ops.cast(_safe(out_grid.scale), "float64")
@@ -399,7 +402,7 @@ def quantize_inference(inputs, source: Source):
     ``(x - nudged_min) / scale`` half up, which differs on ties below the zero point and on
     values a rounding error from a half step."""
     g = grid(source)
-    codes = _round_half_away(inputs / _safe(g.scale)) + g.zero_point
+    codes = _rounded(inputs / _safe(g.scale)) + g.zero_point
     codes = ops.minimum(ops.maximum(codes, float(g.qmin)), float(g.qmax))
     return (codes - g.zero_point) * g.scale
 

@@ -38,7 +38,7 @@ def quantize_multiplier(multiplier):
     if np.any(~np.isfinite(multiplier)) or np.any(multiplier < 0):
         raise ValueError(f"quantize_multiplier: multipliers must be finite and >= 0, got {multiplier}.")
     mantissa, shift = np.frexp(multiplier)
-    m0 = _round_half_away(mantissa * float(_ONE_31)).astype(np.int64)
+    m0 = round_half_away(np, mantissa * float(_ONE_31)).astype(np.int64)
     carry = m0 == _ONE_31
     m0 = np.where(carry, m0 // 2, m0)
     shift = np.where(carry, shift + 1, shift).astype(np.int64)
@@ -72,8 +72,9 @@ def quantize_multiplier_graph(multiplier):
     )
 
 
-def _round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
+def round_half_away(xp, x):
+    """``std::round``: to the nearest integer, ties away from zero (TFLite's ``TfLiteRound``)."""
+    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
 
 
 def saturating_rounding_doubling_high_mul(xp, a, b):
@@ -131,6 +132,7 @@ def add_left_shift(bits: int) -> int:
 
 
 __all__ = [
+    "round_half_away",
     "quantize_multiplier",
     "quantize_multiplier_graph",
     "saturating_rounding_doubling_high_mul",

@@ -152,11 +152,12 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             target = emulation.output_target(self)
         if target is None or len(sources) != 1 or sources[0] is None:
             return None
+        factor = self._factor()
         return emulation.kernel_inference(
             self.layer,
             inputs,
-            self.folded_kernel(),
-            self.folded_bias(),
+            self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars),
+            self.folded_bias(factor),
             sources[0],
             emulation.Source(self.weight_quantizer, self.kernel_vars),
             target,

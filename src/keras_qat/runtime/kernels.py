@@ -38,17 +38,13 @@ class Grid:
         )
 
 
-def _round_half_away(x):
-    return np.sign(x) * np.floor(np.abs(x) + 0.5)
-
-
 def activation_bounds(grid: Grid, activation: str) -> tuple[int, int]:
     """TFLite's ``CalculateActivationRangeQuantized``: the code range after a fused clamp."""
     low, high = grid.qmin, grid.qmax
     if activation in ("relu", "relu6"):
         low = max(low, grid.zero_point)
     if activation == "relu6":
-        high = min(high, grid.zero_point + int(_round_half_away(np.float32(6.0) / grid.scale)))
+        high = min(high, grid.zero_point + int(fp.round_half_away(np, np.float32(6.0) / grid.scale)))
     return low, high
 
 
@@ -87,7 +83,7 @@ def quantize(x: np.ndarray, out: Grid) -> np.ndarray:
     """TFLite's QUANTIZE: ``round(x / scale)`` half away from zero (float32), plus the zero point."""
     scaled = np.asarray(x, dtype=np.float32) / out.scale
     # Clamped while still float: inf or huge values must not wrap around in the int cast.
-    codes = np.clip(_round_half_away(scaled) + out.zero_point, out.qmin, out.qmax)
+    codes = np.clip(fp.round_half_away(np, scaled) + out.zero_point, out.qmin, out.qmax)
     return codes.astype(np.int64)
 
 

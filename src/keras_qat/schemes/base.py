@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import keras
 
 from keras_qat import ops as qops
+from keras_qat.emulation import activation_name
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import FixedQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
 
@@ -93,12 +94,6 @@ OverrideValue = Any  # a dict of scheme settings, a QuantizeConfig, or None (kee
 _OVERRIDE_KEYS = {"weight_bits", "activation_bits", "per_axis"}
 
 
-def activation_name(activation) -> str:
-    """The registered name of an activation function ('relu', 'softmax', ...)."""
-    if isinstance(activation, str):
-        return activation
-    name = getattr(activation, "__name__", None)
-    return name or type(activation).__name__.lower()
 
 
 class Scheme:
