@@ -1,0 +1,32 @@
+"""The exceptions keras-qat raises on purpose, so that callers (and the conformance table) can tell a
+refusal from a failure.
+
+Every refusal is a ``ValueError`` subclass, as Keras raises for bad arguments, with a message that
+names each layer concerned, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class NotDeployableError(ValueError):
+    """A model that a deployment target cannot compute exactly as the QAT model does.
+
+    Raised up front (by ``quantize_model`` with a target, by ``diagnose(..., target=...)`` users, and
+    by every exporter before it writes anything), listing every layer the target cannot take and why.
+
+    Attributes:
+        target: the target's name (``"tflite"``, ``"kqat"``, ``"onnx"``).
+        reasons: ``{layer name: why}``, one entry per refused layer, in graph order.
+    """
+
+    def __init__(self, target: str, reasons: dict[str, str], hint: str = ""):
+        self.target = target
+        self.reasons = dict(reasons)
+        lines = [f"{target}: {len(self.reasons)} layer(s) cannot be deployed exactly:"]
+        lines += [f"  - '{layer}': {why}" for layer, why in self.reasons.items()]
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+__all__ = ["NotDeployableError"]
