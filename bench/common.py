@@ -111,7 +111,7 @@ def _print_plain_table(headers, numeric_columns, cells: list[list[str]], title: 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     """Write the results as JSON atomically (keras_qat's own atomic writer)."""
-    from keras_qat.export.atomic import write_atomically
+    from keras_qat.format.atomic import write_atomically
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))

@@ -13,6 +13,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
 import numpy as np
+
+L = keras.layers
 import pytest
 from hypothesis import settings
 
@@ -96,3 +98,76 @@ class QuantizerHost(keras.layers.Layer):
 @pytest.fixture
 def host():
     return QuantizerHost()
+
+
+# ---- exact fixed-point arithmetic (the oracle of keras_qat.fixed_point) ----
+
+
+def _exact_srdhm(a: int, b: int) -> int:
+    product = a * b
+    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
+    total = product + nudge
+    return abs(total) // (1 << 31) * (1 if total >= 0 else -1)  # C++ division truncates
+
+
+def _exact_rounding_divide_by_pot(x: int, exponent: int) -> int:
+    mask = (1 << exponent) - 1
+    remainder = x & mask
+    threshold = (mask >> 1) + (1 if x < 0 else 0)
+    return (x >> exponent) + (1 if remainder > threshold else 0)
+
+
+def exact_multiply_by_quantized_multiplier(x: int, m0: int, shift: int) -> int:
+    """TFLite's MultiplyByQuantizedMultiplier in Python's exact integers: the oracle."""
+    return _exact_rounding_divide_by_pot(_exact_srdhm(x * (1 << max(shift, 0)), m0), max(-shift, 0))
+
+
+def exact_multiply_single_rounding(x: int, m0: int, shift: int) -> int:
+    """The single-rounding requantization (reference FULLY_CONNECTED) in exact integers."""
+    total = 31 - shift
+    return (x * m0 + (1 << (total - 1))) >> total
+
+
+# ---- the digits CNN that the export and runtime tests train ----
+
+
+def fit_briefly(model, x, y, epochs=1):
+    """Compile with Adam(1e-2) and fit silently: the short training the export tests use."""
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+
+
+def digits_data():
+    """The 1797 offline 8x8 digits (sklearn), scaled to [0, 1], shuffled with a fixed seed."""
+    from sklearn.datasets import load_digits
+
+    images, labels = load_digits(return_X_y=True)
+    images = (images / 16.0).astype("float32").reshape(-1, 8, 8, 1)
+    order = np.random.default_rng(0).permutation(len(images))
+    return images[order], labels[order]
+
+
+def digits_cnn() -> keras.Model:
+    """Conv+BN+ReLU, DepthwiseConv+BN+ReLU6, a residual Add+ReLU, MaxPool, a Concatenate of
+    the pooled tensor and a 1x1 conv of it, AveragePooling, GlobalAveragePooling,
+    Dense+BN+ReLU and a Dense softmax. BN momentum 0.9: the moving statistics settle within
+    the ~90 steps of the fine-tuning."""
+    inputs = keras.Input((8, 8, 1), name="image")
+    x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
+    x = L.BatchNormalization(momentum=0.9, name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    y = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    y = L.BatchNormalization(momentum=0.9, name="bn_dw")(y)
+    y = L.ReLU(6.0, name="relu6")(y)
+    y = L.Add(name="residual")([x, y])
+    y = L.ReLU(name="relu_residual")(y)
+    pooled = L.MaxPooling2D(2, name="maxpool")(y)
+    branch = L.Conv2D(8, 1, activation="relu", name="conv_branch")(pooled)
+    x = L.Concatenate(name="concat")([pooled, branch])
+    x = L.AveragePooling2D(2, name="avgpool")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    x = L.Dense(16, name="fc")(x)
+    x = L.BatchNormalization(momentum=0.9, name="bn_fc")(x)
+    x = L.ReLU(name="relu_fc")(x)
+    outputs = L.Dense(10, activation="softmax", name="classifier")(x)
+    return keras.Model(inputs, outputs, name="digits_cnn")

@@ -16,6 +16,7 @@ import pytest
 import keras_qat as kq
 from keras_qat.export import AgreementReport, TFLiteCheck, compare, to_tflite
 from keras_qat.export.tflite import layer_of_tensor
+from tests.conftest import digits_cnn, digits_data, fit_briefly
 
 L = keras.layers
 
@@ -50,58 +51,18 @@ def _quantize_int8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return np.clip(rounded, -128, 127).astype(np.int8)
 
 
-def _fit(model, x, y, epochs=1):
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
-
-
 # --------------------------------------------------------------------------------------
 # The digits CNN
 # --------------------------------------------------------------------------------------
-
-
-def _digits():
-    from sklearn.datasets import load_digits
-
-    images, labels = load_digits(return_X_y=True)
-    images = (images / 16.0).astype("float32").reshape(-1, 8, 8, 1)
-    order = np.random.default_rng(0).permutation(len(images))
-    return images[order], labels[order]
-
-
-def _digits_cnn() -> keras.Model:
-    """Conv+BN+ReLU, DepthwiseConv+BN+ReLU6, a residual Add+ReLU, MaxPool, a Concatenate of
-    the pooled tensor and a 1x1 conv of it, AveragePooling, GlobalAveragePooling,
-    Dense+BN+ReLU and a Dense softmax. BN momentum 0.9: the moving statistics settle within
-    the ~90 steps of the fine-tuning."""
-    inputs = keras.Input((8, 8, 1), name="image")
-    x = L.Conv2D(8, 3, padding="same", name="conv1")(inputs)
-    x = L.BatchNormalization(momentum=0.9, name="bn1")(x)
-    x = L.ReLU(name="relu1")(x)
-    y = L.DepthwiseConv2D(3, padding="same", name="dw")(x)
-    y = L.BatchNormalization(momentum=0.9, name="bn_dw")(y)
-    y = L.ReLU(6.0, name="relu6")(y)
-    y = L.Add(name="residual")([x, y])
-    y = L.ReLU(name="relu_residual")(y)
-    pooled = L.MaxPooling2D(2, name="maxpool")(y)
-    branch = L.Conv2D(8, 1, activation="relu", name="conv_branch")(pooled)
-    x = L.Concatenate(name="concat")([pooled, branch])
-    x = L.AveragePooling2D(2, name="avgpool")(x)
-    x = L.GlobalAveragePooling2D(name="gap")(x)
-    x = L.Dense(16, name="fc")(x)
-    x = L.BatchNormalization(momentum=0.9, name="bn_fc")(x)
-    x = L.ReLU(name="relu_fc")(x)
-    outputs = L.Dense(10, activation="softmax", name="classifier")(x)
-    return keras.Model(inputs, outputs, name="digits_cnn")
 
 
 @pytest.fixture(scope="module")
 def digits_export(tmp_path_factory):
     """The digits CNN, quantized and fine-tuned 2 epochs, converted with float and int8 I/O."""
     keras.utils.set_random_seed(1)
-    images, labels = _digits()
-    model = kq.quantize_model(_digits_cnn())
-    _fit(model, images[:1400], labels[:1400], epochs=2)
+    images, labels = digits_data()
+    model = kq.quantize_model(digits_cnn())
+    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
     directory = tmp_path_factory.mktemp("digits")
     float_check = to_tflite(model, directory / "digits.tflite")
     int8_check = to_tflite(model, str(directory / "digits_int8.tflite"), int8_io=True)
@@ -180,7 +141,7 @@ def test_depthwise_multiplier_2_weight_scales_are_the_qat_scales_per_channel(tmp
     outputs = L.Dense(4, activation="softmax", name="out")(x)
     model = kq.quantize_model(keras.Model(inputs, outputs))
     data = np.random.default_rng(2).normal(size=(128, 6, 6, 3)).astype("float32")
-    _fit(model, data, np.arange(128) % 4)
+    fit_briefly(model, data, np.arange(128) % 4)
     path = tmp_path / "dw.tflite"
     to_tflite(model, path)
 

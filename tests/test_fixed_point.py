@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from keras_qat import fixed_point as fp
 from keras_qat import ops as qops
+from tests.conftest import exact_multiply_by_quantized_multiplier, exact_multiply_single_rounding
 
 pytestmark = pytest.mark.numerics
 
@@ -33,29 +34,6 @@ def _quantize_multiplier(m: float) -> tuple[int, int]:
     if shift < -31:
         return 0, 0
     return q, shift
-
-
-def _srdhm(a: int, b: int) -> int:
-    product = a * b
-    nudge = (1 << 30) if product >= 0 else 1 - (1 << 30)
-    total = product + nudge
-    return abs(total) // (1 << 31) * (1 if total >= 0 else -1)  # C++ division truncates
-
-
-def _rounding_divide_by_pot(x: int, exponent: int) -> int:
-    mask = (1 << exponent) - 1
-    remainder = x & mask
-    threshold = (mask >> 1) + (1 if x < 0 else 0)
-    return (x >> exponent) + (1 if remainder > threshold else 0)
-
-
-def _multiply(x: int, m0: int, shift: int) -> int:
-    return _rounding_divide_by_pot(_srdhm(x * (1 << max(shift, 0)), m0), max(-shift, 0))
-
-
-def _multiply_single(x: int, m0: int, shift: int) -> int:
-    total = 31 - shift
-    return (x * m0 + (1 << (total - 1))) >> total
 
 
 MULTIPLIERS = st.floats(min_value=2.0**-20, max_value=4.0, allow_nan=False, allow_infinity=False)
@@ -81,9 +59,9 @@ def test_multiply_by_quantized_multiplier_is_gemmlowps_double_rounding(pairs):
     x = np.array([p[0] for p in pairs], dtype=np.int64)
     m0, shift = fp.quantize_multiplier(np.array([p[1] for p in pairs]))
     got = fp.multiply_by_quantized_multiplier(np, x, m0, shift)
-    assert got.tolist() == [_multiply(int(a), int(b), int(c)) for a, b, c in zip(x, m0, shift)]
+    assert got.tolist() == [exact_multiply_by_quantized_multiplier(int(a), int(b), int(c)) for a, b, c in zip(x, m0, shift)]
     single = fp.multiply_by_quantized_multiplier_single_rounding(np, x, m0, shift)
-    assert single.tolist() == [_multiply_single(int(a), int(b), int(c)) for a, b, c in zip(x, m0, shift)]
+    assert single.tolist() == [exact_multiply_single_rounding(int(a), int(b), int(c)) for a, b, c in zip(x, m0, shift)]
 
 
 def test_double_rounding_differs_from_single_rounding_just_below_a_half():
@@ -97,8 +75,8 @@ def test_double_rounding_differs_from_single_rounding_just_below_a_half():
     assert differ.size > 0
     for index in differ[:20]:
         value = int(x[index])
-        assert int(double[index]) == _multiply(value, int(m0[0]), int(shift[0]))
-        assert int(single[index]) == _multiply_single(value, int(m0[0]), int(shift[0]))
+        assert int(double[index]) == exact_multiply_by_quantized_multiplier(value, int(m0[0]), int(shift[0]))
+        assert int(single[index]) == exact_multiply_single_rounding(value, int(m0[0]), int(shift[0]))
 
 
 @pytest.mark.skipif(not qops.exact_integer_arithmetic(), reason="needs int64 and float64 on the backend")

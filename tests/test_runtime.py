@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -20,8 +22,9 @@ import keras_qat as kq
 from keras_qat import ops as qops
 from keras_qat import runtime
 from keras_qat.export import ArtifactError, compare, save_artifact, to_tflite
-from keras_qat.export import container
-from tests.test_export_tflite import _digits, _digits_cnn, _fit
+from keras_qat.format import container
+from keras_qat.grid import IntegerGrid
+from tests.conftest import digits_cnn, digits_data, exact_multiply_by_quantized_multiplier, fit_briefly
 
 needs_exact_inference = pytest.mark.skipif(
     not qops.exact_integer_arithmetic(),
@@ -39,14 +42,14 @@ def _scheme(weight_bits: int, activation_bits: int):
 
 @pytest.fixture(scope="module")
 def digits():
-    return _digits()
+    return digits_data()
 
 
 def _trained(digits, weight_bits, activation_bits):
     images, labels = digits
     keras.utils.set_random_seed(1)
-    model = kq.quantize_model(_digits_cnn(), _scheme(weight_bits, activation_bits))
-    _fit(model, images[:1400], labels[:1400], epochs=2)
+    model = kq.quantize_model(digits_cnn(), _scheme(weight_bits, activation_bits))
+    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
     return model
 
 
@@ -78,8 +81,8 @@ def eight_bit(digits, tmp_path_factory):
     """The default 8-bit scheme (per-tensor Dense, which the TFLite converter requires)."""
     images, labels = digits
     keras.utils.set_random_seed(1)
-    model = kq.quantize_model(_digits_cnn())
-    _fit(model, images[:1400], labels[:1400], epochs=2)
+    model = kq.quantize_model(digits_cnn())
+    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
     directory = tmp_path_factory.mktemp("artifact")
     return model, save_artifact(model, directory / "digits.kqat"), directory
 
@@ -120,10 +123,28 @@ def test_integer_mode_takes_and_returns_codes(digits, eight_bit):
         integer_model.run(held_out, integer_io=True)
 
 
+def test_loading_and_running_an_artifact_imports_neither_keras_nor_tensorflow(digits, eight_bit, tmp_path):
+    model, path, _ = eight_bit
+    held_out = digits[0][1400:1416]
+    np.save(tmp_path / "x.npy", held_out)
+    script = (
+        "import sys, numpy as np\n"
+        "import keras_qat.runtime\n"
+        f"out = keras_qat.runtime.load({str(path)!r}).run(np.load({str(tmp_path / 'x.npy')!r}))\n"
+        f"np.save({str(tmp_path / 'out.npy')!r}, out)\n"
+        "loaded = sorted(m for m in ('keras', 'tensorflow', 'jax', 'torch') if m in sys.modules)\n"
+        "print('loaded:', ','.join(loaded))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "loaded:", result.stdout
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), runtime.load(path).run(held_out))
+
+
 @pytest.mark.parametrize("weight_bits,activation_bits", [(4, 8), (3, 8), (2, 8)])
 def test_tensors_take_their_bit_width_in_the_file(digits, tmp_path, weight_bits, activation_bits):
     keras.utils.set_random_seed(0)
-    model = kq.quantize_model(_digits_cnn(), _scheme(weight_bits, activation_bits))
+    model = kq.quantize_model(digits_cnn(), _scheme(weight_bits, activation_bits))
     model(digits[0][:64], training=True)
     path = save_artifact(model, tmp_path / "m.kqat")
     manifest, payload = container.read(path)
@@ -179,7 +200,7 @@ def test_an_op_the_runtime_lacks_is_named_with_its_layer(eight_bit, tmp_path):
 
 def test_a_nan_weight_is_refused_naming_the_layer(digits, tmp_path):
     keras.utils.set_random_seed(0)
-    model = kq.quantize_model(_digits_cnn())
+    model = kq.quantize_model(digits_cnn())
     model(digits[0][:32], training=True)
     dense = model.get_layer("quant_classifier").layer
     kernel = keras.ops.convert_to_numpy(dense.kernel).copy()
@@ -236,15 +257,14 @@ def test_one_dimensional_ops_and_tabulated_activations_run_as_in_the_qat_model(t
 def test_accumulators_beyond_int32_requantize_exactly():
     """16-bit operands make accumulators wider than int32; the runtime takes the fixed-point
     product in exact integers there. Oracle: gemmlowp's formulas on Python integers."""
-    from tests.test_fixed_point import _multiply
 
-    grid = runtime.kernels.Grid(np.float32(1.0), 0, -(2**15), 2**15 - 1, 16)
+    grid = IntegerGrid(np.float32(1.0), 0, -(2**15), 2**15 - 1, 16, signed=True)
     multiplier = np.array([3.1e-6, 7.7e-7])
     requantize = runtime.kernels.Requantizer.of(multiplier, grid)
     accumulator = np.array([[2**33 + 12345, -(2**34) - 999], [2**31 + 1, -(2**31) - 3]], dtype=np.int64)
     got = requantize(accumulator)
     m0, shift = requantize.m0, requantize.shift
-    want = [[_multiply(int(a), int(m0[j]), int(shift[j])) for j, a in enumerate(row)] for row in accumulator]
+    want = [[exact_multiply_by_quantized_multiplier(int(a), int(m0[j]), int(shift[j])) for j, a in enumerate(row)] for row in accumulator]
     np.testing.assert_array_equal(got, np.clip(np.array(want), grid.qmin, grid.qmax))
 
 
@@ -256,8 +276,8 @@ def test_sixteen_bit_models_run_with_int64_biases(digits, tmp_path):
     predictions agree."""
     images, labels = digits
     keras.utils.set_random_seed(4)
-    model = kq.quantize_model(_digits_cnn(), kq.schemes.NBitScheme(16, 16))
-    _fit(model, images[:1400], labels[:1400], epochs=1)
+    model = kq.quantize_model(digits_cnn(), kq.schemes.NBitScheme(16, 16))
+    fit_briefly(model, images[:1400], labels[:1400], epochs=1)
     path = save_artifact(model, tmp_path / "wide.kqat")
     manifest, _ = container.read(path)
     assert any(w["encoding"] == "int64" for op in manifest["ops"] for w in op["weights"].values())

@@ -21,13 +21,15 @@ saving. A layer without complete links keeps fake quantization in inference.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_qat import fixed_point
 from keras_qat import ops as qops
+from keras_qat.grid import IntegerGrid, from_range, quantize_bias
 from keras_qat.quantizers import Quantizer
 
 L = keras.layers
@@ -54,35 +56,22 @@ class OutputTarget(NamedTuple):
     activation: str
 
 
-class Grid(NamedTuple):
-    """A quantization grid as tensors: ``real = (q - zero_point) * scale``, ``q`` in
-    ``[qmin, qmax]`` (TF's unsigned convention, zero point a float32 integer)."""
-
-    scale: Any
-    zero_point: Any
-    qmin: int
-    qmax: int
-
-
-def grid(source: Source) -> Grid:
-    """The grid that the deployed model has for ``source``'s tensor, from its range now.
-
-    This is the TFLite converter's arithmetic (gemmlowp's ``ChooseQuantizationParams``), in
-    float64: ``scale = (max - min) / (qmax - qmin)`` rounded once to float32, and the zero
-    point from whichever end of the range gives the smaller rounding error. TF's fake-quant
-    op computes the scale in float32 and can be one ulp away, which moves the rare product
-    within an ulp of a half step to the other side.
-    """
+def grid(source: Source, axes: tuple[int, ...] = ()) -> IntegerGrid:
+    """The deployed grid of ``source``'s tensor from its range now (:func:`keras_qat.grid.from_range`,
+    the converter's arithmetic), as tensors of the inference graph; ``axes`` are the tensor's
+    channel axes when it is quantized per channel."""
     quantizer = source.quantizer
-    lo, hi = qops.sanitize_range(source.variables["min_var"], source.variables["max_var"])
-    qmin, qmax = qops.quant_range(quantizer.num_bits, quantizer.narrow_range)
-    lo, hi = ops.cast(lo, "float64"), ops.cast(hi, "float64")
-    scale = (hi - lo) / float(qmax - qmin)
-    safe = ops.where(scale == 0, 1.0, scale)
-    from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
-    use_min = (abs(qmin) + ops.abs(lo / safe)) < (abs(qmax) + ops.abs(hi / safe))
-    zero_point = ops.clip(_rounded(ops.where(use_min, from_min, from_max)), float(qmin), float(qmax))
-    return Grid(ops.cast(scale, "float32"), ops.cast(zero_point, "float32"), qmin, qmax)
+    return from_range(
+        source.variables["min_var"], source.variables["max_var"], quantizer.num_bits, quantizer.narrow_range, axes, ops
+    )
+
+
+def exported_grid(source: Source, axes: tuple[int, ...] = ()) -> IntegerGrid:
+    """:func:`grid` in NumPy (float32 scales, int64 zero points), as exporters write it."""
+    quantizer = source.quantizer
+    lo = ops.convert_to_numpy(source.variables["min_var"])
+    hi = ops.convert_to_numpy(source.variables["max_var"])
+    return from_range(lo, hi, quantizer.num_bits, quantizer.narrow_range, axes, np)
 
 
 def activation_name(activation) -> str:
@@ -209,33 +198,17 @@ def enabled(training: bool) -> bool:
 # ---- the arithmetic -----------------------------------------------------------------------
 
 
-def _rounded(x):
-    return fixed_point.round_half_away(ops, x)
-
-
 def _safe(scale):
     return ops.where(ops.equal(scale, 0.0), ops.ones_like(scale), scale)
 
 
 
-def centered_codes(x, g: Grid):
+def centered_codes(x, g: IntegerGrid):
     """``q - zero_point`` of values on grid ``g``, as float64 (exact integers)."""
-    return ops.cast(ops.round(x / _safe(g.scale)), "float64")
+    return g.centered_codes(x, ops)
 
 
-def _activation_bounds(g: Grid, activation: str):
-    """``(low, high)`` of the output codes after the activation's clamp, as TFLite's
-    ``CalculateActivationRangeQuantized`` computes them."""
-    low = ops.cast(g.qmin, "float32")
-    high = ops.cast(g.qmax, "float32")
-    if activation in ("relu", "relu6"):
-        low = ops.maximum(low, g.zero_point)
-    if activation == "relu6":
-        high = ops.minimum(high, g.zero_point + _rounded(6.0 / _safe(g.scale)))
-    return low, high
-
-
-def requantize(total, multiplier, out: Grid, activation: str, single_rounding: bool = False):
+def requantize(total, multiplier, out: IntegerGrid, activation: str, single_rounding: bool = False):
     """``total`` (exact integers, float64) times ``multiplier`` (float64), rounded as
     TFLite does (twice, or once for ``single_rounding``), shifted to ``out``'s zero point
     and clamped; returned as real values."""
@@ -249,11 +222,11 @@ def requantize(total, multiplier, out: Grid, activation: str, single_rounding: b
     return _clamped_real(scaled, out, activation)
 
 
-def _clamped_real(scaled, out: Grid, activation: str):
+def _clamped_real(scaled, out: IntegerGrid, activation: str):
     """Requantized integers (int64, centered) shifted to the zero point, clamped to the
     range and the activation, as real values."""
     codes = ops.cast(scaled, "float32") + out.zero_point
-    low, high = _activation_bounds(out, activation)
+    low, high = out.activation_bounds(activation, ops)
     codes = ops.minimum(ops.maximum(codes, low), high)
     real = (codes - out.zero_point) * out.scale
     return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
@@ -309,17 +282,15 @@ def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
     )
 
 
-def _per_kernel(layer, values):
-    """Per-output-channel ``values`` shaped to broadcast against ``layer``'s kernel."""
-    if len(values.shape) == 1 and isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
-        return ops.reshape(values, tuple(layer.kernel.shape)[-2:])
-    return values
+def kernel_grid(layer, kernel_source: Source) -> IntegerGrid:
+    """The grid of ``layer``'s kernel, with its channel axes (a depthwise kernel's span two)."""
+    axes = kernel_source.quantizer.channel_axes(tuple(layer.kernel.shape), "kernel", layer)
+    return grid(kernel_source, axes)
 
 
 def weight_codes(layer, kernel, kernel_source: Source):
     """The fake-quantized kernel's integers (centered; exact on its grid)."""
-    g = grid(kernel_source)
-    return ops.cast(ops.round(kernel / _safe(_per_kernel(layer, g.scale))), "float64")
+    return kernel_grid(layer, kernel_source).centered_codes(kernel, ops)
 
 
 def accumulator_bound(layer, in_source: Source, kernel_source: Source) -> int:
@@ -356,17 +327,16 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if accumulator_bound(layer, in_source, kernel_source) >= 2**31:
         return None
     in_grid = grid(in_source)
-    w_grid = grid(kernel_source)
-    x = ops.cast(centered_codes(inputs, in_grid), "float32")
-    w = ops.cast(weight_codes(layer, kernel, kernel_source), "float32")
+    w_grid = kernel_grid(layer, kernel_source)
+    x = ops.cast(in_grid.centered_codes(inputs, ops), "float32")
+    w = ops.cast(w_grid.centered_codes(kernel, ops), "float32")
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
     channel_scale = ops.reshape(ops.cast(w_grid.scale, "float64"), (-1,))
     product_scale = ops.cast(in_grid.scale, "float64") * channel_scale
     if bias is not None:
-        bias_codes = _rounded(ops.cast(bias, "float64") / ops.where(product_scale == 0, 1.0, product_scale))
-        accumulator = accumulator + ops.where(product_scale == 0, 0.0, bias_codes)
+        accumulator = accumulator + quantize_bias(bias, in_grid.scale, channel_scale, ops)
     out_grid = grid(out.source)
     multiplier = product_scale / ops.cast(_safe(out_grid.scale), "float64")
     activation = activation_name(getattr(layer, "activation", "linear"))
@@ -402,9 +372,7 @@ def quantize_inference(inputs, source: Source):
     ``(x - nudged_min) / scale`` half up, which differs on ties below the zero point and on
     values a rounding error from a half step."""
     g = grid(source)
-    codes = _rounded(inputs / _safe(g.scale)) + g.zero_point
-    codes = ops.minimum(ops.maximum(codes, float(g.qmin)), float(g.qmax))
-    return (codes - g.zero_point) * g.scale
+    return g.dequantize(g.quantize(inputs, ops), ops)
 
 
 def is_model_input(tensor) -> bool:
@@ -422,15 +390,15 @@ def average_pool_inference(layer, inputs, source: Source):
     between averages) absorbs.
     """
     g = grid(source)
-    offset = float(2 ** (source.quantizer.num_bits - 1))
-    signed = ops.round(inputs / _safe(g.scale)) + g.zero_point - offset
+    zero_point = g.as_signed().zero_point
+    signed = ops.cast(g.centered_codes(inputs, ops), "float32") + zero_point
     averaged = layer(signed)
     area = 1
     for size in layer.pool_size:
         area *= int(size)
     tie = 0.25 / area
     rounded = ops.sign(averaged) * ops.floor(ops.abs(averaged) + 0.5 + tie)
-    return (rounded + offset - g.zero_point) * g.scale
+    return (rounded - zero_point) * g.scale
 
 
 def mean_inference(layer, inputs, source: Source, out: OutputTarget):
@@ -462,7 +430,7 @@ __all__ = [
     "mean_inference",
     "Source",
     "OutputTarget",
-    "Grid",
+    "kernel_grid",
     "grid",
     "source_of",
     "link",

@@ -46,13 +46,8 @@ import keras
 import numpy as np
 from keras import ops
 
-MIN_BITS = 2
-MAX_BITS = 16
-
-#: Narrowest ``max - min`` that is quantized. Below it (and for ``min > max``) the range is
-#: degenerate and treated as ``[0, 0]``: 65535 steps of the smallest normal float32, so that
-#: ``scale`` and ``1 / scale`` stay finite and normal at every bit width up to 16.
-MIN_RANGE_WIDTH = float(np.float32((2**MAX_BITS - 1) * np.finfo(np.float32).tiny))
+# The integer range and the degenerate-range rule belong to the grid; re-exported here for callers of ops.
+from keras_qat.grid import MAX_BITS, MIN_BITS, MIN_RANGE_WIDTH, quant_range, sanitized_range, validate_num_bits  # noqa: F401
 
 Axis = Union[int, Sequence[int], None]
 
@@ -93,27 +88,6 @@ def exact_integer_arithmetic() -> bool:
 # --------------------------------------------------------------------------------------
 # Argument checking
 # --------------------------------------------------------------------------------------
-
-
-def validate_num_bits(num_bits, owner: str = "fake_quant") -> int:
-    """Return ``num_bits`` as an int, or raise ValueError naming ``owner`` and the range."""
-    if isinstance(num_bits, bool) or not isinstance(num_bits, (int, np.integer)):
-        raise ValueError(
-            f"{owner}: num_bits must be an integer from {MIN_BITS} to {MAX_BITS}, "
-            f"got {num_bits!r} ({type(num_bits).__name__})."
-        )
-    if not MIN_BITS <= int(num_bits) <= MAX_BITS:
-        raise ValueError(
-            f"{owner}: num_bits={int(num_bits)} is out of range; keras-qat quantizes "
-            f"to {MIN_BITS}..{MAX_BITS} bits."
-        )
-    return int(num_bits)
-
-
-def quant_range(num_bits: int, narrow_range: bool) -> tuple[int, int]:
-    """The integer range ``(qmin, qmax)`` of an unsigned ``num_bits`` code."""
-    num_bits = validate_num_bits(num_bits)
-    return (1 if narrow_range else 0), 2**num_bits - 1
 
 
 def normalize_axes(axis: Axis, rank: int, owner: str = "fake_quant") -> tuple[int, ...]:
@@ -320,10 +294,7 @@ def sanitize_range(min, max):
 
 def _sanitize_range(min, max):
     """Replace degenerate ranges by ``[0, 0]``, whose output TF defines as zeros."""
-    min = ops.cast(min, "float32")
-    max = ops.cast(max, "float32")
-    degenerate = (max - min) < MIN_RANGE_WIDTH
-    return ops.where(degenerate, 0.0, min), ops.where(degenerate, 0.0, max)
+    return sanitized_range(min, max, ops)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ This module only re-exports; each exporter lives in its own submodule.
 """
 
 from keras_qat.export.artifact import save_artifact
-from keras_qat.export.container import ArtifactError
+from keras_qat.format.container import ArtifactError
 from keras_qat.export.diagnose import Diagnosis, diagnose
 from keras_qat.export.tflite import (
     AgreementReport,

@@ -1,29 +1,14 @@
 """``save_artifact``: a QAT model as integer ops in one ``.kqat`` file, for the integer runtime.
 
-The manifest (JSON, see :mod:`keras_qat.export.container` for the file layout) holds:
-
-``format_version``
-    the container version.
-``tensors``
-    ``{id: {"shape", "scale", "zero_point", "bits", "qmin", "qmax"}}``: every activation
-    tensor's grid, ``real = (q - zero_point) * scale`` with signed integers ``q`` in
-    ``[qmin, qmax]`` (``scale`` a float32 value written exactly).
-``inputs`` / ``outputs``
-    tensor ids, in the model's order.
-``ops``
-    in topological order: ``{"layer", "op", "inputs", "outputs", "attributes", "weights"}``.
-    ``op`` is one of :data:`OPS`. Each weight is ``{"offset", "nbytes", "shape", "bits",
-    "encoding", ...}`` into the payload: ``"packed"`` (signed integers at ``bits`` bits,
-    :mod:`keras_qat.export.packing`), ``"int32"`` or ``"int64"`` (little-endian); kernels add
-    ``scale``/``zero_point`` (one per output channel, or one) and ``axis``.
-
-What each op computes is the integer arithmetic of :mod:`keras_qat.emulation` (TFLite's
-reference kernels), which the QAT model's inference reproduces: the runtime's outputs are
-the QAT model's, element for element, wherever accumulators fit in int32 (up to 8-bit
-operands). Beyond that (16-bit) the QAT model keeps fake quantization, which rounds once,
-and the two can differ by a step per layer. Tables stand in for elementwise activations
-(``lookup``: the QAT layer evaluated once on every input code) and for the exponentials of
-a softmax, so that the runtime computes nothing in float.
+The manifest's layout and op list are in :mod:`keras_qat.format.manifest`; the file's in
+:mod:`keras_qat.format.container`. What each op computes is the integer arithmetic of
+:mod:`keras_qat.emulation` (TFLite's reference kernels), which the QAT model's inference
+reproduces: the runtime's outputs are the QAT model's, element for element, wherever
+accumulators fit in int32 (up to 8-bit operands). Beyond that (16-bit) the QAT model keeps fake
+quantization, which rounds once, and the two can differ by a step per layer. Tables stand in
+for elementwise activations (``lookup``: the QAT layer evaluated once on every input code) and
+for the exponentials of a softmax, so that the runtime computes nothing in float. Every grid is
+the one of :mod:`keras_qat.grid`, computed once per tensor.
 """
 
 from __future__ import annotations
@@ -36,34 +21,14 @@ import keras
 import numpy as np
 
 from keras_qat import emulation
-from keras_qat.export import container, packing
+from keras_qat.format import container, packing
+from keras_qat.format.manifest import OPS, SOFTMAX_BITS
+from keras_qat.grid import quantize_bias
 from keras_qat.export.weights import check_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 
 L = keras.layers
-
-#: The ops of format version 1 (what :mod:`keras_qat.runtime` executes).
-OPS = (
-    "quantize",
-    "conv",
-    "depthwise_conv",
-    "dense",
-    "add",
-    "concatenate",
-    "max_pool",
-    "average_pool",
-    "mean",
-    "pad",
-    "reshape",
-    "identity",
-    "lookup",
-    "softmax",
-)
-
-#: Fixed-point bits of the softmax exponential table: ``round(2**SOFTMAX_BITS * exp(-s d))``.
-SOFTMAX_BITS = 30
-
 
 class _Writer:
     """Collects tensors' grids, ops and the payload while the graph is walked."""
@@ -119,21 +84,8 @@ def _shape(tensor) -> list:
 
 
 def grid_entry(source: emulation.Source) -> dict:
-    """A tensor's grid in the signed convention: scale, zero point, bits, qmin, qmax."""
-    g = emulation.grid(source)
-    bits = source.quantizer.num_bits
-    offset = 2 ** (bits - 1)
-    scale = np.asarray(keras.ops.convert_to_numpy(g.scale), dtype=np.float32)
-    zero_point = np.asarray(keras.ops.convert_to_numpy(g.zero_point))
-    if scale.ndim:
-        raise ValueError("save_artifact: activations are quantized per tensor in format version 1.")
-    return {
-        "scale": float(scale),
-        "zero_point": int(round(float(zero_point))) - offset,
-        "bits": bits,
-        "qmin": g.qmin - offset,
-        "qmax": g.qmax - offset,
-    }
+    """A tensor's grid as the manifest stores it (signed convention)."""
+    return emulation.exported_grid(source).to_manifest()
 
 
 def save_artifact(model: keras.Model, path: str | os.PathLike) -> Path:
@@ -341,23 +293,17 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
     out_source = _output_source(layer)
     if out_source is None:
         raise _unsupported(layer, "an output that is not quantized")
-    g = emulation.grid(kernel_source)
-    scale = _numpy(g.scale).astype(np.float32).reshape(-1)
-    kernel = _numpy(kernel)
-    kernel_scale = scale.reshape(tuple(inner.kernel.shape)[-2:]) if (
-        scale.size > 1 and isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D))
-    ) else scale if scale.size > 1 else scale[0]
-    codes = np.round(kernel.astype(np.float64) / np.where(kernel_scale == 0, 1.0, kernel_scale)).astype(np.int64)
-    bits = kernel_source.quantizer.num_bits
-    weight = writer.packed(codes, bits)
+    kernel_grid = emulation.exported_grid(
+        kernel_source, kernel_source.quantizer.channel_axes(tuple(inner.kernel.shape), "kernel", inner)
+    )
+    codes = kernel_grid.centered_codes(_numpy(kernel))
+    scale = np.asarray(kernel_grid.scale, np.float32).reshape(-1)
+    weight = writer.packed(codes, kernel_source.quantizer.num_bits)
     weight.update({"scale": [float(s) for s in scale], "zero_point": [0] * scale.size})
     entry["weights"]["kernel"] = weight
-    in_scale = np.float64(np.float32(emulation.grid(sources[0]).scale))
     if bias is not None:
-        product = in_scale * scale.astype(np.float64)
-        raw = _numpy(bias).astype(np.float64) / np.where(product == 0, 1.0, product)
-        bias_codes = np.where(product == 0, 0.0, np.sign(raw) * np.floor(np.abs(raw) + 0.5))
-        entry["weights"]["bias"] = writer.integers(bias_codes)
+        input_scale = emulation.exported_grid(sources[0]).scale
+        entry["weights"]["bias"] = writer.integers(quantize_bias(_numpy(bias), input_scale, scale))
     if isinstance(inner, L.Dense):
         op, attributes = "dense", {}
     else:

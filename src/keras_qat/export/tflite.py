@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import keras
 import numpy as np
 
-from keras_qat.export.atomic import write_atomically
+from keras_qat.format.atomic import write_atomically
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 

@@ -2,9 +2,9 @@
 
 A fake-quantized value is ``k * scale`` with ``k`` an integer in
 ``[qmin - zero_point, qmax - zero_point]`` (TF's kernel computes exactly that product). The
-integers are read back from the QAT model's own fake-quantized weights, in inference mode,
-so that :meth:`QuantizedTensor.dequantize` gives the same float32 bits as training
-simulated, whatever the bit width.
+integers are read back from the QAT model's own fake-quantized weights, in inference mode, on
+the tensor's one grid (:mod:`keras_qat.grid`), so that :meth:`QuantizedTensor.dequantize`
+gives the same float32 bits as training simulated, whatever the bit width.
 
 Integers are stored signed, ``q - 2**(bits - 1)`` with ``q`` in ``[qmin, qmax]``, as TFLite
 stores int8: a symmetric narrow-range weight has zero point 0 and values in
@@ -19,70 +19,65 @@ from typing import Iterator
 import keras
 import numpy as np
 
-from keras_qat import ops as qops
+from keras_qat.grid import IntegerGrid, from_range, smallest_int_dtype
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeWrapper
 
 
 @dataclass(frozen=True)
 class QuantizedTensor:
-    """One quantized tensor: integers, scale and zero point per tensor or per channel.
+    """One quantized tensor: its integers and its grid (:class:`keras_qat.grid.IntegerGrid`).
 
     Attributes:
         name: ``"{layer}/{weight}"`` (``kernel`` of a folded layer is the BN-folded kernel).
         values: signed integers, ``q - 2**(bits - 1)``, in the smallest NumPy dtype that
             holds them.
-        scale: float32, a scalar or one per channel.
-        zero_point: int32 in the signed convention of ``values``, shaped as ``scale``.
-        bits: 2..16.
-        axis: the channel axes of ``values`` (several axes are flattened row-major into the
-            channel index, as a depthwise kernel's ``(in_channels, depth_multiplier)``), or
-            None per tensor.
-        narrow_range: the integer range excludes its lowest code.
+        grid: the tensor's grid, in the signed convention of ``values``.
     """
 
     name: str
     values: np.ndarray
-    scale: np.ndarray
-    zero_point: np.ndarray
-    bits: int
-    axis: tuple[int, ...] | None
-    narrow_range: bool
+    grid: IntegerGrid
+
+    @property
+    def scale(self) -> np.ndarray:
+        """float32, a scalar or one per channel."""
+        return self.grid.scale
+
+    @property
+    def zero_point(self) -> np.ndarray:
+        """In the signed convention of ``values``, shaped as ``scale``."""
+        return self.grid.zero_point
+
+    @property
+    def bits(self) -> int:
+        return self.grid.bits
+
+    @property
+    def axis(self) -> tuple[int, ...] | None:
+        """The channel axes of ``values`` (several are flattened row-major into the channel
+        index, as a depthwise kernel's ``(in_channels, depth_multiplier)``), or None per tensor."""
+        return self.grid.axes or None
+
+    @property
+    def narrow_range(self) -> bool:
+        return self.grid.narrow_range
 
     @property
     def qmin(self) -> int:
         """Lowest signed integer value."""
-        return qops.quant_range(self.bits, self.narrow_range)[0] - 2 ** (self.bits - 1)
+        return self.grid.qmin
 
     @property
     def qmax(self) -> int:
         """Highest signed integer value."""
-        return qops.quant_range(self.bits, self.narrow_range)[1] - 2 ** (self.bits - 1)
+        return self.grid.qmax
 
     def dequantize(self) -> np.ndarray:
-        """``(values - zero_point) * scale`` in float32: the QAT model's quantized weight."""
-        shape = self.values.shape
-        steps = (self.values.astype(np.int32) - _per_channel(self.zero_point, shape, self.axis)).astype(np.float32)
-        return steps * _per_channel(self.scale, shape, self.axis)
-
-
-def _per_channel(array: np.ndarray, shape: tuple[int, ...], axis: tuple[int, ...] | None) -> np.ndarray:
-    """``array`` (one entry per channel of ``axis``) shaped to broadcast against ``shape``."""
-    if axis is None:
-        return array
-    broadcast = [1] * len(shape)
-    for a in axis:
-        broadcast[a] = shape[a]
-    return array.reshape(broadcast)
-
-
-def smallest_int_dtype(low: int, high: int) -> np.dtype:
-    """The smallest signed NumPy integer dtype holding ``[low, high]``."""
-    for dtype in (np.int8, np.int16, np.int32):
-        info = np.iinfo(dtype)
-        if info.min <= low and high <= info.max:
-            return np.dtype(dtype)
-    return np.dtype(np.int64)
+        """``(values - zero_point) * scale`` in float32: the QAT model's quantized weight (bit
+        for bit wherever the deployed scale equals TF's fake-quant scale, which it does for
+        every symmetric narrow range)."""
+        return self.grid.dequantize(self.values)
 
 
 def quantize_tensor(name: str, fake_quantized, range_min, range_max, quantizer, axes) -> QuantizedTensor:
@@ -91,24 +86,11 @@ def quantize_tensor(name: str, fake_quantized, range_min, range_max, quantizer, 
     values = np.asarray(keras.ops.convert_to_numpy(fake_quantized), np.float32)
     lo = np.asarray(keras.ops.convert_to_numpy(range_min), np.float32)
     hi = np.asarray(keras.ops.convert_to_numpy(range_max), np.float32)
-    bits, narrow = quantizer.num_bits, quantizer.narrow_range
-    degenerate = (hi - lo) < qops.MIN_RANGE_WIDTH  # fake_quant outputs zeros there
-    grid = qops.nudge(np.where(degenerate, -1.0, lo), np.where(degenerate, 1.0, hi), bits, narrow)
-    scale = np.asarray(keras.ops.convert_to_numpy(grid.scale), np.float32)
-    zero_point = np.asarray(keras.ops.convert_to_numpy(grid.zero_point), np.float32).astype(np.int32)
-    offset = 2 ** (bits - 1)
-    axis = tuple(axes) or None
-    signed_zero = zero_point - offset
-    signed = np.rint(values / _per_channel(scale, values.shape, axis)).astype(np.int64) + _per_channel(
-        signed_zero, values.shape, axis
-    )
-    qmin, qmax = (q - offset for q in qops.quant_range(bits, narrow))
-    tensor = QuantizedTensor(name, signed.astype(smallest_int_dtype(qmin, qmax)), scale, signed_zero, bits, axis, narrow)
-    if signed.size and (signed.min() < tensor.qmin or signed.max() > tensor.qmax):
-        raise RuntimeError(f"{name}: integers outside [{tensor.qmin}, {tensor.qmax}]; the range is inconsistent.")
-    if not np.array_equal(tensor.dequantize(), values):
-        raise RuntimeError(f"{name}: the integers do not reproduce the fake-quantized weight; please report this.")
-    return tensor
+    grid = from_range(lo, hi, quantizer.num_bits, quantizer.narrow_range, tuple(axes), np).as_signed()
+    codes = grid.centered_codes(values) + grid.along(grid.zero_point, values.shape)
+    if codes.size and (codes.min() < grid.qmin or codes.max() > grid.qmax):
+        raise RuntimeError(f"{name}: integers outside [{grid.qmin}, {grid.qmax}]; the range is inconsistent.")
+    return QuantizedTensor(name, codes.astype(smallest_int_dtype(grid.qmin, grid.qmax)), grid)
 
 
 def check_finite(layer_name: str, weight_name: str, value) -> None:
@@ -169,4 +151,4 @@ def quantized_weights(model) -> dict[str, QuantizedTensor]:
     return result
 
 
-__all__ = ["QuantizedTensor", "quantized_weights", "quantize_tensor", "smallest_int_dtype"]
+__all__ = ["QuantizedTensor", "quantized_weights", "quantize_tensor"]

@@ -16,10 +16,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from keras_qat.export import container, packing
-from keras_qat.export.artifact import OPS
+from keras_qat.format import container, packing
+from keras_qat.format.manifest import OPS
+from keras_qat.grid import IntegerGrid
 from keras_qat.runtime import kernels as K
-from keras_qat.runtime.kernels import Grid
 
 
 class UnsupportedOpError(ValueError):
@@ -38,7 +38,7 @@ class IntegerModel:
     def __init__(self, manifest: dict[str, Any], payload: bytes, source: str = "artifact"):
         self.manifest = manifest
         self._source = source
-        self._grids = {name: Grid.from_manifest(t) for name, t in manifest["tensors"].items() if not t.get("float")}
+        self._grids = {name: IntegerGrid.from_manifest(t) for name, t in manifest["tensors"].items() if not t.get("float")}
         self._steps: list[tuple[dict, Callable]] = []
         for op in manifest["ops"]:
             if op.get("op") not in OPS:
@@ -114,7 +114,7 @@ class IntegerModel:
             return lambda x: K.softmax(x, table, out, levels)
         raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': op '{kind}' is not implemented.")
 
-    def _prepare_kernel(self, op: dict, payload: bytes, grid: Grid, out: Grid) -> Callable:
+    def _prepare_kernel(self, op: dict, payload: bytes, grid: IntegerGrid, out: IntegerGrid) -> Callable:
         attributes = op["attributes"]
         kernel = self._weight(op, "kernel", payload)
         bias = self._weight(op, "bias", payload) if "bias" in op["weights"] else None
@@ -178,7 +178,7 @@ def load(path: str | os.PathLike) -> IntegerModel:
     prepare every op.
 
     Raises:
-        keras_qat.export.container.ArtifactError: truncated, corrupted or of an unknown version.
+        keras_qat.format.ArtifactError: truncated, corrupted or of an unknown version.
         UnsupportedOpError: an op this runtime lacks (naming the layer and the op).
     """
     manifest, payload = container.read(path)

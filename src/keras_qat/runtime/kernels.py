@@ -1,7 +1,7 @@
 """Integer kernels of the ``.kqat`` runtime, in NumPy.
 
 Every kernel takes and returns signed integer codes (int64 arrays) with their grids
-(:class:`Grid`), and computes what TFLite's reference int8 kernels compute, in integers only:
+(:class:`keras_qat.grid.IntegerGrid`), and computes what TFLite's reference int8 kernels compute, in integers only:
 int32-range accumulators (held in int64), a bias at ``input_scale * weight_scale``, and
 fixed-point requantization (:mod:`keras_qat.fixed_point`). The products of a convolution are
 summed by BLAS in float64, which is exact: every partial sum of at most 16-bit by 16-bit
@@ -19,33 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from keras_qat import fixed_point as fp
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A tensor's grid: ``real = (q - zero_point) * scale``, ``q`` in ``[qmin, qmax]``."""
-
-    scale: np.float32
-    zero_point: int
-    qmin: int
-    qmax: int
-    bits: int = 8
-
-    @classmethod
-    def from_manifest(cls, entry: dict) -> "Grid":
-        return cls(
-            np.float32(entry["scale"]), int(entry["zero_point"]), int(entry["qmin"]), int(entry["qmax"]), int(entry["bits"])
-        )
-
-
-def activation_bounds(grid: Grid, activation: str) -> tuple[int, int]:
-    """TFLite's ``CalculateActivationRangeQuantized``: the code range after a fused clamp."""
-    low, high = grid.qmin, grid.qmax
-    if activation in ("relu", "relu6"):
-        low = max(low, grid.zero_point)
-    if activation == "relu6":
-        high = min(high, grid.zero_point + int(fp.round_half_away(np, np.float32(6.0) / grid.scale)))
-    return low, high
+from keras_qat.grid import IntegerGrid as Grid
 
 
 @dataclass(frozen=True)
@@ -62,7 +36,7 @@ class Requantizer:
     @classmethod
     def of(cls, multiplier, out: Grid, activation: str = "linear", single_rounding: bool = False) -> "Requantizer":
         m0, shift = fp.quantize_multiplier(np.asarray(multiplier, dtype=np.float64))
-        low, high = activation_bounds(out, activation)
+        low, high = out.activation_bounds(activation)
         return cls(m0, shift, out.zero_point, low, high, single_rounding)
 
     def __call__(self, accumulator: np.ndarray) -> np.ndarray:
@@ -81,14 +55,11 @@ class Requantizer:
 
 def quantize(x: np.ndarray, out: Grid) -> np.ndarray:
     """TFLite's QUANTIZE: ``round(x / scale)`` half away from zero (float32), plus the zero point."""
-    scaled = np.asarray(x, dtype=np.float32) / out.scale
-    # Clamped while still float: inf or huge values must not wrap around in the int cast.
-    codes = np.clip(fp.round_half_away(np, scaled) + out.zero_point, out.qmin, out.qmax)
-    return codes.astype(np.int64)
+    return out.quantize(x)
 
 
 def dequantize(q: np.ndarray, grid: Grid) -> np.ndarray:
-    return ((q - grid.zero_point).astype(np.float32) * grid.scale).astype(np.float32)
+    return grid.dequantize(q)
 
 
 # ---- windows ---------------------------------------------------------------------------------
@@ -254,7 +225,6 @@ def lookup(x, table: np.ndarray, qmin: int):
 
 
 __all__ = [
-    "Grid",
     "Requantizer",
     "AddParams",
     "quantize",

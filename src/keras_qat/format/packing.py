@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from keras_qat import ops as qops
+from keras_qat.grid import validate_num_bits
 
 
 def packed_size(count: int, bits: int) -> int:
@@ -21,7 +21,7 @@ def packed_size(count: int, bits: int) -> int:
 
 def pack(values: np.ndarray, bits: int) -> bytes:
     """Pack signed integers in ``[-2**(bits-1), 2**(bits-1) - 1]`` at ``bits`` bits each."""
-    bits = qops.validate_num_bits(bits, "pack")
+    bits = validate_num_bits(bits, "pack")
     flat = np.asarray(values).reshape(-1).astype(np.int64)
     low, high = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
     if flat.size and (flat.min() < low or flat.max() > high):
@@ -34,7 +34,7 @@ def pack(values: np.ndarray, bits: int) -> bytes:
 
 def unpack(data: bytes, bits: int, count: int, dtype=np.int32) -> np.ndarray:
     """The ``count`` signed integers that :func:`pack` wrote at ``bits`` bits each."""
-    bits = qops.validate_num_bits(bits, "unpack")
+    bits = validate_num_bits(bits, "unpack")
     needed = packed_size(count, bits)
     if len(data) < needed:
         raise ValueError(f"unpack: {count} values of {bits} bits need {needed} bytes, got {len(data)}.")

@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from keras_qat.export import container
+from keras_qat.format import container
 
 pytestmark = pytest.mark.api
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from keras_qat.export.packing import pack, packed_size, unpack
+from keras_qat.format.packing import pack, packed_size, unpack
 
 pytestmark = pytest.mark.api
 

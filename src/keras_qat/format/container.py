@@ -24,7 +24,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from keras_qat.export.atomic import write_atomically
+from keras_qat.format.atomic import write_atomically
 
 MAGIC = b"KQAT\r\n\x1a\n"
 FORMAT_VERSION = 1

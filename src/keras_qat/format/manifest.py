@@ -1,0 +1,48 @@
+"""What a ``.kqat`` manifest holds: the op list and the layout that the writer
+(:mod:`keras_qat.export.artifact`) and the runtime (:mod:`keras_qat.runtime`) share.
+
+The manifest (JSON, inside the container of :mod:`keras_qat.format.container`) holds:
+
+``format_version``
+    the container version.
+``tensors``
+    ``{id: {"shape", "scale", "zero_point", "bits", "qmin", "qmax"}}``: every activation
+    tensor's grid (:meth:`keras_qat.grid.IntegerGrid.to_manifest`), ``real = (q - zero_point)
+    * scale`` with signed integers ``q`` in ``[qmin, qmax]`` (``scale`` a float32 value written
+    exactly); a model input not yet quantized is ``{"shape", "float": true}``.
+``inputs`` / ``outputs``
+    tensor ids, in the model's order.
+``ops``
+    in topological order: ``{"layer", "op", "inputs", "outputs", "attributes", "weights"}``.
+    ``op`` is one of :data:`OPS`. Each weight is ``{"offset", "nbytes", "shape", "bits",
+    "encoding", ...}`` into the payload: ``"packed"`` (signed integers at ``bits`` bits,
+    :mod:`keras_qat.format.packing`), ``"int32"`` or ``"int64"`` (little-endian); kernels add
+    ``scale``/``zero_point`` (one per output channel, or one).
+
+This module imports nothing but the standard library.
+"""
+
+from __future__ import annotations
+
+#: The ops of format version 1 (what :mod:`keras_qat.runtime` executes).
+OPS = (
+    "quantize",
+    "conv",
+    "depthwise_conv",
+    "dense",
+    "add",
+    "concatenate",
+    "max_pool",
+    "average_pool",
+    "mean",
+    "pad",
+    "reshape",
+    "identity",
+    "lookup",
+    "softmax",
+)
+
+#: Fixed-point bits of the softmax exponential table: ``round(2**SOFTMAX_BITS * exp(-s d))``.
+SOFTMAX_BITS = 30
+
+__all__ = ["OPS", "SOFTMAX_BITS"]
