@@ -30,15 +30,13 @@ from keras import ops
 from keras_qat import fixed_point
 from keras_qat import ops as qops
 from keras_qat.grid import IntegerGrid, from_range, quantize_bias
+from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.quantizers import Quantizer
 
 L = keras.layers
 
-#: Layers whose integer kernel this module reproduces (channels last, no groups).
-KERNEL_TYPES = (L.Dense, L.Conv1D, L.Conv2D, L.DepthwiseConv1D, L.DepthwiseConv2D)
-
-#: Activations an int8 kernel applies as a clamp of its output codes.
-CLAMP_ACTIVATIONS = ("linear", "relu", "relu6")
+#: The kinds (:mod:`keras_qat.registry`) whose integer kernel this module reproduces.
+KERNEL_OPS = ("dense", "conv", "depthwise_conv")
 
 
 class Source(NamedTuple):
@@ -72,14 +70,6 @@ def exported_grid(source: Source, axes: tuple[int, ...] = ()) -> IntegerGrid:
     lo = ops.convert_to_numpy(source.variables["min_var"])
     hi = ops.convert_to_numpy(source.variables["max_var"])
     return from_range(lo, hi, quantizer.num_bits, quantizer.narrow_range, axes, np)
-
-
-def activation_name(activation) -> str:
-    """The registered name of an activation function ('relu', 'softmax', ...)."""
-    if isinstance(activation, str):
-        return activation
-    name = getattr(activation, "__name__", None)
-    return name or type(activation).__name__.lower()
 
 
 # ---- links ------------------------------------------------------------------------------
@@ -234,9 +224,10 @@ def _clamped_real(scaled, out: IntegerGrid, activation: str):
 
 def _linear(layer, x, w):
     """The layer's linear map (no bias, no activation) on ``x`` with kernel ``w``."""
-    if isinstance(layer, L.Dense):
+    op = kind_of(layer).integer_op
+    if op == "dense":
         return ops.matmul(x, w)
-    if isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D)):
+    if op == "depthwise_conv":
         return ops.depthwise_conv(
             x, w, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate, data_format="channels_last"
         )
@@ -273,7 +264,8 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
 def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
     """Whether :func:`kernel_inference` reproduces ``layer``'s integer kernel."""
     return (
-        type(layer) in KERNEL_TYPES
+        kind_of(layer) is not None
+        and kind_of(layer).integer_op in KERNEL_OPS
         and getattr(layer, "data_format", "channels_last") == "channels_last"
         and getattr(layer, "padding", "valid") in ("valid", "same")
         and getattr(layer, "groups", 1) == 1
@@ -304,7 +296,7 @@ def accumulator_bound(layer, in_source: Source, kernel_source: Source) -> int:
 def _reduction_terms(layer) -> int:
     """How many products each output of ``layer`` sums."""
     shape = tuple(layer.kernel.shape)
-    depthwise = isinstance(layer, (L.DepthwiseConv1D, L.DepthwiseConv2D))
+    depthwise = kind_of(layer).depthwise
     terms = 1
     for size in shape[:-2] if depthwise else shape[:-1]:
         terms *= int(size)
@@ -343,7 +335,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if activation == "linear":
         activation = out.activation
     # TFLite's reference FULLY_CONNECTED rounds once; its convolutions round twice.
-    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=isinstance(layer, L.Dense))
+    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=kind_of(layer).integer_op == "dense")
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):

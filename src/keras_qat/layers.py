@@ -20,10 +20,9 @@ from keras_qat import emulation
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
+from keras_qat.registry import clamp_activation, is_kind
 
 
-_AVERAGE_POOLING = (keras.layers.AveragePooling1D, keras.layers.AveragePooling2D)
-_GLOBAL_AVERAGE_POOLING = (keras.layers.GlobalAveragePooling1D, keras.layers.GlobalAveragePooling2D)
 
 
 def _is_variable(value) -> bool:
@@ -276,9 +275,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         and this layer then requantizes to that consumer's grid in integer inference."""
         if self._output_vars or self._activations:
             return False
-        return self.integer_kind() is not None or isinstance(
-            self.layer, (keras.layers.Concatenate, keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU, keras.layers.ELU)
-        )
+        return self.integer_kind() is not None or is_kind(self.layer, "concatenate", "activation", "relu", "leaky_relu")
 
     def quantizes_inputs_as(self) -> emulation.OutputTarget | None:
         """For a ReLU or Concatenate that quantizes its inputs' values: its grid and clamp.
@@ -289,21 +286,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
         inherited = emulation.inherited_source(self)
         if inherited is not None:
             return emulation.OutputTarget(inherited, "linear")
-        if isinstance(layer, keras.layers.Concatenate) and not self._output_vars:
+        concatenate = is_kind(layer, "concatenate")
+        if concatenate and not self._output_vars:
             return emulation.output_target(self)
         if len(self._output_vars) != 1:
             return None
-        if isinstance(layer, keras.layers.Concatenate):
-            activation = "linear"
-        elif isinstance(layer, keras.layers.ReLU):
-            if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0 or layer.max_value not in (None, 6.0):
-                return None
-            activation = "relu6" if layer.max_value == 6.0 else "relu"
-        elif isinstance(layer, keras.layers.Activation):
-            activation = emulation.activation_name(layer.activation)
-            if activation not in ("relu", "relu6"):
-                return None
-        else:
+        activation = "linear" if concatenate else clamp_activation(layer)
+        if activation is None:
             return None
         quantizer, variables = self._output_vars[0]
         return emulation.OutputTarget(emulation.Source(quantizer, variables), activation)
@@ -311,13 +300,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
     @property
     def inherits_input_grid(self) -> bool:
         """A Concatenate: if one input already has a grid, the others are quantized onto it."""
-        return isinstance(self.layer, keras.layers.Concatenate) and not self._weight_vars and not self._activations
+        return is_kind(self.layer, "concatenate") and not self._weight_vars and not self._activations
 
     def integer_kind(self) -> str | None:
         """"kernel", "add" or "mean" when inference can run this layer's integer kernel, else None."""
-        if isinstance(self.layer, keras.layers.Add) and not self._weight_vars:
+        if is_kind(self.layer, "add") and not self._weight_vars:
             return "add"
-        if isinstance(self.layer, _GLOBAL_AVERAGE_POOLING) and self.layer.data_format == "channels_last":
+        if is_kind(self.layer, "global_average_pool") and self.layer.data_format == "channels_last":
             return "mean"
         kernel_vars = [entry for entry in self._weight_vars if entry[0] is getattr(self.layer, "kernel", None)]
         if len(self._weight_vars) == 1 and kernel_vars and emulation.supports_kernel(self.layer, kernel_vars[0][1]):
@@ -481,7 +470,7 @@ class QuantizeSameScale(keras.layers.Wrapper):
         source = self._source()
         learns = training and source.variables is self.quantizer_vars
         quantized = source.quantizer(inputs, learns, source.variables)
-        if not training and not qops.is_exporting() and isinstance(self.layer, _AVERAGE_POOLING):
+        if not training and not qops.is_exporting() and is_kind(self.layer, "average_pool"):
             return emulation.average_pool_inference(self.layer, quantized, source)
         outputs = self.layer(quantized)
         # The range was just updated from the input (training) or is the stored one: read it.

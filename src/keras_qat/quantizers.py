@@ -31,6 +31,7 @@ import numpy as np
 from keras import ops
 
 from keras_qat import ops as qops
+from keras_qat.registry import kind_of
 
 #: The range every observing quantizer starts from, before it has seen data (as tfmot).
 INITIAL_RANGE = (-6.0, 6.0)
@@ -38,12 +39,12 @@ INITIAL_RANGE = (-6.0, 6.0)
 
 def _is_depthwise_kernel(layer, name: str) -> bool:
     """Whether weight ``name`` of ``layer`` (or of the layer it wraps) is a depthwise kernel."""
-    inner = getattr(layer, "layer", layer)
-    if isinstance(inner, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+    kind = kind_of(getattr(layer, "layer", layer))
+    if kind is None:
+        return False
+    if kind.depthwise:
         return name in ("kernel", "depthwise_kernel")
-    if isinstance(inner, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D)):
-        return name == "depthwise_kernel"
-    return False
+    return kind.name == "separable_conv" and name == "depthwise_kernel"
 
 
 def _layer_label(layer) -> str:

@@ -24,6 +24,7 @@ from keras_qat import emulation
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS, SOFTMAX_BITS
 from keras_qat.grid import quantize_bias
+from keras_qat.registry import activation_name, is_kind, kind_of
 from keras_qat.export.weights import check_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
@@ -154,7 +155,7 @@ def _output_source(layer) -> emulation.Source | None:
 def _activation_of(layer) -> str:
     """The clamp the integer kernel applies: the layer's own ReLU/ReLU6, or the one fused
     into it by the consumer that quantizes its output."""
-    own = emulation.activation_name(getattr(layer.layer, "activation", "linear"))
+    own = activation_name(getattr(layer.layer, "activation", "linear"))
     if own != "linear" or _output_source(layer) is None:
         return own
     if isinstance(layer, QuantizeFoldedBatchNorm):
@@ -192,7 +193,7 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
 
     if isinstance(layer, QuantizeSameScale):
         inner = layer.layer
-        if not isinstance(inner, (L.AveragePooling1D, L.AveragePooling2D)):
+        if not is_kind(inner, "average_pool"):
             raise _unsupported(layer, type(inner).__name__)
         return emit("average_pool", **_pool_attributes(inner))
 
@@ -226,16 +227,17 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         )
     if layer.quantized_weights():
         raise _unsupported(layer, f"{type(inner).__name__} with weights")
-    if isinstance(inner, L.Concatenate):
+    kind_name = getattr(kind_of(inner), "name", None)
+    if kind_name == "concatenate":
         axis = inner.axis % len(outputs[0].shape)
         return emit("concatenate", axis=axis)
     if layer.passes_grid_through:
         return _moving_op(emit, layer, inner, inputs, outputs)
     if _requantized_by_producer(layer, inputs):
         return emit("identity")
-    if isinstance(inner, (L.Softmax, L.Activation)) and _is_softmax(inner):
+    if kind_name in ("softmax", "activation") and _is_softmax(inner):
         return _softmax_op(writer, entry, emit, layer, sources)
-    if _elementwise(inner):
+    if kind_name in ("relu", "leaky_relu", "activation"):
         return _lookup_op(writer, entry, emit, layer, sources)
     raise _unsupported(layer, type(inner).__name__)
 
@@ -248,29 +250,23 @@ def _requantized_by_producer(layer, inputs) -> bool:
 
 
 def _is_softmax(layer) -> bool:
-    if isinstance(layer, L.Softmax):
+    if is_kind(layer, "softmax"):
         return layer.axis in (-1, None)
-    return emulation.activation_name(layer.activation) == "softmax"
-
-
-_ELEMENTWISE = (L.ReLU, L.Activation, L.LeakyReLU, L.ELU)
-
-
-def _elementwise(layer) -> bool:
-    return isinstance(layer, _ELEMENTWISE)
+    return activation_name(layer.activation) == "softmax"
 
 
 def _moving_op(emit, layer, inner, inputs, outputs):
     if getattr(inner, "data_format", "channels_last") != "channels_last":
         raise _unsupported(layer, f"{type(inner).__name__} with channels_first")
-    if isinstance(inner, (L.MaxPooling1D, L.MaxPooling2D)):
+    op = getattr(kind_of(inner), "integer_op", None)
+    if op == "max_pool":
         return emit("max_pool", **_pool_attributes(inner))
-    if isinstance(inner, (L.ZeroPadding1D, L.ZeroPadding2D)):
+    if op == "pad":
         padding = [list(p) for p in inner.padding] if isinstance(inner.padding[0], (tuple, list)) else [list(inner.padding)]
         return emit("pad", padding=padding)
-    if isinstance(inner, (L.Flatten, L.Reshape)):
+    if op == "reshape":
         return emit("reshape", shape=[int(d) for d in outputs[0].shape[1:]])
-    if isinstance(inner, (L.Dropout, L.SpatialDropout1D, L.SpatialDropout2D, L.GaussianNoise, L.GaussianDropout, L.Identity)):
+    if op == "identity":
         return emit("identity")
     raise _unsupported(layer, type(inner).__name__)
 
@@ -304,11 +300,11 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
     if bias is not None:
         input_scale = emulation.exported_grid(sources[0]).scale
         entry["weights"]["bias"] = writer.integers(quantize_bias(_numpy(bias), input_scale, scale))
-    if isinstance(inner, L.Dense):
-        op, attributes = "dense", {}
+    op = kind_of(inner).integer_op
+    if op == "dense":
+        attributes = {}
     else:
         rank = len(inner.kernel.shape) - 2
-        op = "depthwise_conv" if isinstance(inner, (L.DepthwiseConv1D, L.DepthwiseConv2D)) else "conv"
         attributes = {
             "rank": rank,
             "strides": list(inner.strides),

@@ -15,7 +15,7 @@ import numpy as np
 
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
-from keras_qat.schemes.base import PASS_THROUGH_LAYERS
+from keras_qat.registry import kind_of
 
 #: Widest quantization that TFLite's int8 kernels run.
 TFLITE_MAX_BITS = 8
@@ -98,7 +98,7 @@ def _kind(layer) -> str:
 def _diagnose_layer(layer, quantized_operations: set[int]) -> LayerDiagnosis:
     entry = LayerDiagnosis(layer.name, _kind(layer), _quantized_tensors(layer))
     quantized_layer = isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm, QuantizeSameScale, QuantizeLayer))
-    if not quantized_layer and type(layer) not in PASS_THROUGH_LAYERS and id(layer) not in quantized_operations:
+    if not quantized_layer and getattr(kind_of(layer), "role", None) != "moves" and id(layer) not in quantized_operations:
         what = "operation" if not isinstance(layer, keras.layers.Layer) else "layer"
         entry.float_needs.append(f"float {what}: not quantized (kept float, or not supported by the scheme)")
     for tensor in entry.quantized:

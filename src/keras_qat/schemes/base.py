@@ -1,99 +1,22 @@
-"""The scheme base class and the registry of supported layer types."""
+"""The scheme base class: a config per layer, by the layer's kind (:mod:`keras_qat.registry`)."""
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-import keras
-
 from keras_qat import ops as qops
-from keras_qat.emulation import activation_name
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import FixedQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
-
-L = keras.layers
-
-#: Layers with a kernel: weights quantized, the activation's output quantized.
-KERNEL_LAYERS: dict[type, tuple[str, ...]] = {
-    L.Dense: ("kernel",),
-    L.Conv1D: ("kernel",),
-    L.Conv2D: ("kernel",),
-    L.Conv3D: ("kernel",),
-    L.DepthwiseConv1D: ("kernel",),
-    L.DepthwiseConv2D: ("kernel",),
-    L.Conv1DTranspose: ("kernel",),
-    L.Conv2DTranspose: ("kernel",),
-    L.Conv3DTranspose: ("kernel",),
-    L.SeparableConv1D: ("depthwise_kernel", "pointwise_kernel"),
-    L.SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
-}
-
-#: Transposed convolutions keep their output channels on axis -2: (..., filters, in_channels).
-TRANSPOSED_CONV_LAYERS = (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose)
-
-#: Layers that compute new values: their outputs are quantized.
-OUTPUT_LAYERS: tuple[type, ...] = (
-    L.BatchNormalization,
-    L.Add,
-    L.Subtract,
-    L.Multiply,
-    L.Average,
-    L.Maximum,
-    L.Minimum,
-    L.Concatenate,
-    L.AveragePooling1D,
-    L.AveragePooling2D,
-    L.AveragePooling3D,
-    L.GlobalAveragePooling1D,
-    L.GlobalAveragePooling2D,
-    L.GlobalAveragePooling3D,
-    L.ReLU,
-    L.LeakyReLU,
-    L.PReLU,
-    L.ELU,
-    L.Softmax,
-    L.Activation,
-    L.Rescaling,
-    L.Normalization,
+from keras_qat.registry import (
+    SIGNED_UNIT_RANGE_ACTIVATIONS,
+    UNIT_RANGE_ACTIVATIONS,
+    activation_name,
+    kind_of,
+    supported_type_names,
 )
-
-#: Layers that only move values: their outputs stay on the input's grid, no quantizer.
-PASS_THROUGH_LAYERS: tuple[type, ...] = (
-    L.MaxPooling1D,
-    L.MaxPooling2D,
-    L.MaxPooling3D,
-    L.GlobalMaxPooling1D,
-    L.GlobalMaxPooling2D,
-    L.GlobalMaxPooling3D,
-    L.ZeroPadding1D,
-    L.ZeroPadding2D,
-    L.ZeroPadding3D,
-    L.Cropping1D,
-    L.Cropping2D,
-    L.Cropping3D,
-    L.Flatten,
-    L.Reshape,
-    L.Permute,
-    L.RepeatVector,
-    L.UpSampling1D,
-    L.UpSampling3D,
-    L.Dropout,
-    L.SpatialDropout1D,
-    L.SpatialDropout2D,
-    L.SpatialDropout3D,
-    L.GaussianNoise,
-    L.GaussianDropout,
-    L.Identity,
-)
-
-#: Activations whose output range is known: a fixed range, as TFLite's int8 kernels fix it.
-UNIT_RANGE_ACTIVATIONS = ("sigmoid", "softmax", "hard_sigmoid")
-SIGNED_UNIT_RANGE_ACTIVATIONS = ("tanh",)
 
 OverrideValue = Any  # a dict of scheme settings, a QuantizeConfig, or None (keep the layer float)
 _OVERRIDE_KEYS = {"weight_bits", "activation_bits", "per_axis"}
-
-
 
 
 class Scheme:
@@ -195,7 +118,8 @@ class RegistryScheme(Scheme):
     # ---- quantizers -------------------------------------------------------------------
 
     def weight_quantizer(self, layer, bits: int, per_axis: bool) -> Quantizer:
-        axis = -2 if isinstance(layer, TRANSPOSED_CONV_LAYERS) else -1
+        kind = kind_of(layer)
+        axis = kind.kernel_axis if kind is not None else -1
         return LastValueQuantizer(num_bits=bits, per_axis=per_axis, symmetric=True, narrow_range=True, axis=axis)
 
     def activation_quantizer(self, activation, bits: int) -> Quantizer:
@@ -216,32 +140,29 @@ class RegistryScheme(Scheme):
         settings = override if found and isinstance(override, dict) else {}
         weight_bits = settings.get("weight_bits", self.weight_bits)
         activation_bits = settings.get("activation_bits", self.activation_bits)
-        for layer_type, weight_attrs in KERNEL_LAYERS.items():
-            if type(layer) is layer_type:
-                default_per_axis = self.per_axis_dense if layer_type is L.Dense else self.per_axis_conv
-                per_axis = settings.get("per_axis", default_per_axis)
-                return LayerQuantizeConfig(
-                    weight_attrs=weight_attrs,
-                    weight_quantizer=self.weight_quantizer(layer, weight_bits, per_axis),
-                    activation_attrs=("activation",),
-                    activation_quantizer=self.activation_quantizer(layer.activation, activation_bits),
-                )
-        if type(layer) in PASS_THROUGH_LAYERS or (
-            type(layer) is L.UpSampling2D and layer.interpolation == "nearest"
-        ):
-            return NoOpQuantizeConfig()
-        if type(layer) in OUTPUT_LAYERS or type(layer) is L.UpSampling2D:
-            activation = getattr(layer, "activation", None)
-            if type(layer) is L.Softmax:
-                activation = "softmax"
-            quantizer = (
-                self.activation_quantizer(activation, activation_bits)
-                if activation is not None
-                else MovingAverageQuantizer(num_bits=activation_bits)
+        kind = kind_of(layer)
+        if kind is None:
+            return None
+        if kind.role == "kernel":
+            default_per_axis = self.per_axis_dense if kind.name == "dense" else self.per_axis_conv
+            per_axis = settings.get("per_axis", default_per_axis)
+            return LayerQuantizeConfig(
+                weight_attrs=kind.weight_attrs,
+                weight_quantizer=self.weight_quantizer(layer, weight_bits, per_axis),
+                activation_attrs=("activation",),
+                activation_quantizer=self.activation_quantizer(layer.activation, activation_bits),
             )
-            return LayerQuantizeConfig(output_quantizer=quantizer)
-        return None
+        if kind.role == "moves":
+            return NoOpQuantizeConfig()
+        activation = getattr(layer, "activation", None)
+        if kind.name == "softmax":
+            activation = "softmax"
+        quantizer = (
+            self.activation_quantizer(activation, activation_bits)
+            if activation is not None
+            else MovingAverageQuantizer(num_bits=activation_bits)
+        )
+        return LayerQuantizeConfig(output_quantizer=quantizer)
 
     def supported_layer_types(self) -> list[str]:
-        names = [t.__name__ for t in KERNEL_LAYERS] + [t.__name__ for t in OUTPUT_LAYERS + PASS_THROUGH_LAYERS]
-        return sorted(set(names) | {"UpSampling2D"})
+        return supported_type_names()

@@ -15,25 +15,9 @@ import keras
 from keras_qat.config import LayerQuantizeConfig
 from keras_qat.layers import QuantizeAnnotate
 from keras_qat.quantizers import MovingAverageQuantizer
-from keras_qat.schemes.base import KERNEL_LAYERS, TRANSPOSED_CONV_LAYERS, activation_name
+from keras_qat.registry import ARITHMETIC_OPERATIONS, activation_name, is_fusable_relu, kind_of
 
 L = keras.layers
-
-#: Layers whose weights absorb a following BatchNormalization, channels last.
-FOLDABLE_LAYERS = (L.Conv1D, L.Conv2D, L.DepthwiseConv2D, L.Dense)
-
-#: Layers whose int8 TFLite kernel computes new values but keeps its input's scale.
-SAME_SCALE_LAYERS = (L.AveragePooling1D, L.AveragePooling2D)
-
-#: Layers that compute a new tensor which a following ReLU can be fused into (TFLite fuses
-#: activations into these kernels or into the ADD/MUL that a BatchNormalization becomes).
-FUSABLE_PRODUCERS = tuple(t for t in KERNEL_LAYERS if t not in TRANSPOSED_CONV_LAYERS) + (
-    L.Add,
-    L.Subtract,
-    L.Multiply,
-    L.BatchNormalization,
-)
-
 
 @dataclass
 class FusionPlan:
@@ -64,11 +48,6 @@ class FusionPlan:
     def output_quantized(self, annotation) -> bool:
         """Whether the layer (or the fold that ``annotation`` ends) quantizes its output."""
         return id(annotation) not in self.unquantized_outputs
-
-
-#: keras.ops operations that compute new values elementwise and that deployed integer models
-#: run as quantized kernels (ADD, SUB, MUL, DIV with a constant or a tensor).
-ARITHMETIC_OPERATIONS = ("Add", "Subtract", "Multiply", "Divide", "TrueDivide")
 
 
 class _Graph:
@@ -111,21 +90,18 @@ def _scheme_layer(operation, scheme):
     return layer
 
 
+def _role(layer) -> str | None:
+    kind = None if layer is None else kind_of(layer)
+    return None if kind is None else kind.role
+
+
+def _kind_name(layer) -> str | None:
+    kind = kind_of(layer)
+    return None if kind is None else kind.name
+
+
 def _is_linear(layer) -> bool:
     return activation_name(getattr(layer, "activation", "linear")) == "linear"
-
-
-def is_fusable_relu(layer) -> bool:
-    """A ReLU or ReLU6 that TFLite fuses into the kernel before it."""
-    if type(layer) is L.ReLU:
-        return (
-            float(layer.negative_slope) == 0.0
-            and float(layer.threshold) == 0.0
-            and layer.max_value in (None, 6.0)
-        )
-    if type(layer) is L.Activation:
-        return activation_name(layer.activation) in ("relu", "relu6")
-    return False
 
 
 def _channels_last(layer) -> bool:
@@ -146,7 +122,8 @@ def plan_fusions(model, scheme) -> FusionPlan:
 
     for node in graph.nodes:
         layer = _scheme_layer(node.operation, scheme)
-        if not fold_bn or type(layer) not in FOLDABLE_LAYERS:
+        kind = kind_of(layer)
+        if not fold_bn or kind is None or not kind.foldable:
             continue
         consumer = graph.sole_consumer(node)
         if consumer is None:
@@ -154,7 +131,8 @@ def plan_fusions(model, scheme) -> FusionPlan:
         bn = _scheme_layer(consumer.operation, scheme)
         rank = len(node.outputs[0].shape)
         if (
-            type(bn) is L.BatchNormalization
+            kind_of(bn) is not None
+            and kind_of(bn).name == "batch_norm"
             and _is_linear(layer)
             and _channels_last(layer)
             and _bn_on_last_axis(bn, rank)
@@ -168,7 +146,7 @@ def plan_fusions(model, scheme) -> FusionPlan:
     if not fuse:
         return plan
     for node in graph.nodes:
-        if type(_scheme_layer(node.operation, scheme)) in SAME_SCALE_LAYERS:
+        if _role(_scheme_layer(node.operation, scheme)) == "same_scale":
             plan.same_scale.add(id(node.operation))
             plan.reasons[node.operation.name] = "input and output share one range (same-scale integer kernel)"
     for node in graph.nodes:
@@ -182,13 +160,12 @@ def plan_fusions(model, scheme) -> FusionPlan:
         target = _scheme_layer(consumer.operation, scheme)
         if target is None:
             continue
-        produces = isinstance(layer, FUSABLE_PRODUCERS) and (
-            not isinstance(layer, tuple(KERNEL_LAYERS)) or _is_linear(layer)
-        )
+        kind = kind_of(layer)
+        produces = kind is not None and kind.fusable and (kind.role != "kernel" or _is_linear(layer))
         if produces and is_fusable_relu(target):
             plan.unquantized_outputs.add(id(operation))
             plan.reasons[operation.name] = f"output quantized after '{target.name}' (activation fused)"
-        elif (type(target) is L.Concatenate or type(target) in SAME_SCALE_LAYERS) and _observed_output_range(
+        elif (_kind_name(target) == "concatenate" or _role(target) == "same_scale") and _observed_output_range(
             layer, scheme
         ):
             plan.unquantized_outputs.add(id(operation))

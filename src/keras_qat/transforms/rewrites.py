@@ -15,7 +15,7 @@ import numpy as np
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeWrapper
-from keras_qat.schemes.base import KERNEL_LAYERS, activation_name
+from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 
 
 def splits(layer, scheme) -> bool:
@@ -84,22 +84,19 @@ def call_separable_split(annotation, plan, scheme, inputs):
     return outputs
 
 
-#: Activations that deployed kernels fuse; any other activation is a kernel of its own.
-_FUSED_ACTIVATIONS = ("linear", "relu", "relu6")
-
-
 def splits_activation(layer, scheme) -> bool:
     """A Conv/Dense with an activation TFLite cannot fuse (softmax, sigmoid, tanh, swish...):
     deployed as the kernel, a quantized tensor, and the activation's own integer kernel."""
     if not (
         isinstance(layer, QuantizeAnnotate)
         and layer.quantize_config is None
-        and type(layer.layer) in KERNEL_LAYERS
+        and kind_of(layer.layer) is not None
+        and kind_of(layer.layer).role == "kernel"
         and type(layer.layer) not in _SEPARABLE
         and not scheme.keeps_float(layer.layer)
     ):
         return False
-    return activation_name(getattr(layer.layer, "activation", "linear")) not in _FUSED_ACTIVATIONS
+    return activation_name(getattr(layer.layer, "activation", "linear")) not in CLAMP_ACTIVATIONS
 
 
 def call_activation_split(annotation, plan, scheme, inputs, *args, **kwargs):
