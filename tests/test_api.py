@@ -311,3 +311,17 @@ def test_plain_operations_in_the_graph_are_accepted():
     quantized = kq.quantize_model(keras.Model(inputs, outputs))
     assert set(_wrappers(quantized)) == {"d", "r"}
     assert quantized.predict(_random((2, 4)), verbose=0).shape == (2, 3)
+
+
+def test_a_conv3d_model_trains_with_per_channel_weights():
+    """TF's per-channel fake-quant gradient takes rank <= 4; 3-D kernels use the fused kernel."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4, 4, 4, 2))
+    x = keras.layers.Conv3D(3, 2, name="conv3d")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    q = kq.quantize_model(model, kq.NBitScheme(4, 8, per_axis=True))
+    q.compile("adam", "mse")
+    rng = np.random.default_rng(0)
+    history = q.fit(rng.normal(size=(8, 4, 4, 4, 2)).astype("float32"), rng.normal(size=(8, 2)), epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][0])
+    assert tuple(q.get_layer("quant_conv3d").quantized_weights()[0][2]["min_var"].shape) == (3,)

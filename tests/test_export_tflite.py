@@ -493,3 +493,46 @@ def test_while_exporting_inference_is_plain_fake_quantization(signed_export):
     with qops.exporting():
         got = dense(features, training=False)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), expected.numpy())
+
+
+# --------------------------------------------------------------------------------------
+# Below 8 bits: int8 tensors holding the trained low-bit values on the trained scales
+# --------------------------------------------------------------------------------------
+
+
+def _weight_tensors(path) -> list[tuple[str, np.ndarray, int]]:
+    """``(name, int8 values, channel axis)`` of every per-channel or per-tensor int8 constant
+    that an op reads as its filter (the interpreter's tensor table is the oracle)."""
+    interpreter = _interpreter(path)
+    interpreter.allocate_tensors()
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    found = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] not in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            continue
+        detail = tensors[int(op["inputs"][1])]
+        assert detail["dtype"] == np.int8, detail
+        axis = detail["quantization_parameters"]["quantized_dimension"]
+        found.append((detail["name"], interpreter.get_tensor(detail["index"]), axis))
+    return found
+
+
+@needs_tensorflow
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_bits,activation_bits", [(4, 8), (4, 4)], ids=["W4A8", "W4A4"])
+def test_low_bit_digits_cnn_deploys_exactly_on_its_trained_grid(tmp_path, weight_bits, activation_bits):
+    keras.utils.set_random_seed(1)
+    images, labels = digits_data()
+    model = kq.quantize_model(digits_cnn(), kq.NBitScheme(weight_bits, activation_bits), target="tflite")
+    fit_briefly(model, images[:1400], labels[:1400], epochs=1)
+    check = to_tflite(model, tmp_path / "low_bit.tflite")
+    assert check.float_ops == [] and check.redundant_quantize_pairs == [], str(check)
+    report = compare(model, check.path, images[1400:])
+    assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)
+    weights = _weight_tensors(check.path)
+    assert len(weights) == 5  # conv1, dw, conv_branch, fc and classifier (per-channel Dense as 1x1 CONV_2D)
+    limit = 2 ** (weight_bits - 1) - 1  # narrow range, symmetric
+    for name, values, axis in weights:
+        assert values.min() >= -limit and values.max() <= limit, name
+        per_channel = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+        assert max(len(np.unique(row)) for row in per_channel) <= 2**weight_bits, name

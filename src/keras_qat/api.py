@@ -147,7 +147,7 @@ def _clone_layer(layer):
     return layer.__class__.from_config(layer.get_config())
 
 
-def quantize_apply(model: keras.Model, scheme: Scheme | None = None) -> keras.Model:
+def quantize_apply(model: keras.Model, scheme: Scheme | None = None, target: str | None = None) -> keras.Model:
     """Rebuild an annotated model with its annotated layers quantized.
 
     Each annotated layer becomes a :class:`QuantizeWrapper` with its annotation's config, or
@@ -158,6 +158,10 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None) -> keras.Mo
     Args:
         model: a Sequential or functional model with annotated layers.
         scheme: default :class:`~keras_qat.schemes.Default8BitScheme`.
+        target: ``"tflite"`` or ``"kqat"``: refuse the model now, before any training, if that
+            target cannot compute it exactly (one :class:`~keras_qat.errors.NotDeployableError`
+            naming every such layer and why); the same verdict as the export and
+            ``diagnose(model, target=...)``.
     """
     scheme = scheme if scheme is not None else Default8BitScheme()
     if not isinstance(scheme, Scheme):
@@ -170,7 +174,13 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None) -> keras.Mo
             "quantize_annotate_layer (or the whole model with quantize_annotate_model), or call "
             "quantize_model to quantize every layer."
         )
-    return _apply(model, scheme)
+    quantized = _apply(model, scheme)
+    if target is not None:
+        # The exporters' verdict; imported here because the exporters build on this module.
+        from keras_qat.export.targets import require_deployable
+
+        require_deployable(quantized, target)
+    return quantized
 
 
 def _apply(model, scheme):
@@ -282,14 +292,15 @@ def _functional_from_sequential(model: keras.Sequential) -> keras.Model:
     return keras.Model(inputs, outputs, name=model.name)
 
 
-def quantize_model(to_quantize: keras.Model, scheme: Scheme | None = None) -> keras.Model:
+def quantize_model(to_quantize: keras.Model, scheme: Scheme | None = None, target: str | None = None) -> keras.Model:
     """Quantize every layer of ``to_quantize`` as ``scheme`` says (default: TFLite int8).
 
-    Equivalent to ``quantize_apply(quantize_annotate_model(to_quantize), scheme)``. Layers the
-    scheme does not support raise an error that says how to proceed.
+    Equivalent to ``quantize_apply(quantize_annotate_model(to_quantize), scheme, target)``.
+    Layers the scheme does not support raise an error that says how to proceed; with a
+    ``target``, so do layers that target cannot deploy exactly (see :func:`quantize_apply`).
     """
     _check_graph_model(to_quantize, "quantize_model")
-    return quantize_apply(quantize_annotate_model(to_quantize), scheme)
+    return quantize_apply(quantize_annotate_model(to_quantize), scheme, target)
 
 
 def quantize_scope(*custom_objects: dict[str, Any]):

@@ -31,6 +31,7 @@ from keras_qat import fixed_point
 from keras_qat import ops as qops
 from keras_qat.grid import IntegerGrid, from_range, quantize_bias
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
+from keras_qat.spec import TensorSpec
 from keras_qat.quantizers import Quantizer
 
 L = keras.layers
@@ -54,22 +55,27 @@ class OutputTarget(NamedTuple):
     activation: str
 
 
-def grid(source: Source, axes: tuple[int, ...] = ()) -> IntegerGrid:
+def spec_of(source: Source) -> TensorSpec:
+    """The description of ``source``'s tensor, resolved when its quantizer was built (a
+    quantizer from elsewhere that keeps no spec: one from its settings, per tensor)."""
+    spec = source.variables.get("spec")
+    if spec is not None:
+        return spec
+    quantizer = source.quantizer
+    return TensorSpec(quantizer.num_bits, quantizer.narrow_range, getattr(quantizer, "symmetric", False))
+
+
+def grid(source: Source) -> IntegerGrid:
     """The deployed grid of ``source``'s tensor from its range now (:func:`keras_qat.grid.from_range`,
-    the converter's arithmetic), as tensors of the inference graph; ``axes`` are the tensor's
-    channel axes when it is quantized per channel."""
-    quantizer = source.quantizer
-    return from_range(
-        source.variables["min_var"], source.variables["max_var"], quantizer.num_bits, quantizer.narrow_range, axes, ops
-    )
+    the converter's arithmetic), as tensors of the inference graph."""
+    return spec_of(source).grid(source.variables["min_var"], source.variables["max_var"], ops)
 
 
-def exported_grid(source: Source, axes: tuple[int, ...] = ()) -> IntegerGrid:
+def exported_grid(source: Source) -> IntegerGrid:
     """:func:`grid` in NumPy (float32 scales, int64 zero points), as exporters write it."""
-    quantizer = source.quantizer
     lo = ops.convert_to_numpy(source.variables["min_var"])
     hi = ops.convert_to_numpy(source.variables["max_var"])
-    return from_range(lo, hi, quantizer.num_bits, quantizer.narrow_range, axes, np)
+    return spec_of(source).grid(lo, hi, np)
 
 
 # ---- links ------------------------------------------------------------------------------
@@ -274,17 +280,6 @@ def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
     )
 
 
-def kernel_grid(layer, kernel_source: Source) -> IntegerGrid:
-    """The grid of ``layer``'s kernel, with its channel axes (a depthwise kernel's span two)."""
-    axes = kernel_source.quantizer.channel_axes(tuple(layer.kernel.shape), "kernel", layer)
-    return grid(kernel_source, axes)
-
-
-def weight_codes(layer, kernel, kernel_source: Source):
-    """The fake-quantized kernel's integers (centered; exact on its grid)."""
-    return kernel_grid(layer, kernel_source).centered_codes(kernel, ops)
-
-
 def accumulator_bound(layer, in_source: Source, kernel_source: Source) -> int:
     """The largest magnitude the layer's accumulator can reach, from its bit widths and its
     reduction size. Above 2**31 the kernel needs int64 accumulators and a product wider
@@ -303,6 +298,13 @@ def _reduction_terms(layer) -> int:
     return terms
 
 
+def rounds_once(layer, weight_quantizer: Quantizer) -> bool:
+    """Whether ``layer``'s deployed kernel requantizes with one rounding: TFLite's reference
+    FULLY_CONNECTED does; its convolutions round twice, and so does a per-channel Dense, which
+    deploys as a 1x1 CONV_2D (:mod:`keras_qat.export.tflite.trace`)."""
+    return kind_of(layer).integer_op == "dense" and not weight_quantizer.per_axis
+
+
 def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_source: Source, out: OutputTarget):
     """``layer``'s output as its deployed integer kernel computes it.
 
@@ -319,7 +321,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if accumulator_bound(layer, in_source, kernel_source) >= 2**31:
         return None
     in_grid = grid(in_source)
-    w_grid = kernel_grid(layer, kernel_source)
+    w_grid = grid(kernel_source)
     x = ops.cast(in_grid.centered_codes(inputs, ops), "float32")
     w = ops.cast(w_grid.centered_codes(kernel, ops), "float32")
     accumulator = _accumulate(
@@ -334,8 +336,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     activation = activation_name(getattr(layer, "activation", "linear"))
     if activation == "linear":
         activation = out.activation
-    # TFLite's reference FULLY_CONNECTED rounds once; its convolutions round twice.
-    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=kind_of(layer).integer_op == "dense")
+    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=rounds_once(layer, kernel_source.quantizer))
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
@@ -365,6 +366,31 @@ def quantize_inference(inputs, source: Source):
     values a rounding error from a half step."""
     g = grid(source)
     return g.dequantize(g.quantize(inputs, ops), ops)
+
+
+def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget):
+    """TFLite's int8 LEAKY_RELU: the centered input code requantized with ``s_in / s_out`` where
+    it is non-negative and with ``alpha * s_in / s_out`` where it is negative (two fixed-point
+    multipliers, each rounding twice), where fake quantization of the float op rounds once."""
+    in_grid, out_grid = grid(source), grid(out.source)
+    codes = in_grid.centered_codes(inputs, ops)
+    identity = ops.cast(in_grid.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
+    positive = requantize(codes, identity, out_grid, out.activation)
+    negative = requantize(codes, identity * float(np.float32(alpha)), out_grid, out.activation)
+    return ops.where(codes >= 0, positive, negative)
+
+
+def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputTarget):
+    """An activation whose int8 kernel fixes its output grid (softmax, sigmoid, tanh), quantized
+    below 8 bits: the kernel's 8-bit output on that fixed grid, requantized to ``out``'s grid
+    with the fixed-point multiplier (the QUANTIZE a converter adds between the two), rounding
+    twice where fake quantization of the float activation would round once."""
+    low, high = fixed_range
+    eight_bit = from_range(np.float32(low), np.float32(high), 8)
+    codes = eight_bit.centered_codes(qops.fake_quant(values, low, high, 8), ops)
+    out_grid = grid(out.source)
+    multiplier = float(np.float64(eight_bit.scale)) / ops.cast(_safe(out_grid.scale), "float64")
+    return requantize(codes, multiplier, out_grid, out.activation)
 
 
 def is_model_input(tensor) -> bool:
@@ -422,7 +448,8 @@ __all__ = [
     "mean_inference",
     "Source",
     "OutputTarget",
-    "kernel_grid",
+    "spec_of",
+    "exported_grid",
     "grid",
     "source_of",
     "link",
@@ -432,8 +459,11 @@ __all__ = [
     "output_consumer",
     "enabled",
     "kernel_inference",
+    "fixed_range_inference",
+    "leaky_relu_inference",
     "add_inference",
     "supports_kernel",
+    "rounds_once",
     "requantize",
     "centered_codes",
 ]

@@ -16,14 +16,15 @@ class NotDeployableError(ValueError):
 
     Attributes:
         target: the target's name (``"tflite"``, ``"kqat"``, ``"onnx"``).
-        reasons: ``{layer name: why}``, one entry per refused layer, in graph order.
+        reasons: ``{layer name: why}``, one entry per refused layer, in graph order; each
+            ``why`` is a sentence that names the layer, what it cannot do and what to do.
     """
 
     def __init__(self, target: str, reasons: dict[str, str], hint: str = ""):
         self.target = target
         self.reasons = dict(reasons)
         lines = [f"{target}: {len(self.reasons)} layer(s) cannot be deployed exactly:"]
-        lines += [f"  - '{layer}': {why}" for layer, why in self.reasons.items()]
+        lines += [f"  - {why}" for why in self.reasons.values()]
         if hint:
             lines.append(hint)
         super().__init__("\n".join(lines))

@@ -22,7 +22,8 @@ import keras
 from keras import ops
 
 from keras_qat import emulation
-from keras_qat.layers import run_with_substitutes
+from keras_qat import ops as qops
+from keras_qat.layers import kernel_quantize, run_with_substitutes
 from keras_qat.quantizers import Quantizer
 
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -167,6 +168,9 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         training = bool(training)
+        exported = self._exported_linear(inputs, training)
+        if exported is not None:
+            return exported
         if emulation.enabled(training):
             outputs = self._integer_inference(inputs)
             if outputs is not None:
@@ -183,6 +187,22 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             outputs = self._train_with_batch_statistics(convolved, factor)
         if self.output_quantizer is not None:
             outputs = self.output_quantizer(outputs, training, self.output_vars)
+        return outputs
+
+    def _exported_linear(self, inputs, training: bool):
+        """While an exporter traces the model: the folded layer traced the exporter's way (its
+        ``linear`` hook, see :func:`keras_qat.ops.exporting`); None where ``call`` serves."""
+        linear = qops.export_hook("linear")
+        if linear is None or training:
+            return None
+        factor = self._factor()
+        quantize = kernel_quantize(self.weight_quantizer, self.kernel_vars)
+        outputs = linear(self.layer, inputs, self._fold_kernel(factor), quantize, self.weight_quantizer.per_axis)
+        if outputs is None:
+            return None
+        outputs = outputs + self.folded_bias(factor)
+        if self.output_quantizer is not None:
+            outputs = self.output_quantizer(outputs, False, self.output_vars)
         return outputs
 
     def _train_with_batch_statistics(self, convolved, factor):

@@ -275,6 +275,49 @@ def quantize_bias(bias, input_scale, weight_scale, xp=np):
     return xp.where(product == 0, 0.0, round_half_away(xp, raw))
 
 
+def widened_range(grid: IntegerGrid, bits: int = 8):
+    """A ``[min, max]`` at ``bits`` bits (float32, one per channel like ``grid.scale``) whose grid
+    (:func:`from_range`) has exactly ``grid``'s scale and signed zero point: a tensor trained at
+    fewer bits, held in a wider integer type on its trained grid (int8 at 2..7 bits for LiteRT).
+
+    The plain ends ``(q_min - z) * scale`` and ``(q_max - z) * scale`` are rounded to float32,
+    which moves the converter's float64 scale by an ulp in about 1% of ranges; those are found
+    by moving each end by up to three ulps.
+    """
+    signed = grid.as_signed()
+    if bits < signed.bits:
+        raise ValueError(f"widened_range: {bits} bits cannot hold a {signed.bits}-bit grid.")
+    wide_min = -(2 ** (bits - 1)) + int(signed.narrow_range)
+    wide_max = 2 ** (bits - 1) - 1
+    scale = np.asarray(signed.scale, np.float32)
+    zero_point = np.broadcast_to(np.asarray(signed.zero_point, np.int64), scale.shape)
+    plain_lo = ((wide_min - zero_point) * scale.astype(np.float64)).astype(np.float32)
+    plain_hi = ((wide_max - zero_point) * scale.astype(np.float64)).astype(np.float32)
+    lo, hi = np.zeros_like(plain_lo), np.zeros_like(plain_hi)
+    found = scale == 0  # a degenerate range stays [0, 0]
+    offsets = sorted(((a, b) for a in range(-3, 4) for b in range(-3, 4)), key=lambda ab: abs(ab[0]) + abs(ab[1]))
+    for low_step, high_step in offsets:
+        if found.all():
+            break
+        try_lo = _ulps(plain_lo, low_step)
+        try_hi = _ulps(plain_hi, high_step)
+        wide = from_range(try_lo, try_hi, bits, signed.narrow_range).as_signed()
+        match = ~found & (wide.scale == scale) & (wide.zero_point == zero_point)
+        lo, hi = np.where(match, try_lo, lo), np.where(match, try_hi, hi)
+        found |= match
+    if not found.all():
+        raise ValueError(f"widened_range: no {bits}-bit range has scale {scale[~found]!r} exactly.")
+    return lo, hi
+
+
+def _ulps(x, steps: int):
+    """``x`` (float32) moved by ``steps`` ulps."""
+    direction = np.float32(np.inf if steps > 0 else -np.inf)
+    for _ in range(abs(steps)):
+        x = np.nextafter(x, direction, dtype=np.float32)
+    return x
+
+
 def smallest_int_dtype(low: int, high: int) -> np.dtype:
     """The smallest signed NumPy integer dtype holding ``[low, high]``."""
     for dtype in (np.int8, np.int16, np.int32):
@@ -292,6 +335,7 @@ __all__ = [
     "validate_num_bits",
     "smallest_int_dtype",
     "quantize_bias",
+    "widened_range",
     "MIN_BITS",
     "MAX_BITS",
     "MIN_RANGE_WIDTH",

@@ -20,7 +20,7 @@ from keras_qat import emulation
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
-from keras_qat.registry import clamp_activation, is_kind
+from keras_qat.registry import clamp_activation, fixed_output_range, is_kind
 
 
 
@@ -113,6 +113,24 @@ class QuantizeAwareActivation:
     @property
     def __name__(self):
         return getattr(self.activation, "__name__", "quantize_aware_activation")
+
+
+def kernel_quantize(quantizer: Quantizer, variables: dict):
+    """``quantize(w, axes)``: ``w`` fake-quantized on ``quantizer``'s grid (its range variables),
+    per channel over ``axes`` when the quantizer is per axis; for exporters that trace a kernel
+    in another layout than the layer's."""
+
+    def quantize(weight, axes):
+        return qops.fake_quant(
+            weight,
+            variables["min_var"],
+            variables["max_var"],
+            num_bits=quantizer.num_bits,
+            narrow_range=quantizer.narrow_range,
+            axis=axes if quantizer.per_axis else None,
+        )
+
+    return quantize
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -303,11 +321,26 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return is_kind(self.layer, "concatenate") and not self._weight_vars and not self._activations
 
     def integer_kind(self) -> str | None:
-        """"kernel", "add" or "mean" when inference can run this layer's integer kernel, else None."""
+        """"kernel", "add", "mean", "leaky_relu" or "fixed_range" when inference runs this layer's
+        integer kernel, else None."""
         if is_kind(self.layer, "add") and not self._weight_vars:
             return "add"
         if is_kind(self.layer, "global_average_pool") and self.layer.data_format == "channels_last":
             return "mean"
+        if (
+            not self._weight_vars
+            and len(self._output_vars) == 1
+            and fixed_output_range(self.layer) is not None
+            and self._output_vars[0][0].num_bits < 8
+        ):
+            return "fixed_range"
+        if (
+            type(self.layer) is keras.layers.LeakyReLU
+            and float(self.layer.negative_slope) > 0.0
+            and not self._weight_vars
+            and len(self._output_vars) == 1
+        ):
+            return "leaky_relu"
         kernel_vars = [entry for entry in self._weight_vars if entry[0] is getattr(self.layer, "kernel", None)]
         if len(self._weight_vars) == 1 and kernel_vars and emulation.supports_kernel(self.layer, kernel_vars[0][1]):
             return "kernel"
@@ -330,6 +363,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return None
         if kind == "mean":
             return emulation.mean_inference(self.layer, inputs, sources[0], target)
+        if kind == "leaky_relu":
+            return emulation.leaky_relu_inference(inputs, float(self.layer.negative_slope), sources[0], target)
+        if kind == "fixed_range":
+            return emulation.fixed_range_inference(self.layer(inputs), fixed_output_range(self.layer), target)
         if kind == "add":
             flat = keras.tree.flatten(inputs)
             if len(flat) != 2 or len(sources) != 2:
@@ -352,6 +389,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
             outputs = self._integer_inference(inputs)
             if outputs is not None:
                 return outputs
+        exported = self._exported_linear(inputs, kwargs)
+        if exported is None and qops.export_hook("upsample") is not None and self.passes_grid_through:
+            exported = qops.export_hook("upsample")(self.layer, inputs)
+        if exported is not None:
+            return exported
         substitutes = {}
         if self._weight_vars:
             quantized = [quantizer(weight, training, qvars) for weight, quantizer, qvars in self._weight_vars]
@@ -378,6 +420,31 @@ class QuantizeWrapper(keras.layers.Wrapper):
         flat = keras.tree.flatten(outputs)
         flat = [quantizer(t, training, qvars) for t, (quantizer, qvars) in zip(flat, self._output_vars)]
         return keras.tree.pack_sequence_as(outputs, flat)
+
+    def _exported_linear(self, inputs, kwargs):
+        """While an exporter traces the model: a kernel layer traced the exporter's way (its
+        ``linear`` hook, see :func:`keras_qat.ops.exporting`), with this layer's bias,
+        quantized activation and output quantizers; None where the layer's own call serves."""
+        linear = qops.export_hook("linear")
+        kernel = getattr(self.layer, "kernel", None)
+        if linear is None or len(self._weight_vars) != 1 or self._weight_vars[0][0] is not kernel:
+            return None
+        if any(value is not None for value in kwargs.values()):
+            return None
+        weight, quantizer, variables = self._weight_vars[0]
+        outputs = linear(self.layer, inputs, weight, kernel_quantize(quantizer, variables), quantizer.per_axis)
+        if outputs is None:
+            return None
+        if getattr(self.layer, "use_bias", False):
+            outputs = outputs + self.layer.bias
+        for activation in self._activations:
+            activation.training = False
+        activation = getattr(self.layer, "activation", None)
+        if activation is not None:
+            outputs = activation(outputs)
+        for quantizer, variables in self._output_vars:
+            outputs = quantizer(outputs, False, variables)
+        return outputs
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

@@ -51,15 +51,21 @@ from keras_qat.grid import MAX_BITS, MIN_BITS, MIN_RANGE_WIDTH, quant_range, san
 
 Axis = Union[int, Sequence[int], None]
 
-_EXPORTING = contextvars.ContextVar("keras_qat_exporting", default=False)
+_EXPORTING = contextvars.ContextVar("keras_qat_exporting", default=None)
 
 
 @contextlib.contextmanager
-def exporting() -> Iterator[None]:
+def exporting(**hooks) -> Iterator[None]:
     """While a model is traced for a converter: layers emit the plain fake-quant pattern the
     converter recognises, instead of the exact emulation of an integer kernel that they run
-    in inference otherwise (see :class:`keras_qat.layers.QuantizeSameScale`)."""
-    token = _EXPORTING.set(True)
+    in inference otherwise (see :class:`keras_qat.layers.QuantizeSameScale`).
+
+    ``hooks`` are the exporter's ways of tracing a computation for its converter, which layers
+    look up with :func:`export_hook` (``linear``: a kernel layer's linear map, see
+    :func:`keras_qat.export.tflite.trace.linear_for_converter`); the layers need not import the
+    exporter.
+    """
+    token = _EXPORTING.set(dict(hooks))
     try:
         yield
     finally:
@@ -68,7 +74,13 @@ def exporting() -> Iterator[None]:
 
 def is_exporting() -> bool:
     """Whether the current trace is for a converter (inside :func:`exporting`)."""
-    return _EXPORTING.get()
+    return _EXPORTING.get() is not None
+
+
+def export_hook(name: str):
+    """The exporter's hook ``name`` while exporting (see :func:`exporting`), else None."""
+    hooks = _EXPORTING.get()
+    return None if hooks is None else hooks.get(name)
 
 
 def exact_integer_arithmetic() -> bool:
@@ -377,6 +389,8 @@ def fake_quant(
     per_axis = axis is not None
     axes = normalize_axes(axis, len(x.shape)) if per_axis else ()
     _check_range_shape(x, min, max, axes, per_axis)
+    if num_bits < 8 and is_exporting() and keras.backend.backend() == "tensorflow":
+        return _low_bit_for_export(x, min, max, num_bits, narrow_range, axes)
     min, max = _sanitize_range(min, max)
     compute = x if dtype == "float32" else ops.cast(x, "float32")
     if keras.backend.backend() == "tensorflow":
@@ -415,13 +429,65 @@ def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
     moved, layout = _to_channels_last(
         x, axes, shape_fn=_tf_shape_list, reshape=tf.reshape, transpose=tf.transpose
     )
-    if exportable or _is_small(moved):
+    # TF's per-channel gradient op takes rank <= 4; the fused kernel takes any rank.
+    if exportable or (_is_small(moved) and len(moved.shape) <= 4):
         y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
             moved, min, max, num_bits=num_bits, narrow_range=narrow_range
         )
     else:
         y = _fused_per_channel_tf(moved, min, max, num_bits, narrow_range)
     return _from_channels_last(y, layout, reshape=tf.reshape, transpose=tf.transpose)
+
+
+def _concrete(value) -> np.ndarray:
+    """The value of a range (a variable, or a constant) now, read eagerly even while a
+    converter traces the model: exporting freezes the ranges anyway."""
+    import tensorflow as tf
+
+    if tf.is_tensor(value) and not isinstance(value, tf.Variable) and not hasattr(value, "numpy"):
+        static = tf.get_static_value(value)
+        if static is None:
+            raise ValueError(
+                "fake_quant: exporting a quantizer below 8 bits needs its range as a variable or a "
+                "constant, not a value computed in the graph."
+            )
+        return np.asarray(static, np.float32)
+    with tf.init_scope():
+        return np.asarray(keras.ops.convert_to_numpy(value), np.float32)
+
+
+def _low_bit_for_export(x, min, max, num_bits, narrow_range, axes):
+    """What a converter traces for a quantizer below 8 bits: int8 tensors on the trained grid.
+
+    TFLite's int8 kernels hold 2..7-bit values in int8 tensors. An 8-bit fake quantization
+    on the range that has exactly the trained scale and signed zero point
+    (:func:`keras_qat.grid.widened_range`) makes the converter emit such a tensor. A
+    narrow-range quantizer (a weight's, constant) first runs its own low-bit op, so the values
+    are the trained ones; any other (an activation) is clamped to the low-bit codes between two
+    such 8-bit ops, which the converter turns into MAXIMUM/MINIMUM (or a fused RELU) on the same
+    scale, so that a kernel's int8 output saturates where the trained low-bit grid ends.
+    """
+    import tensorflow as tf
+
+    from keras_qat.grid import from_range, widened_range
+
+    grid = from_range(_concrete(min), _concrete(max), num_bits, narrow_range, axes)
+    wide_min, wide_max = widened_range(grid)
+    axis = axes or None
+    if narrow_range:
+        on_grid = _fake_quant_tf(ops.cast(x, "float32"), *_sanitize_range(min, max), num_bits, narrow_range, axes, True)
+        return _fake_quant_tf(on_grid, wide_min, wide_max, 8, True, axes, True)
+    if axis is not None:
+        raise ValueError(
+            f"fake_quant: exporting a per-axis {num_bits}-bit activation quantizer to TFLite is not "
+            "supported; quantize activations per tensor below 8 bits."
+        )
+    wide = _fake_quant_tf(ops.cast(x, "float32"), wide_min, wide_max, 8, False, axes, True)
+    scale = np.asarray(grid.scale, np.float64)
+    low = ((grid.qmin - grid.zero_point) * scale).astype(np.float32)
+    high = ((grid.qmax - grid.zero_point) * scale).astype(np.float32)
+    clamped = tf.minimum(tf.maximum(wide, low), high)
+    return _fake_quant_tf(clamped, wide_min, wide_max, 8, False, axes, True)
 
 
 #: Below this many elements TF's per-channel op is as fast as the fused kernel, whose launch
@@ -448,6 +514,7 @@ def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
     import tensorflow as tf
 
     forward, backward = _tf_fused_kernels()
+    x = tf.convert_to_tensor(x)  # a variable's value: the custom gradient below takes tensors
 
     @tf.custom_gradient
     def kernel(x, min, max):

@@ -32,6 +32,7 @@ from keras import ops
 
 from keras_qat import ops as qops
 from keras_qat.registry import kind_of
+from keras_qat.spec import TensorSpec
 
 #: The range every observing quantizer starts from, before it has seen data (as tfmot).
 INITIAL_RANGE = (-6.0, 6.0)
@@ -93,6 +94,9 @@ class _RangeQuantizer(Quantizer):
     extra variables that needs (:meth:`_build_state`).
     """
 
+    #: How the range is set, for :attr:`keras_qat.spec.TensorSpec.observer`.
+    observer = "custom"
+
     def __init__(
         self,
         num_bits: int = 8,
@@ -152,10 +156,19 @@ class _RangeQuantizer(Quantizer):
             axis = (-2, -1)
         return qops.normalize_axes(axis, rank, owner)
 
+    def spec(self, tensor_shape, name: str = "tensor", layer=None) -> TensorSpec:
+        """The description of the tensor this quantizer quantizes (resolved channel axes)."""
+        axes = self.channel_axes(tuple(tensor_shape), name, layer)
+        return TensorSpec(self.num_bits, self.narrow_range, self.symmetric, axes, self.observer)
+
     def _call_axes(self, inputs, weights) -> tuple[int, ...]:
-        """Recover at call time the layout chosen in :meth:`build` from the variable's size."""
+        """The layout resolved in :meth:`build` (its spec), or, for variables built elsewhere,
+        recovered from the size of the range variable."""
         if not self.per_axis:
             return ()
+        spec = weights.get("spec")
+        if spec is not None and max(spec.axes, default=-1) < len(inputs.shape):
+            return spec.axes
         shape = tuple(inputs.shape)
         channels = int(weights["min_var"].shape[0])
         if self.axis == -1 and len(shape) >= 2 and shape[-1] != channels and shape[-2] is not None:
@@ -172,7 +185,8 @@ class _RangeQuantizer(Quantizer):
                 f"variables of '{name}', got {layer!r}."
             )
         tensor_shape = tuple(tensor_shape)
-        axes = self.channel_axes(tensor_shape, name, layer)
+        spec = self.spec(tensor_shape, name, layer)
+        axes = spec.axes
         shape: tuple[int, ...] = ()
         if axes:
             count = qops.channel_count(tensor_shape, axes)
@@ -198,6 +212,7 @@ class _RangeQuantizer(Quantizer):
             ),
         }
         weights.update(self._build_state(name, layer))
+        weights["spec"] = spec
         return weights
 
     def _initial_range(self, shape, name, layer):
@@ -261,6 +276,8 @@ class LastValueQuantizer(_RangeQuantizer):
     range is the right one.
     """
 
+    observer = "last_value"
+
     def _training_range(self, inputs, axes, weights):
         range_min, range_max = self.observed_range(inputs, axes)
         weights["min_var"].assign(range_min)
@@ -280,6 +297,8 @@ class MovingAverageQuantizer(_RangeQuantizer):
     Args:
         ema_decay: the decay, in [0, 1); 0.999 averages over about the last thousand steps.
     """
+
+    observer = "moving_average"
 
     def __init__(
         self,
@@ -327,6 +346,8 @@ class AllValuesQuantizer(_RangeQuantizer):
     The first training batch replaces the initial range; later ones can only widen it.
     """
 
+    observer = "all_values"
+
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
@@ -350,6 +371,8 @@ class FixedQuantizer(_RangeQuantizer):
             value per channel (a scalar is repeated for every channel). With ``symmetric``
             the range is widened to tfmot's symmetric range around zero.
     """
+
+    observer = "fixed"
 
     def __init__(
         self,

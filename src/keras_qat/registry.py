@@ -67,6 +67,7 @@ KINDS: tuple[LayerKind, ...] = (
         "separable_conv",
         (L.SeparableConv1D, L.SeparableConv2D),
         None,
+        foldable=True,  # into its pointwise half, see keras_qat.transforms.rewrites
         weight_attrs=("depthwise_kernel", "pointwise_kernel"),
     ),
     _kernel(
@@ -174,6 +175,22 @@ def clamp_activation(layer) -> str | None:
     return None
 
 
+def fixed_output_range(layer) -> tuple[float, float] | None:
+    """The 8-bit range that TFLite's int8 kernel fixes for ``layer``'s output (SOFTMAX and
+    LOGISTIC: ``[0, 255/256]``, TANH: ``[-1, 127/128]``), or None if its range is learned."""
+    kind = kind_of(layer)
+    if kind is None:
+        return None
+    name = "softmax" if kind.name == "softmax" else (
+        activation_name(layer.activation) if kind.name == "activation" else None
+    )
+    if name in UNIT_RANGE_ACTIVATIONS:
+        return 0.0, 255.0 / 256.0
+    if name in SIGNED_UNIT_RANGE_ACTIVATIONS:
+        return -1.0, 127.0 / 128.0
+    return None
+
+
 def supported_type_names() -> list[str]:
     """The names of every Keras layer type in the table."""
     return sorted({t.__name__ for kind in KINDS for t in kind.types})
@@ -188,6 +205,7 @@ __all__ = [
     "clamp_activation",
     "activation_name",
     "supported_type_names",
+    "fixed_output_range",
     "UNIT_RANGE_ACTIVATIONS",
     "SIGNED_UNIT_RANGE_ACTIVATIONS",
     "CLAMP_ACTIVATIONS",

@@ -25,7 +25,8 @@ from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS, SOFTMAX_BITS
 from keras_qat.grid import quantize_bias
 from keras_qat.registry import activation_name, is_kind, kind_of
-from keras_qat.export.weights import check_finite
+from keras_qat.errors import NotDeployableError
+from keras_qat.export.validate import non_finite_variables, require_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 
@@ -45,16 +46,16 @@ class _Writer:
         if key in self.ids:
             return self.ids[key]
         if source is None:
-            raise ValueError(
-                f"save_artifact: the output of layer '{owner}' is not quantized, so the integer "
-                "runtime cannot hold it; quantize the layer (quantize_annotate_layer) or keep the "
-                "float part of the model outside the exported one."
+            raise _Refusal(
+                f"the output of layer '{owner}' is not quantized, so the integer runtime cannot hold "
+                "it; quantize the layer (quantize_annotate_layer) or keep the float part of the model "
+                "outside the exported one."
             )
         entry = grid_entry(source)
         if entry["scale"] == 0.0:
-            raise ValueError(
-                f"save_artifact: the output range of layer '{owner}' is empty (min == max), so its "
-                "tensor has no integer grid; train or calibrate the model on data before exporting."
+            raise _Refusal(
+                f"the output range of layer '{owner}' is empty (min == max), so its tensor has no "
+                "integer grid; train or calibrate the model on data before exporting."
             )
         name = f"t{len(self.ids)}"
         self.ids[key] = name
@@ -96,18 +97,46 @@ def save_artifact(model: keras.Model, path: str | os.PathLike) -> Path:
     at their bit widths; :func:`keras_qat.runtime.load` runs it. Written atomically.
 
     Raises:
-        ValueError: a layer whose computation has no integer op (naming the layer and what
-            to do), a tensor that is not quantized, or a NaN or Inf weight (naming the layer).
+        keras_qat.errors.NotDeployableError: listing, in one message, every layer whose
+            computation has no integer op, whose output is not quantized or whose weights or
+            ranges hold NaN or Inf, each named with what to do. Nothing is written then.
     """
     if not isinstance(model, keras.Model) or not hasattr(model, "_nodes_by_depth"):
         raise ValueError(f"save_artifact: needs a functional QAT model, got {type(model).__name__}.")
+    require_finite(model, TARGET)
     manifest, payload = build(model)
     return container.write_atomically(Path(path), container.encode(manifest, payload))
 
 
+#: The target name in refusals (:class:`keras_qat.errors.NotDeployableError`).
+TARGET = "kqat"
+
+
+class _Refusal(ValueError):
+    """One layer the artifact cannot hold; :func:`build` collects them all before raising."""
+
+
+def refusals(model: keras.Model) -> dict[str, str]:
+    """``{layer name: why}`` for every layer that :func:`save_artifact` would refuse (empty
+    when it would write the file). Reads the model; writes nothing."""
+    reasons = non_finite_variables(model)
+    if reasons:
+        return reasons
+    try:
+        build(model)
+    except NotDeployableError as error:
+        return error.reasons
+    return {}
+
+
 def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
-    """The manifest and payload of ``model``'s artifact."""
+    """The manifest and payload of ``model``'s artifact.
+
+    Raises:
+        keras_qat.errors.NotDeployableError: every layer the format cannot hold, at once.
+    """
     writer = _Writer()
+    reasons: dict[str, str] = {}
     by_depth = model._nodes_by_depth
     nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
     for tensor in model.inputs:
@@ -117,7 +146,15 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
         operation = node.operation
         if operation is None or isinstance(operation, L.InputLayer):
             continue
-        _add_op(writer, operation, list(node.input_tensors), list(node.outputs))
+        try:
+            _add_op(writer, operation, list(node.input_tensors), list(node.outputs))
+        except _Refusal as refusal:
+            reasons.setdefault(operation.name, str(refusal))
+            for tensor in node.outputs:  # stand-ins, so that the layers after it are checked too
+                name = writer.ids.setdefault(id(tensor), f"refused_{len(writer.ids)}")
+                writer.tensors.setdefault(name, {"shape": _shape(tensor), "refused": True})
+    if reasons:
+        raise NotDeployableError(TARGET, reasons)
     manifest = {
         "format_version": container.FORMAT_VERSION,
         "model": model.name,
@@ -132,9 +169,9 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
 # ---- one layer -----------------------------------------------------------------------------
 
 
-def _unsupported(layer, what: str) -> ValueError:
-    return ValueError(
-        f"save_artifact: layer '{layer.name}' ({what}) has no integer op in the .kqat format "
+def _unsupported(layer, what: str) -> _Refusal:
+    return _Refusal(
+        f"layer '{layer.name}' ({what}) has no integer op in the .kqat format "
         f"(version {container.FORMAT_VERSION}; ops: {', '.join(OPS)}). Keep it outside the "
         "exported model, or export to TFLite or ONNX instead."
     )
@@ -198,8 +235,6 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         return emit("average_pool", **_pool_attributes(inner))
 
     if isinstance(layer, QuantizeFoldedBatchNorm):
-        for variable in layer.layer.weights + layer.batch_norm.weights:
-            check_finite(layer.name, variable.name, variable)
         kernel = layer.folded_kernel()
         bias = layer.folded_bias()
         kernel_source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
@@ -212,8 +247,6 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
     kind = layer.integer_kind()
     if kind == "kernel":
         weight, quantizer, qvars = layer.quantized_weights()[0]
-        for variable in inner.weights:
-            check_finite(layer.name, variable.name, variable)
         kernel = quantizer(weight, False, qvars)
         bias = inner.bias if getattr(inner, "use_bias", False) else None
         return _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, emulation.Source(quantizer, qvars))
@@ -289,9 +322,7 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
     out_source = _output_source(layer)
     if out_source is None:
         raise _unsupported(layer, "an output that is not quantized")
-    kernel_grid = emulation.exported_grid(
-        kernel_source, kernel_source.quantizer.channel_axes(tuple(inner.kernel.shape), "kernel", inner)
-    )
+    kernel_grid = emulation.exported_grid(kernel_source)
     codes = kernel_grid.centered_codes(_numpy(kernel))
     scale = np.asarray(kernel_grid.scale, np.float32).reshape(-1)
     weight = writer.packed(codes, kernel_source.quantizer.num_bits)
@@ -302,7 +333,7 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
         entry["weights"]["bias"] = writer.integers(quantize_bias(_numpy(bias), input_scale, scale))
     op = kind_of(inner).integer_op
     if op == "dense":
-        attributes = {}
+        attributes = {"single_rounding": emulation.rounds_once(inner, kernel_source.quantizer)}
     else:
         rank = len(inner.kernel.shape) - 2
         attributes = {
@@ -350,4 +381,4 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
     emit("softmax", output_source=emulation.Source(*quantizers[0]))
 
 
-__all__ = ["save_artifact", "build", "OPS", "SOFTMAX_BITS", "grid_entry"]
+__all__ = ["save_artifact", "build", "refusals", "grid_entry", "TARGET"]

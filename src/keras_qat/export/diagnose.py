@@ -15,10 +15,9 @@ import numpy as np
 
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
+from keras_qat.export.targets import TARGETS, TFLITE_MAX_BITS, refusals
 from keras_qat.registry import kind_of
 
-#: Widest quantization that TFLite's int8 kernels run.
-TFLITE_MAX_BITS = 8
 
 
 @dataclass
@@ -51,6 +50,14 @@ class Diagnosis:
     """Every layer of the model, in graph order (nested models flattened)."""
 
     layers: list[LayerDiagnosis]
+    target: str | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def deployable(self) -> bool:
+        """With a target: whether it computes exactly what the QAT model computes (the export
+        then succeeds); without one, whether no layer needs float or more than int8."""
+        return not self.refused if self.target is not None else not self.float_layers
 
     @property
     def float_layers(self) -> list[LayerDiagnosis]:
@@ -64,7 +71,12 @@ class Diagnosis:
             lines.append(f"{entry.layer} ({entry.kind}): {details}")
             lines.extend(f"    needs: {need}" for need in entry.float_needs)
         summary = f"{len(self.float_layers)} of {len(self.layers)} layers need float or more than int8"
-        return "\n".join(lines + [summary])
+        lines.append(summary)
+        if self.target is not None:
+            verdict = "deploys exactly" if not self.refused else f"refuses {len(self.refused)} layer(s)"
+            lines.append(f"target {self.target}: {verdict}")
+            lines.extend(f"  - {why}" for why in self.refused.values())
+        return "\n".join(lines)
 
 
 def _tensor(name: str, quantizer, variables) -> TensorQuantization:
@@ -133,13 +145,23 @@ def _output_quantized_operations(model) -> set[int]:
     return found
 
 
-def diagnose(model: keras.Model) -> Diagnosis:
+def diagnose(model: keras.Model, target: str | None = None) -> Diagnosis:
     """Per layer (and plain operation) of a QAT model: its quantized tensors with bits and
-    ranges, and what a deployment would still need in float."""
+    ranges, and what a deployment would still need in float.
+
+    Args:
+        target: ``"tflite"`` or ``"kqat"``: also give that exporter's verdict
+            (:attr:`Diagnosis.refused`, the same as the export's: every layer it would refuse,
+            and why), without converting or writing anything.
+    """
     if not isinstance(model, keras.Model):
         raise ValueError(f"diagnose: expected a keras.Model, got {type(model).__name__}.")
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"diagnose: target must be one of {', '.join(TARGETS)}, got {target!r}.")
     quantized_operations = _output_quantized_operations(model)
-    return Diagnosis([_diagnose_layer(operation, quantized_operations) for operation in _operations(model)])
+    layers = [_diagnose_layer(operation, quantized_operations) for operation in _operations(model)]
+    refused = refusals(model, target) if target is not None else {}
+    return Diagnosis(layers, target, refused)
 
 
 __all__ = ["diagnose", "Diagnosis", "LayerDiagnosis", "TensorQuantization"]

@@ -19,7 +19,9 @@ from typing import Iterator
 import keras
 import numpy as np
 
-from keras_qat.grid import IntegerGrid, from_range, smallest_int_dtype
+from keras_qat import emulation
+from keras_qat.grid import IntegerGrid, smallest_int_dtype
+from keras_qat.export.validate import require_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeWrapper
 
@@ -80,26 +82,15 @@ class QuantizedTensor:
         return self.grid.dequantize(self.values)
 
 
-def quantize_tensor(name: str, fake_quantized, range_min, range_max, quantizer, axes) -> QuantizedTensor:
-    """The :class:`QuantizedTensor` of ``fake_quantized``, which ``quantizer`` produced from
-    ``[range_min, range_max]`` on channel ``axes`` (empty for per tensor)."""
+def quantize_tensor(name: str, fake_quantized, source: emulation.Source) -> QuantizedTensor:
+    """The :class:`QuantizedTensor` of ``fake_quantized``, which ``source``'s quantizer produced
+    on its grid (:func:`keras_qat.emulation.exported_grid`, from the tensor's spec and range)."""
     values = np.asarray(keras.ops.convert_to_numpy(fake_quantized), np.float32)
-    lo = np.asarray(keras.ops.convert_to_numpy(range_min), np.float32)
-    hi = np.asarray(keras.ops.convert_to_numpy(range_max), np.float32)
-    grid = from_range(lo, hi, quantizer.num_bits, quantizer.narrow_range, tuple(axes), np).as_signed()
+    grid = emulation.exported_grid(source).as_signed()
     codes = grid.centered_codes(values) + grid.along(grid.zero_point, values.shape)
     if codes.size and (codes.min() < grid.qmin or codes.max() > grid.qmax):
         raise RuntimeError(f"{name}: integers outside [{grid.qmin}, {grid.qmax}]; the range is inconsistent.")
     return QuantizedTensor(name, codes.astype(smallest_int_dtype(grid.qmin, grid.qmax)), grid)
-
-
-def check_finite(layer_name: str, weight_name: str, value) -> None:
-    array = keras.ops.convert_to_numpy(value)
-    if not np.all(np.isfinite(array)):
-        raise ValueError(
-            f"layer '{layer_name}': weight '{weight_name}' holds NaN or Inf; it cannot be quantized. "
-            "Retrain from a checkpoint before the divergence, or lower the learning rate."
-        )
 
 
 def iter_quantized_layers(model) -> Iterator:
@@ -113,27 +104,13 @@ def iter_quantized_layers(model) -> Iterator:
 
 def layer_quantized_weights(layer) -> list[QuantizedTensor]:
     """The deployed quantized weights of one quantized layer."""
-    tensors = []
     if isinstance(layer, QuantizeFoldedBatchNorm):
-        for variable in layer.layer.weights + layer.batch_norm.weights:
-            check_finite(layer.name, variable.name, variable)
-        quantizer, variables = layer.weight_quantizer, layer.kernel_vars
-        folded = layer.folded_kernel(training=False)
-        axes = quantizer.channel_axes(tuple(folded.shape), "kernel", layer)
-        tensors.append(
-            quantize_tensor(f"{layer.name}/kernel", folded, variables["min_var"], variables["max_var"], quantizer, axes)
-        )
-        return tensors
-    for weight, quantizer, variables in layer.quantized_weights():
-        check_finite(layer.name, weight.name, weight)
-        fake_quantized = quantizer(weight, False, variables)
-        axes = quantizer.channel_axes(tuple(weight.shape), weight.name, layer)
-        tensors.append(
-            quantize_tensor(
-                f"{layer.name}/{weight.name}", fake_quantized, variables["min_var"], variables["max_var"], quantizer, axes
-            )
-        )
-    return tensors
+        source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
+        return [quantize_tensor(f"{layer.name}/kernel", layer.folded_kernel(training=False), source)]
+    return [
+        quantize_tensor(f"{layer.name}/{weight.name}", quantizer(weight, False, variables), emulation.Source(quantizer, variables))
+        for weight, quantizer, variables in layer.quantized_weights()
+    ]
 
 
 def quantized_weights(model) -> dict[str, QuantizedTensor]:
@@ -142,8 +119,9 @@ def quantized_weights(model) -> dict[str, QuantizedTensor]:
     Returns:
         ``"{layer}/{weight}"`` -> :class:`QuantizedTensor`, in layer order.
     Raises:
-        ValueError: a weight holds NaN or Inf (names the layer).
+        keras_qat.errors.NotDeployableError: a weight or range holds NaN or Inf (names each layer).
     """
+    require_finite(model, "quantized_weights")
     result: dict[str, QuantizedTensor] = {}
     for layer in iter_quantized_layers(model):
         for tensor in layer_quantized_weights(layer):

@@ -105,13 +105,8 @@ class IntegerModel:
             return lambda x: K.lookup(x, table, grids[0].qmin)
         if kind == "softmax":
             table = self._weight(op, "exp_table", payload)
-            levels = int(round(1.0 / float(out.scale)))
-            if abs(levels * float(out.scale) - 1.0) > 1e-6:
-                raise UnsupportedOpError(
-                    f"{self._source}: layer '{op['layer']}': a softmax output scale of {float(out.scale)} "
-                    "is not 1/integer; the integer softmax needs one."
-                )
-            return lambda x: K.softmax(x, table, out, levels)
+            output = K.SoftmaxOutput.of(out)
+            return lambda x: K.softmax(x, table, output)
         raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': op '{kind}' is not implemented.")
 
     def _prepare_kernel(self, op: dict, payload: bytes, grid: IntegerGrid, out: IntegerGrid) -> Callable:
@@ -120,7 +115,7 @@ class IntegerModel:
         bias = self._weight(op, "bias", payload) if "bias" in op["weights"] else None
         weight_scale = np.asarray(op["weights"]["kernel"]["scale"], dtype=np.float32).astype(np.float64)
         multiplier = np.float64(grid.scale) * weight_scale / np.float64(out.scale)
-        requantize = K.Requantizer.of(multiplier, out, attributes["activation"], single_rounding=op["op"] == "dense")
+        requantize = K.Requantizer.of(multiplier, out, attributes["activation"], single_rounding=attributes.get("single_rounding", op["op"] == "dense"))
         if op["op"] == "dense":
             return lambda x: K.dense(x, grid.zero_point, kernel, bias, requantize)
         rank = attributes["rank"]

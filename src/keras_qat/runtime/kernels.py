@@ -210,14 +210,37 @@ def requantize_codes(x, grid: Grid, out: Grid):
     return Requantizer.of(multiplier, out, single_rounding=True)(x - grid.zero_point)
 
 
-def softmax(x, exp_table: np.ndarray, out: Grid, levels: int):
+@dataclass(frozen=True)
+class SoftmaxOutput:
+    """Where an int8 SOFTMAX writes (its fixed grid: scale 1/256, zero point -128) and, when
+    the model's output grid is another (a softmax quantized below 8 bits), the requantization
+    to it that follows, as in a converted TFLite model."""
+
+    requantize: Requantizer | None
+
+    LEVELS = 256
+    ZERO_POINT = -128
+
+    @classmethod
+    def of(cls, out: Grid) -> "SoftmaxOutput":
+        fixed = np.float32(out.scale) == np.float32(1.0 / cls.LEVELS) and int(out.zero_point) == cls.ZERO_POINT
+        if fixed and out.qmin <= -128 and out.qmax >= 127:
+            return cls(None)
+        return cls(Requantizer.of(np.float64(1.0 / cls.LEVELS) / np.float64(out.scale), out))
+
+
+def softmax(x, exp_table: np.ndarray, out: SoftmaxOutput):
     """Softmax over the last axis from a fixed-point exponential table: ``e = table[max - x]``,
-    ``q = zero_point + round(e * levels / sum(e))`` (``levels = 1 / scale``), all in integers."""
+    the int8 codes ``round(e * 256 / sum(e)) - 128``, all in integers; then requantized to the
+    output grid when it is not SOFTMAX's own."""
     distance = x.max(axis=-1, keepdims=True) - x
     e = exp_table[distance]
     total = e.sum(axis=-1, keepdims=True)
-    codes = (2 * e * levels + total) // (2 * total)
-    return np.clip(codes + out.zero_point, out.qmin, out.qmax)
+    levels = SoftmaxOutput.LEVELS
+    codes = np.clip((2 * e * levels + total) // (2 * total) + SoftmaxOutput.ZERO_POINT, -128, 127)
+    if out.requantize is None:
+        return codes
+    return out.requantize(codes - SoftmaxOutput.ZERO_POINT)
 
 
 def lookup(x, table: np.ndarray, qmin: int):
@@ -238,6 +261,7 @@ __all__ = [
     "average_pool",
     "requantize_codes",
     "softmax",
+    "SoftmaxOutput",
     "lookup",
     "same_padding",
     "windows",

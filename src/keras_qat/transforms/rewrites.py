@@ -73,14 +73,29 @@ def call_separable_split(annotation, plan, scheme, inputs):
         name=f"{separable.name}_pointwise",
     )
     pointwise_config = scheme.config_for(pointwise)
-    if not plan.output_quantized(annotation):
-        pointwise_config = without_output_quantization(pointwise_config)
     depthwise_wrapper = QuantizeWrapper(depthwise, scheme.config_for(depthwise), name=f"quant_{depthwise.name}")
-    pointwise_wrapper = QuantizeWrapper(pointwise, pointwise_config, name=f"quant_{pointwise.name}")
-    outputs = pointwise_wrapper(depthwise_wrapper(inputs))
+    bn_annotation = plan.folds.get(id(annotation))
+    if bn_annotation is not None:  # the BatchNormalization after it folds into the pointwise half
+        batch_norm = type(bn_annotation.layer).from_config(bn_annotation.layer.get_config())
+        output_quantizer = pointwise_config.activation_quantizer if plan.output_quantized(bn_annotation) else None
+        pointwise_layer = QuantizeFoldedBatchNorm(
+            pointwise,
+            batch_norm,
+            weight_quantizer=pointwise_config.weight_quantizer,
+            output_quantizer=output_quantizer,
+            freeze_bn_after_steps=scheme.freeze_bn_after_steps,
+            name=f"quant_{pointwise.name}",
+        )
+    else:
+        if not plan.output_quantized(annotation):
+            pointwise_config = without_output_quantization(pointwise_config)
+        pointwise_layer = QuantizeWrapper(pointwise, pointwise_config, name=f"quant_{pointwise.name}")
+    outputs = pointwise_layer(depthwise_wrapper(inputs))
     depthwise.set_weights([keras.ops.convert_to_numpy(separable.depthwise_kernel)])
     pointwise_weights = [separable.pointwise_kernel] + ([separable.bias] if separable.use_bias else [])
     pointwise.set_weights([keras.ops.convert_to_numpy(w) for w in pointwise_weights])
+    if bn_annotation is not None:
+        batch_norm.set_weights(bn_annotation.layer.get_weights())
     return outputs
 
 
@@ -141,8 +156,12 @@ def call_rescaling_split(annotation, plan, scheme, inputs):
     return QuantizeWrapper(offset, offset_config, name=f"quant_{offset.name}")(scaled)
 
 
-def folded_layer(annotation, plan, scheme, clone) -> QuantizeFoldedBatchNorm:
-    """The Conv/Dense of ``annotation`` with its BatchNormalization folded in."""
+def folded_layer(annotation, plan, scheme, clone):
+    """The Conv/Dense of ``annotation`` with its BatchNormalization folded in; a SeparableConv
+    stays an annotation, split when called, its BatchNormalization folded into the pointwise
+    half (:func:`call_separable_split`)."""
+    if splits_separable(annotation, scheme):
+        return annotation
     bn_annotation = plan.folds[id(annotation)]
     config = scheme.config_for(annotation.layer)
     output_quantizer = config.activation_quantizer if plan.output_quantized(bn_annotation) else None
