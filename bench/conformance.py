@@ -31,8 +31,12 @@ per-tensor") and ``per_axis=True`` ("w8a8 per-channel"), each alone and "+BN+ReL
 W4A4 scheme.
 
 Each (row, configuration) is quantized with ``kq.quantize_model(model, scheme=...)``
-(per target, with ``target=`` when ``quantize_model`` accepts one), compiled (Adam 1e-3, MSE,
-``jit_compile=False``) and trained for 2 ``train_on_batch`` steps on batches of 8 random
+(per target, with ``target=`` when ``quantize_model`` accepts one; one model is trained
+for both targets when they give the same one), compiled (Adam 1e-3, MSE,
+``jit_compile=False``) and trained for 2 ``train_on_batch`` steps in a compiled train step, as
+``fit`` runs it (``--eager``: ``run_eagerly=True``, about 3 times faster, but it hides
+failures that only graph tracing meets, such as TF's per-channel fake-quant gradient refusing
+the rank-5 kernels of Conv3D) on batches of 8 random
 inputs (uniform in [-1, 1]; [0, 255] for Rescaling) against random targets, so that every
 range is set, then exported and compared on 16 held-out random inputs:
 
@@ -77,7 +81,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import argparse
 import datetime
-import inspect
 import json
 import shlex
 import subprocess
@@ -102,6 +105,9 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "conformance.json
 DEFAULT_CELL_TIMEOUT_S = 300.0
 #: Rows of ``--quick``: one or two of each family.
 QUICK_ROWS = ("Dense", "Conv2D", "Add", "MaxPooling2D", "Softmax", "UpSampling2D (bilinear)")
+
+#: Notes (printed and in the Markdown) keep this much of the message; the JSON keeps it all.
+NOTE_CHARS = 200
 
 EXACT, WITHIN, REFUSED, CRASH = "exact", "within", "refused", "crash"
 VERDICTS = (EXACT, WITHIN, REFUSED, CRASH)
@@ -236,7 +242,8 @@ def all_rows() -> list[Row]:
         rows.append(_merge_row(merge, getattr(L, merge)))
     for kind in ("AveragePooling", "MaxPooling"):
         for rank in (1, 2, 3):
-            rows.append(_after_conv(f"{kind}{rank}D", "pooling", rank, lambda k=kind, r=rank: getattr(L, f"{k}{r}D")(2)))
+            make = lambda k=kind, r=rank: getattr(L, f"{k}{r}D")(2)  # noqa: E731
+            rows.append(_after_conv(f"{kind}{rank}D", "pooling", rank, make))
     for kind in ("GlobalAveragePooling", "GlobalMaxPooling"):
         for rank in (1, 2, 3):
             rows.append(_after_conv(f"{kind}{rank}D", "pooling", rank, lambda k=kind, r=rank: getattr(L, f"{k}{r}D")()))
@@ -267,7 +274,8 @@ def all_rows() -> list[Row]:
         ),
     ]
     for rank in (1, 2, 3):
-        rows.append(_after_conv(f"ZeroPadding{rank}D", "reshaping", rank, lambda r=rank: getattr(L, f"ZeroPadding{r}D")(1)))
+        make = lambda r=rank: getattr(L, f"ZeroPadding{r}D")(1)  # noqa: E731
+        rows.append(_after_conv(f"ZeroPadding{rank}D", "reshaping", rank, make))
     for rank in (1, 2, 3):
         rows.append(_after_conv(f"Cropping{rank}D", "reshaping", rank, lambda r=rank: getattr(L, f"Cropping{r}D")(1)))
     rows += [
@@ -366,39 +374,30 @@ def classify(error: BaseException, stage: str, float_model: Any = None) -> dict[
     return cell
 
 
-def _supports_target(function: Callable) -> bool:
-    try:
-        return "target" in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _diagnosis_refuses(diagnosis: Any) -> Optional[bool]:
-    """Whether a ``diagnose(..., target=...)`` result refuses the model, by the attributes it has."""
-    for attribute, refuses_when in (("deployable", False), ("ok", False), ("refused", True), ("not_deployable", True)):
-        if hasattr(diagnosis, attribute):
-            value = getattr(diagnosis, attribute)
-            value = value() if callable(value) else value
-            return bool(value) == refuses_when
-    for attribute in ("reasons", "refusals"):
-        if hasattr(diagnosis, attribute):
-            return bool(getattr(diagnosis, attribute))
-    return None
-
-
 def diagnose_cell(q: Any, target: str) -> dict[str, Any]:
-    """What ``diagnose(q, target=target)`` says, where diagnose takes a target."""
-    from keras_qat.errors import NotDeployableError
+    """What ``diagnose(q, target=target)`` says: whether it refuses the model."""
     from keras_qat.export import diagnose
 
-    if not _supports_target(diagnose):
-        return {"diagnose": "no target argument"}
     try:
-        return {"diagnose_refuses": _diagnosis_refuses(diagnose(q, target=target))}
-    except NotDeployableError:
-        return {"diagnose_refuses": True}
+        return {"diagnose_refuses": not diagnose(q, target=target).deployable}
     except Exception as error:  # noqa: BLE001 - recorded, not fatal
         return {"diagnose": f"error: {type(error).__name__}: {_first_line(str(error))}"}
+
+
+def _canonical_config(model: Any) -> str:
+    """The model's config with Keras's name suffixes (``_1``, ``_2``...) removed."""
+    text = json.dumps(model.get_config(), sort_keys=True, default=str)
+    return re.sub(r"_\d+(?=[\"/])", "", text)
+
+
+def _same_model(q: Any, earlier) -> Any:
+    """An earlier target's quantized model when ``quantize_model(..., target=...)`` built the
+    same one (same config; same seed, so same weights): it is trained once, for both."""
+    try:
+        config = _canonical_config(q)
+        return next((e for e in earlier if _canonical_config(e) == config), q)
+    except Exception:  # noqa: BLE001 - a model whose config cannot be read is trained on its own
+        return q
 
 
 def _random(shape: tuple, low: float, high: float, stream: int) -> np.ndarray:
@@ -406,10 +405,10 @@ def _random(shape: tuple, low: float, high: float, stream: int) -> np.ndarray:
     return rng.uniform(low, high, size=shape).astype(np.float32)
 
 
-def _train(q: Any, row: Row) -> None:
+def _train(q: Any, row: Row, graph: bool) -> None:
     import keras
 
-    q.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=False)
+    q.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse", jit_compile=False, run_eagerly=not graph)
     output_shape = tuple(q.outputs[0].shape[1:])
     for step in range(TRAIN_STEPS):
         x = _random((TRAIN_BATCH, *row.input_shape), *row.input_range, stream=2 * step)
@@ -468,8 +467,9 @@ def export_kqat(q: Any, x: np.ndarray, directory: Path) -> dict[str, Any]:
 EXPORTERS = {"tflite": export_tflite, "kqat": export_kqat}
 
 
-def run_unit(row: Row, config: Config, targets: Sequence[str]) -> list[dict[str, Any]]:
-    """Every target's cell for one (row, configuration)."""
+def run_unit(row: Row, config: Config, targets: Sequence[str], graph: bool = True) -> list[dict[str, Any]]:
+    """Every target's cell for one (row, configuration); ``graph``: train in a compiled
+    ``tf.function`` (as ``fit`` does), else eagerly."""
     import keras
 
     import keras_qat as kq
@@ -488,19 +488,14 @@ def run_unit(row: Row, config: Config, targets: Sequence[str]) -> list[dict[str,
     except Exception as error:  # noqa: BLE001
         cells = {target: classify(error, "build") for target in targets}
     if float_model is not None:
-        per_target = _supports_target(kq.quantize_model)
-        for attempt, target in enumerate(targets if per_target else [None]):
+        for attempt, target in enumerate(targets):
             try:
                 model = float_model if attempt == 0 else build()
-                kwargs = {"target": target} if target is not None else {}
-                q = kq.quantize_model(model, scheme=config.scheme(), **kwargs)
+                q = kq.quantize_model(model, scheme=config.scheme(), target=target)
             except Exception as error:  # noqa: BLE001
-                cell = classify(error, "quantize", float_model)
-                for t in [target] if target is not None else targets:
-                    cells[t] = dict(cell)
+                cells[target] = classify(error, "quantize", float_model)
                 continue
-            for t in [target] if target is not None else targets:
-                quantized[t] = q
+            quantized[target] = _same_model(q, quantized.values())
     trained: dict[int, Optional[dict[str, Any]]] = {}
     x = _random((HELD_OUT, *row.input_shape), *row.input_range, stream=1000)
     with tempfile.TemporaryDirectory(prefix="conformance-") as tmp:
@@ -510,7 +505,7 @@ def run_unit(row: Row, config: Config, targets: Sequence[str]) -> list[dict[str,
             q = quantized[target]
             if id(q) not in trained:
                 try:
-                    _train(q, row)
+                    _train(q, row, graph)
                     trained[id(q)] = None
                 except Exception as error:  # noqa: BLE001
                     trained[id(q)] = classify(error, "train")
@@ -528,7 +523,8 @@ def run_unit(row: Row, config: Config, targets: Sequence[str]) -> list[dict[str,
     seconds = time.perf_counter() - start
     out = []
     for target in targets:
-        cell = {"layer": row.name, "family": row.family, "config": config.name, "scheme": config.code(), "target": target}
+        cell = {"layer": row.name, "family": row.family, "config": config.name, "scheme": config.code()}
+        cell["target"] = target
         cell.update(cells[target])
         cell["unit_seconds"] = round(seconds, 3)
         out.append(cell)
@@ -541,12 +537,12 @@ def run_unit(row: Row, config: Config, targets: Sequence[str]) -> list[dict[str,
 # --------------------------------------------------------------------------------------
 
 
-def worker_main(units_path: Path, results_path: Path, targets: Sequence[str]) -> int:
+def worker_main(units_path: Path, results_path: Path, targets: Sequence[str], graph: bool) -> int:
     rows = {row.name: row for row in all_rows()}
     for row_name, config_name in json.loads(units_path.read_text()):
         row = rows[row_name]
         config = next(c for c in row.configs if c.name == config_name)
-        cells = run_unit(row, config, targets)
+        cells = run_unit(row, config, targets, graph)
         with open(results_path, "a") as f:
             f.write(json.dumps({"unit": [row_name, config_name], "cells": cells}) + "\n")
             f.flush()
@@ -589,8 +585,9 @@ def _died_cells(unit: tuple[str, str], rows: dict[str, Row], targets, why: str) 
 class Worker:
     """One worker process on a list of units; restarted past a unit that kills or hangs it."""
 
-    def __init__(self, index: int, pending: list, targets: Sequence[str], tmp: Path, cell_timeout: float):
-        self.index, self.pending, self.targets, self.tmp, self.cell_timeout = index, list(pending), targets, tmp, cell_timeout
+    def __init__(self, index: int, pending: list, targets: Sequence[str], tmp: Path, cell_timeout: float, graph: bool):
+        self.index, self.pending, self.targets, self.tmp = index, list(pending), targets, tmp
+        self.cell_timeout, self.graph = cell_timeout, graph
         self.generation = 0
         self.fruitless = 0  # generations in a row that died before finishing any unit
         self.process: Optional[subprocess.Popen] = None
@@ -602,8 +599,9 @@ class Worker:
         stem = self.tmp / f"worker{self.index}-{self.generation}"
         self.units_path, self.results_path, self.log_path = (stem.with_suffix(s) for s in (".units", ".jsonl", ".log"))
         self.units_path.write_text(json.dumps(self.pending))
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(self.units_path), str(self.results_path)]
-        command += ["--targets", ",".join(self.targets)]
+        command = [sys.executable, str(Path(__file__).resolve())]
+        command += ["--worker", str(self.units_path), str(self.results_path)]
+        command += ["--targets", ",".join(self.targets)] + ([] if self.graph else ["--eager"])
         self.log = open(self.log_path, "w")
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         self.seen = 0
@@ -635,6 +633,8 @@ class Worker:
             tail = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()][-3:]
             why = f"worker process died (exit code {code})" + (f": {' | '.join(tail)[:300]}" if tail else "")
         self.fruitless = 0 if self.seen else self.fruitless + 1
+        if self.fruitless >= 3:
+            why += "; 3 workers in a row finished no cell, so the remaining cells were not run"
         # Three workers in a row that finished nothing: something systemic (an import error?):
         # every pending unit gets the same crash instead of a restart each.
         for unit in list(self.pending) if self.fruitless >= 3 else [self.pending[0]]:
@@ -648,7 +648,9 @@ class Worker:
         return True
 
 
-def run_all(unit_list: list, targets: Sequence[str], jobs: int, cell_timeout: float) -> list[dict[str, Any]]:
+def run_all(
+    unit_list: list, targets: Sequence[str], jobs: int, cell_timeout: float, graph: bool
+) -> list[dict[str, Any]]:
     rows = {row.name: row for row in all_rows()}
     total, count = len(unit_list), [0]
     started = time.perf_counter()
@@ -667,7 +669,7 @@ def run_all(unit_list: list, targets: Sequence[str], jobs: int, cell_timeout: fl
 
     with tempfile.TemporaryDirectory(prefix="conformance-workers-") as tmp:
         shares = [unit_list[i::jobs] for i in range(max(1, jobs))]
-        workers = [Worker(i, share, targets, Path(tmp), cell_timeout) for i, share in enumerate(shares) if share]
+        workers = [Worker(i, share, targets, Path(tmp), cell_timeout, graph) for i, share in enumerate(shares) if share]
         active = list(workers)
         while active:
             time.sleep(0.3)
@@ -710,16 +712,30 @@ def summary_line(summary: dict[str, dict[str, int]], targets: Sequence[str]) -> 
     return f"{sum(total.values())} cells: {counts(total)} ({per_target})"
 
 
-def _note_text(cell: dict[str, Any]) -> str:
+def _full_note(cell: dict[str, Any], untruncated: bool = False) -> str:
+    reasons = cell.get("reasons") or {}
+    if reasons:  # a NotDeployableError: its first reason says more than its first line
+        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return f"{cell['target']}: {next(iter(reasons.values()))}{more}"
     text = cell.get("error_line") or cell["first_line"]
-    if cell["verdict"] == CRASH:
-        text = f"{cell['error_type']}: {text}"
-    return text
+    if untruncated and cell.get("message"):
+        lines = [line.strip() for line in cell["message"].splitlines() if line.strip()]
+        errors = [line[line.lower().find("error:") :] for line in lines if "error:" in line.lower()]
+        text = (errors or lines or [text])[0]
+    return f"{cell['error_type']}: {text}" if cell["verdict"] == CRASH else text
+
+
+def _note_text(cell: dict[str, Any]) -> str:
+    text = _full_note(cell)
+    return text if len(text) <= NOTE_CHARS else text[: NOTE_CHARS - 3] + "..."
 
 
 def _note_key(cell: dict[str, Any]) -> str:
-    """Notes that differ only in numbers (scales, zero points, shapes) are one note."""
-    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", _note_text(cell))
+    """Notes that differ only in the converter's tensor types or in numbers (scales, zero
+    points, shapes, the suffixes of Keras names) are one note."""
+    text = re.sub(r"'tensor<[^']*('|$)", "'tensor<...>'", _full_note(cell, untruncated=True))
+    text = re.sub(r"_\d+'", "'", text)  # quant_add_1 is quant_add
+    return re.sub(r"\d+(\.\d+)?(e[-+]?\d+)?", "#", text)
 
 
 def table_lines(cells: list[dict[str, Any]], targets: Sequence[str]):
@@ -751,7 +767,7 @@ def _with_note(cell: Optional[dict[str, Any]], notes: dict[str, int]) -> str:
 def print_results(cells: list[dict[str, Any]], targets: Sequence[str], summary_text: str) -> None:
     lines, notes = table_lines(cells, targets)
     keys = list(lines)
-    table = [[layer, config, *(_with_note(lines[(layer, config)].get(t), notes) for t in targets)] for layer, config in keys]
+    table = [[*key, *(_with_note(lines[key].get(t), notes) for t in targets)] for key in keys]
     ends = [i + 1 < len(keys) and keys[i + 1][0] != keys[i][0] for i in range(len(keys))]
     print()
     print_table(["layer", "configuration", *targets], set(), table, "Conformance: QAT model vs deployed model", ends)
@@ -780,27 +796,11 @@ def markdown(cells: list[dict[str, Any]], targets: Sequence[str], summary_text: 
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Atomically, with keras_qat's own writer when importable (its module moves in the refactor)."""
+    """Write ``text`` atomically (temporary name, then rename), as every keras-qat export does."""
+    from keras_qat.format.atomic import write_atomically
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
-    for module in ("keras_qat.format.atomic", "keras_qat.export.atomic"):
-        try:
-            writer = __import__(module, fromlist=["write_atomically"]).write_atomically
-        except (ImportError, AttributeError):
-            continue
-        writer(path, data)
-        return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomically(path, text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------
@@ -819,12 +819,22 @@ def _targets(text: str) -> tuple[str, ...]:
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only the rows {', '.join(QUICK_ROWS)}")
-    parser.add_argument("--only", metavar="SUBSTRING", help="only rows whose name contains SUBSTRING (case-insensitive)")
+    parser.add_argument("--only", metavar="SUBSTRING", help="rows whose name contains SUBSTRING (case-insensitive)")
     parser.add_argument("--targets", type=_targets, default=TARGETS, help="comma-separated: tflite,kqat (default both)")
-    parser.add_argument("--jobs", type=int, default=1, help="worker processes (default 1)")
-    parser.add_argument("--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT_S, help="seconds before a hung cell is killed")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON path; the Markdown goes next to it (.md)")
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--eager",
+        action="store_true",
+        help="train eagerly (faster; hides graph-only training failures; default: a compiled train step, as fit)",
+    )
+    parser.add_argument(
+        "--cell-timeout", type=float, default=DEFAULT_CELL_TIMEOUT_S, help="seconds before a hung cell is killed"
+    )
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="JSON path; the Markdown goes next to it")
     parser.add_argument("--list", action="store_true", help="list the rows and configurations, run nothing")
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="run nothing: print the table of a results JSON, write its .md"
+    )
     parser.add_argument("--worker", nargs=2, metavar=("UNITS", "RESULTS"), type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -832,7 +842,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        return worker_main(*args.worker, args.targets)
+        return worker_main(*args.worker, args.targets, not args.eager)
+    if args.render:
+        return render(args.render)
     rows = select_rows(all_rows(), args.quick, args.only)
     if not rows:
         print(f"no row matches --only {args.only!r}", file=sys.stderr)
@@ -842,9 +854,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for row_name, config_name in unit_list:
             print(f"{row_name} / {config_name}")
         return 0
-    print(f"{len(rows)} rows, {len(unit_list)} (row, configuration) units, targets {', '.join(args.targets)}", flush=True)
+    print(f"{len(rows)} rows, {len(unit_list)} (row, configuration) units, targets {', '.join(args.targets)}")
     started = time.perf_counter()
-    cells = run_all(unit_list, args.targets, args.jobs, args.cell_timeout)
+    cells = run_all(unit_list, args.targets, args.jobs, args.cell_timeout, not args.eager)
     elapsed = time.perf_counter() - started
     summary = summarize_cells(cells, args.targets)
     summary_text = summary_line(summary, args.targets)
@@ -868,19 +880,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "quick": args.quick,
             "only": args.only,
             "jobs": args.jobs,
+            "graph_training": not args.eager,
         },
         "summary": summary,
         "summary_line": summary_text,
         "cells": cells,
     }
     write_json_atomic(args.output, payload)
-    header = (
+    md_path = args.output.with_suffix(".md")
+    write_text_atomic(md_path, markdown(cells, args.targets, summary_text, _md_header(generated, command)))
+    print(f"wrote {args.output} and {md_path}")
+    return 1 if summary["total"][CRASH] else 0
+
+
+def _md_header(generated: str, command: str) -> str:
+    return (
         f"Conformance of keras-qat ({generated}; `{command}`): QAT model in inference vs the deployed model, "
         "in output quantization steps (tflite: LiteRT reference kernels; kqat: keras_qat.runtime)."
     )
-    md_path = args.output.with_suffix(".md")
-    write_text_atomic(md_path, markdown(cells, args.targets, summary_text, header))
-    print(f"wrote {args.output} and {md_path}")
+
+
+def render(path: Path) -> int:
+    """Print the table of an earlier run and (re)write its Markdown; exit code as the run's."""
+    payload = json.loads(Path(path).read_text())
+    targets, cells = payload["settings"]["targets"], payload["cells"]
+    summary = summarize_cells(cells, targets)
+    summary_text = summary_line(summary, targets)
+    print_results(cells, targets, summary_text)
+    md_path = Path(path).with_suffix(".md")
+    header = _md_header(payload["generated"], payload["command"])
+    write_text_atomic(md_path, markdown(cells, targets, summary_text, header))
+    print(f"wrote {md_path}")
     return 1 if summary["total"][CRASH] else 0
 
 

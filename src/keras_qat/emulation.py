@@ -374,9 +374,14 @@ def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget
     multipliers, each rounding twice), where fake quantization of the float op rounds once."""
     in_grid, out_grid = grid(source), grid(out.source)
     codes = in_grid.centered_codes(inputs, ops)
-    identity = ops.cast(in_grid.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
+    # LeakyReluPrepare computes both multipliers in float32 (``float * float / float``) before
+    # widening them; in float64 a multiplier a hair off a tie rounds the other way.
+    in_scale = ops.cast(in_grid.scale, "float32")
+    out_scale = ops.cast(_safe(out_grid.scale), "float32")
+    identity = ops.cast(in_scale / out_scale, "float64")
+    negative_slope = ops.cast(in_scale * np.float32(alpha) / out_scale, "float64")
     positive = requantize(codes, identity, out_grid, out.activation)
-    negative = requantize(codes, identity * float(np.float32(alpha)), out_grid, out.activation)
+    negative = requantize(codes, negative_slope, out_grid, out.activation)
     return ops.where(codes >= 0, positive, negative)
 
 

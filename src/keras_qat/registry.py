@@ -108,6 +108,7 @@ KINDS: tuple[LayerKind, ...] = (
             L.SpatialDropout3D,
             L.GaussianNoise,
             L.GaussianDropout,
+            L.AlphaDropout,
             L.Identity,
         ),
         "identity",
@@ -184,7 +185,7 @@ def fixed_output_range(layer) -> tuple[float, float] | None:
     name = "softmax" if kind.name == "softmax" else (
         activation_name(layer.activation) if kind.name == "activation" else None
     )
-    if name in UNIT_RANGE_ACTIVATIONS:
+    if name in ("sigmoid", "softmax"):  # LOGISTIC, SOFTMAX; hard_sigmoid lowers to other ops
         return 0.0, 255.0 / 256.0
     if name in SIGNED_UNIT_RANGE_ACTIVATIONS:
         return -1.0, 127.0 / 128.0

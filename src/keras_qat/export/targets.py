@@ -25,7 +25,7 @@ from keras_qat.errors import NotDeployableError
 from keras_qat.export.validate import non_finite_variables
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
-from keras_qat.registry import kind_of
+from keras_qat.registry import activation_name, kind_of
 
 #: The deployment targets, by the names the exporters and ``diagnose`` use.
 TARGETS = ("tflite", "kqat")
@@ -102,6 +102,14 @@ _NO_EXACT_KERNEL = {
     "global_average_pool3d": "TFLite's int8 MEAN over three spatial axes is not simulated by the QAT model",
     "max_pool3d": "TFLite has no 3-D max pooling",
     "zero_padding3d": "3-D padding is not checked against TFLite yet",
+    "subtract": "TFLite's int8 SUB rescales both inputs as ADD does; the QAT model does not simulate it yet",
+    "multiply": "TFLite's int8 MUL requantizes the product of the codes; the QAT model does not simulate it yet",
+    "elementwise_merge": (
+        "TFLite's int8 MAXIMUM/MINIMUM need one scale for both inputs, and AVERAGE is an ADD and a MUL; the "
+        "QAT model does not simulate them yet"
+    ),
+    "permute": "RepeatVector and Permute convert to TILE (version 3) or TRANSPOSE ops not checked against LiteRT",
+    "upsampling": "UpSampling1D/3D convert to an int8 TILE (version 3), which LiteRT's reference kernels cannot load",
     "batch_norm": (
         "a BatchNormalization that is not folded into the Conv/Dense before it deploys as float MUL and "
         "ADD ops; place it right after a Conv1D/Conv2D/DepthwiseConv/Dense with a linear activation"
@@ -109,15 +117,36 @@ _NO_EXACT_KERNEL = {
 }
 
 
+#: Activation layers whose LiteRT int8 kernel the QAT model computes exactly.
+_EXACT_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "hard_sigmoid")
+
+
+def _output_bits(layer) -> int:
+    return min((q.num_bits for what, q in layer_quantizers(layer) if not what.startswith("weight")), default=8)
+
+
 def _no_exact_kernel(layer) -> str | None:
     inner = _inner(layer)
     kind = None if inner is None else kind_of(inner)
     if kind is None:
         return None
+    if kind.name == "upsampling" and type(inner) is keras.layers.UpSampling2D:
+        return None  # nearest: traced as a resize (keras_qat.export.tflite.trace)
     if kind.name in _NO_EXACT_KERNEL:
         return (
             f"layer '{layer.name}' ({type(inner).__name__}): {_NO_EXACT_KERNEL[kind.name]}. Keep it in float "
             f"(overrides={{'{inner.name}': None}}), or export to .kqat where it is supported."
+        )
+    if kind.name == "activation" and activation_name(inner.activation) not in _EXACT_ACTIVATIONS:
+        return (
+            f"layer '{layer.name}' (Activation '{activation_name(inner.activation)}'): LiteRT lowers it to int8 ops "
+            f"that the QAT model does not simulate (exact: {', '.join(_EXACT_ACTIVATIONS)}); export to .kqat, where it "
+            "is a lookup table."
+        )
+    if kind.name == "activation" and activation_name(inner.activation) == "hard_sigmoid" and _output_bits(layer) < 8:
+        return (
+            f"layer '{layer.name}' (Activation 'hard_sigmoid') below 8 bits is not simulated exactly for LiteRT; "
+            "quantize its output at 8 bits, or export to .kqat."
         )
     if kind.name == "leaky_relu" and type(inner) is keras.layers.ELU:
         return (

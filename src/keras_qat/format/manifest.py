@@ -17,7 +17,11 @@ The manifest (JSON, inside the container of :mod:`keras_qat.format.container`) h
     ``op`` is one of :data:`OPS`. Each weight is ``{"offset", "nbytes", "shape", "bits",
     "encoding", ...}`` into the payload: ``"packed"`` (signed integers at ``bits`` bits,
     :mod:`keras_qat.format.packing`), ``"int32"`` or ``"int64"`` (little-endian); kernels add
-    ``scale``/``zero_point`` (one per output channel, or one).
+    ``scale``/``zero_point`` (one per output channel, or one). A ``dense`` op's attribute
+    ``single_rounding`` says whether it requantizes with one rounding (TFLite's per-tensor
+    FULLY_CONNECTED) or two (a per-channel Dense, deployed as a 1x1 CONV_2D). A ``softmax``
+    computes the int8 SOFTMAX codes (scale 1/256, zero point -128) and requantizes them to its
+    output tensor's grid when that is another.
 
 This module imports nothing but the standard library.
 """
