@@ -41,10 +41,13 @@ KERNEL_OPS = ("dense", "conv", "depthwise_conv")
 
 
 class Source(NamedTuple):
-    """The quantizer (and its variables) that puts a tensor on its grid."""
+    """The quantizer (and its variables) that puts a tensor on its grid, and the tensor's
+    description (:class:`~keras_qat.spec.TensorSpec`, resolved when the layer was built; None
+    for a per-tensor activation or a quantizer that keeps none)."""
 
     quantizer: Quantizer
     variables: dict
+    spec: TensorSpec | None = None
 
 
 class OutputTarget(NamedTuple):
@@ -56,11 +59,10 @@ class OutputTarget(NamedTuple):
 
 
 def spec_of(source: Source) -> TensorSpec:
-    """The description of ``source``'s tensor, resolved when its quantizer was built (a
-    quantizer from elsewhere that keeps no spec: one from its settings, per tensor)."""
-    spec = source.variables.get("spec")
-    if spec is not None:
-        return spec
+    """The description of ``source``'s tensor, resolved when its layer was built (otherwise, an
+    activation's: one from its quantizer's settings, per tensor)."""
+    if source.spec is not None:
+        return source.spec
     quantizer = source.quantizer
     return TensorSpec(quantizer.num_bits, quantizer.narrow_range, getattr(quantizer, "symmetric", False))
 
@@ -320,6 +322,10 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     """
     if accumulator_bound(layer, in_source, kernel_source) >= 2**31:
         return None
+    if kernel_source.spec is None and callable(getattr(kernel_source.quantizer, "spec", None)):
+        # A source built without its spec (a caller's own): resolved here from the layer's kernel.
+        spec = kernel_source.quantizer.spec(tuple(layer.kernel.shape), "kernel", layer)
+        kernel_source = kernel_source._replace(spec=spec)
     in_grid = grid(in_source)
     w_grid = grid(kernel_source)
     x = ops.cast(in_grid.centered_codes(inputs, ops), "float32")

@@ -23,7 +23,7 @@ from keras import ops
 
 from keras_qat import emulation
 from keras_qat import ops as qops
-from keras_qat.layers import kernel_quantize, run_with_substitutes
+from keras_qat.layers import resolved_spec, kernel_quantize, run_with_substitutes
 from keras_qat.quantizers import Quantizer
 
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
@@ -92,6 +92,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         if not self.batch_norm.built:
             self.batch_norm.build(output_shape)
         self.kernel_vars = self.weight_quantizer.build(self.layer.kernel.shape, "kernel", self)
+        self.kernel_spec = resolved_spec(self.weight_quantizer, self.layer.kernel.shape, "kernel", self)
         self.output_vars = (
             self.output_quantizer.build(output_shape, "output", self) if self.output_quantizer else None
         )
@@ -160,7 +161,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars),
             self.folded_bias(factor),
             sources[0],
-            emulation.Source(self.weight_quantizer, self.kernel_vars),
+            self.kernel_source(),
             target,
         )
 
@@ -254,6 +255,10 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
 
     def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
         return [] if self.output_quantizer is None else [(self.output_quantizer, self.output_vars)]
+
+    def kernel_source(self) -> emulation.Source:
+        """The folded kernel's quantizer, variables and resolved spec."""
+        return emulation.Source(self.weight_quantizer, self.kernel_vars, self.kernel_spec)
 
     # ---- serialization ----------------------------------------------------------------
 

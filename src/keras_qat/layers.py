@@ -21,6 +21,7 @@ from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
 from keras_qat.registry import clamp_activation, fixed_output_range, is_kind
+from keras_qat.spec import TensorSpec
 
 
 
@@ -115,6 +116,13 @@ class QuantizeAwareActivation:
         return getattr(self.activation, "__name__", "quantize_aware_activation")
 
 
+def resolved_spec(quantizer, tensor_shape, name: str, layer) -> TensorSpec | None:
+    """The quantizer's description of a weight (its channel axes resolved for the weight's shape
+    and layer), or None for a quantizer from elsewhere that gives none."""
+    spec = getattr(quantizer, "spec", None)
+    return spec(tuple(tensor_shape), name, layer) if callable(spec) else None
+
+
 def kernel_quantize(quantizer: Quantizer, variables: dict):
     """``quantize(w, axes)``: ``w`` fake-quantized on ``quantizer``'s grid (its range variables),
     per channel over ``axes`` when the quantizer is per axis; for exporters that trace a kernel
@@ -204,6 +212,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         self._activations: list[QuantizeAwareActivation] = []
         self._original_activations: dict[str, Any] = {}
         self._output_vars: list[tuple[Quantizer, dict]] = []
+        self._weight_specs: list[TensorSpec | None] = []
 
     @property
     def _owner(self) -> str:
@@ -223,6 +232,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
                     f"a weight of the layer; its weights are {[w.name for w in self.layer.weights]}."
                 )
             self._weight_vars.append((weight, quantizer, quantizer.build(weight.shape, weight.name, self)))
+            self._weight_specs.append(resolved_spec(quantizer, weight.shape, weight.name, self))
 
         activation_pairs = self._pairs(config.get_activations_and_quantizers(self.layer), "activation")
         if activation_pairs:
@@ -376,7 +386,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         kernel = quantizer(weight, False, qvars)
         bias = self.layer.bias if getattr(self.layer, "use_bias", False) else None
         return emulation.kernel_inference(
-            self.layer, inputs, kernel, bias, sources[0], emulation.Source(quantizer, qvars), target
+            self.layer, inputs, kernel, bias, sources[0], self.weight_sources()[0], target
         )
 
     # ---- call -------------------------------------------------------------------------
@@ -457,6 +467,14 @@ class QuantizeWrapper(keras.layers.Wrapper):
     def quantized_weights(self) -> list[tuple[Any, Quantizer, dict]]:
         """``(weight, quantizer, quantizer variables)`` for every quantized weight."""
         return list(self._weight_vars)
+
+    def weight_sources(self) -> list[emulation.Source]:
+        """Every quantized weight's quantizer, variables and resolved spec (in the order of
+        :meth:`quantized_weights`)."""
+        return [
+            emulation.Source(quantizer, variables, spec)
+            for (_, quantizer, variables), spec in zip(self._weight_vars, self._weight_specs)
+        ]
 
     def output_quantizers(self) -> list[tuple[Quantizer, dict]]:
         return list(self._output_vars)

@@ -162,13 +162,9 @@ class _RangeQuantizer(Quantizer):
         return TensorSpec(self.num_bits, self.narrow_range, self.symmetric, axes, self.observer)
 
     def _call_axes(self, inputs, weights) -> tuple[int, ...]:
-        """The layout resolved in :meth:`build` (its spec), or, for variables built elsewhere,
-        recovered from the size of the range variable."""
+        """Recover at call time the layout chosen in :meth:`build` from the variable's size."""
         if not self.per_axis:
             return ()
-        spec = weights.get("spec")
-        if spec is not None and max(spec.axes, default=-1) < len(inputs.shape):
-            return spec.axes
         shape = tuple(inputs.shape)
         channels = int(weights["min_var"].shape[0])
         if self.axis == -1 and len(shape) >= 2 and shape[-1] != channels and shape[-2] is not None:
@@ -185,8 +181,7 @@ class _RangeQuantizer(Quantizer):
                 f"variables of '{name}', got {layer!r}."
             )
         tensor_shape = tuple(tensor_shape)
-        spec = self.spec(tensor_shape, name, layer)
-        axes = spec.axes
+        axes = self.channel_axes(tensor_shape, name, layer)
         shape: tuple[int, ...] = ()
         if axes:
             count = qops.channel_count(tensor_shape, axes)
@@ -212,7 +207,6 @@ class _RangeQuantizer(Quantizer):
             ),
         }
         weights.update(self._build_state(name, layer))
-        weights["spec"] = spec
         return weights
 
     def _initial_range(self, shape, name, layer):

@@ -2,11 +2,12 @@
 
 A :class:`TensorSpec` says how a tensor is quantized: bits, narrow range, symmetric or not, its
 channel axes (resolved for the tensor's shape and layer: a depthwise kernel's span its last two
-axes), and how its range is observed. The quantizer resolves it in ``build`` and keeps it with
-the range variables (``variables["spec"]``); the QAT model's integer inference, the weight
-read-out, the artifact writer and the exporters read it from there, with the range, to compute
-the tensor's one :class:`~keras_qat.grid.IntegerGrid` (:meth:`TensorSpec.grid`), instead of
-deriving channel axes or bit widths again. Imports NumPy only.
+axes), and how its range is observed. A quantized layer resolves it once, when it builds the
+weight's quantizer (``Quantizer.spec``), and hands it out with the quantizer and its range
+variables (``QuantizeWrapper.weight_sources``, ``QuantizeFoldedBatchNorm.kernel_source``); the
+QAT model's integer inference, the weight read-out and the artifact writer compute the tensor's
+one :class:`~keras_qat.grid.IntegerGrid` from it and the range (:meth:`TensorSpec.grid`),
+instead of deriving channel axes or bit widths again. Imports NumPy only.
 """
 
 from __future__ import annotations

@@ -237,7 +237,7 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
     if isinstance(layer, QuantizeFoldedBatchNorm):
         kernel = layer.folded_kernel()
         bias = layer.folded_bias()
-        kernel_source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
+        kernel_source = layer.kernel_source()
         return _kernel_op(writer, entry, emit, layer, layer.layer, kernel, bias, sources, kernel_source)
 
     if not isinstance(layer, QuantizeWrapper):
@@ -249,7 +249,7 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         weight, quantizer, qvars = layer.quantized_weights()[0]
         kernel = quantizer(weight, False, qvars)
         bias = inner.bias if getattr(inner, "use_bias", False) else None
-        return _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, emulation.Source(quantizer, qvars))
+        return _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, layer.weight_sources()[0])
     if kind == "add":
         if len(inputs) != 2:
             raise _unsupported(layer, f"an ADD of {len(inputs)} inputs (the integer ADD takes two)")

@@ -105,11 +105,10 @@ def iter_quantized_layers(model) -> Iterator:
 def layer_quantized_weights(layer) -> list[QuantizedTensor]:
     """The deployed quantized weights of one quantized layer."""
     if isinstance(layer, QuantizeFoldedBatchNorm):
-        source = emulation.Source(layer.weight_quantizer, layer.kernel_vars)
-        return [quantize_tensor(f"{layer.name}/kernel", layer.folded_kernel(training=False), source)]
+        return [quantize_tensor(f"{layer.name}/kernel", layer.folded_kernel(training=False), layer.kernel_source())]
     return [
-        quantize_tensor(f"{layer.name}/{weight.name}", quantizer(weight, False, variables), emulation.Source(quantizer, variables))
-        for weight, quantizer, variables in layer.quantized_weights()
+        quantize_tensor(f"{layer.name}/{weight.name}", quantizer(weight, False, variables), source)
+        for (weight, quantizer, variables), source in zip(layer.quantized_weights(), layer.weight_sources())
     ]
 
 
