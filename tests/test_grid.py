@@ -117,7 +117,7 @@ def test_quantize_rounds_half_away_from_zero_and_clamps():
 
 def test_degenerate_range_gives_scale_zero_and_zero_values():
     grid = from_range(np.float32(0.0), np.float32(0.0), 8).as_signed()
-    assert float(grid.scale) == 0.0
+    assert float(grid.scale) == 0.0 and int(grid.zero_point) == 0
     codes = np.arange(grid.qmin, grid.qmax + 1)
     np.testing.assert_array_equal(grid.dequantize(codes) * 0, 0)
 

@@ -448,7 +448,7 @@ FIXED_RANGES = {"softmax": (0.0, 255.0 / 256.0), "tanh": (-1.0, 127.0 / 128.0)}
 @EXAMPLES
 @given(
     kind=st.sampled_from(sorted(FIXED_RANGES)),
-    bits=st.integers(2, 8),
+    bits=st.integers(2, 7),  # the requantized path: at 8 bits and more the output is the kernel's own
     data=st.data(),
     seed=seeds,
 )
@@ -472,7 +472,7 @@ def test_fixed_range(kind, bits, data, seed):
     codes = eight.centered_codes(tf_fake_quant(values, low, high, 8, False)) + int(eight.zero_point)
     if kind == "softmax":
         output = K.SoftmaxOutput.of(out_grid)
-        expected = codes if output.requantize is None else output.requantize(codes - K.SoftmaxOutput.ZERO_POINT)
+        expected = codes if output.requantize is None else output.requantize(codes - K.SoftmaxOutput.INT8_ZERO_POINT)
     else:
         multiplier = np.float64(eight.scale) / np.float64(out_grid.scale)
         expected = K.Requantizer.of(multiplier, out_grid)(codes - int(eight.zero_point))

@@ -27,7 +27,11 @@ class NotDeployableError(ValueError):
         lines += [f"  - {why}" for why in self.reasons.values()]
         if hint:
             lines.append(hint)
+        self.hint = hint
         super().__init__("\n".join(lines))
+
+    def __reduce__(self):
+        return type(self), (self.target, self.reasons, self.hint)
 
 
 __all__ = ["NotDeployableError"]

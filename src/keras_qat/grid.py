@@ -239,7 +239,7 @@ def from_range(
     The TFLite converter's arithmetic, in float64: ``scale = (max - min) / (qmax - qmin)``
     rounded once to float32, and the zero point from whichever end of the range gives the
     smaller rounding error, rounded half away from zero and clamped. A degenerate range gives
-    scale 0 (its values are all zero). Returns the unsigned (TF) convention; see
+    scale 0 (its values are all zero) and the middle code as zero point. Returns the unsigned (TF) convention; see
     :meth:`IntegerGrid.as_signed`.
     """
     bits = validate_num_bits(bits, "grid")
@@ -251,6 +251,8 @@ def from_range(
     from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
     use_min = (abs(qmin) + xp.abs(lo / safe)) < (abs(qmax) + xp.abs(hi / safe))
     chosen = xp.where(use_min, from_min, from_max)
+    # A degenerate range holds only zero: its zero point is the middle code (signed 0).
+    chosen = xp.where(scale == 0, float((qmin + qmax + 1) // 2), chosen)
     zero_point = xp.clip(round_half_away(xp, chosen), float(qmin), float(qmax))
     if xp is np:
         scale_out = np.asarray(scale).astype(np.float32)

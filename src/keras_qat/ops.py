@@ -46,6 +46,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from keras_qat.errors import NotDeployableError
+
 # The integer range and the degenerate-range rule belong to the grid; re-exported here for callers of ops.
 from keras_qat.grid import MAX_BITS, MIN_BITS, MIN_RANGE_WIDTH, quant_range, sanitized_range, validate_num_bits  # noqa: F401
 
@@ -447,9 +449,10 @@ def _concrete(value) -> np.ndarray:
     if tf.is_tensor(value) and not isinstance(value, tf.Variable) and not hasattr(value, "numpy"):
         static = tf.get_static_value(value)
         if static is None:
-            raise ValueError(
-                "fake_quant: exporting a quantizer below 8 bits needs its range as a variable or a "
-                "constant, not a value computed in the graph."
+            raise NotDeployableError(
+                "tflite",
+                {"?": "fake_quant: exporting a quantizer below 8 bits needs its range as a variable or a "
+                 "constant, not a value computed in the graph."},
             )
         return np.asarray(static, np.float32)
     with tf.init_scope():
@@ -478,9 +481,10 @@ def _low_bit_for_export(x, min, max, num_bits, narrow_range, axes):
         on_grid = _fake_quant_tf(ops.cast(x, "float32"), *_sanitize_range(min, max), num_bits, narrow_range, axes, True)
         return _fake_quant_tf(on_grid, wide_min, wide_max, 8, True, axes, True)
     if axis is not None:
-        raise ValueError(
-            f"fake_quant: exporting a per-axis {num_bits}-bit activation quantizer to TFLite is not "
-            "supported; quantize activations per tensor below 8 bits."
+        raise NotDeployableError(
+            "tflite",
+            {"?": f"fake_quant: a per-axis {num_bits}-bit activation quantizer cannot be exported to TFLite; "
+             "quantize activations per tensor below 8 bits."},
         )
     wide = _fake_quant_tf(ops.cast(x, "float32"), wide_min, wide_max, 8, False, axes, True)
     scale = np.asarray(grid.scale, np.float64)

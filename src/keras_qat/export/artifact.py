@@ -116,17 +116,21 @@ class _Refusal(ValueError):
     """One layer the artifact cannot hold; :func:`build` collects them all before raising."""
 
 
+def _reason(layer, error: ValueError) -> str:
+    text = str(error)
+    return text if isinstance(error, _Refusal) else f"layer '{layer.name}': {text}"
+
+
 def refusals(model: keras.Model) -> dict[str, str]:
     """``{layer name: why}`` for every layer that :func:`save_artifact` would refuse (empty
     when it would write the file). Reads the model; writes nothing."""
     reasons = non_finite_variables(model)
-    if reasons:
-        return reasons
     try:
         build(model)
     except NotDeployableError as error:
-        return error.reasons
-    return {}
+        for name, why in error.reasons.items():
+            reasons.setdefault(name, why)
+    return reasons
 
 
 def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
@@ -148,8 +152,8 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
             continue
         try:
             _add_op(writer, operation, list(node.input_tensors), list(node.outputs))
-        except _Refusal as refusal:
-            reasons.setdefault(operation.name, str(refusal))
+        except ValueError as refusal:  # a _Refusal, or a grid the format cannot hold
+            reasons.setdefault(operation.name, _reason(operation, refusal))
             for tensor in node.outputs:  # stand-ins, so that the layers after it are checked too
                 name = writer.ids.setdefault(id(tensor), f"refused_{len(writer.ids)}")
                 writer.tensors.setdefault(name, {"shape": _shape(tensor), "refused": True})
@@ -374,6 +378,10 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
     quantizers = layer.output_quantizers()
     if len(quantizers) != 1:
         raise _unsupported(layer, "a softmax without an output quantizer")
+    out = grid_entry(emulation.Source(*quantizers[0]))
+    levels = round(1.0 / out["scale"])
+    if out["bits"] >= 8 and abs(levels * out["scale"] - 1.0) > 1e-6:
+        raise _unsupported(layer, f"a softmax whose output scale {out['scale']} is not 1/integer")
     inp = grid_entry(sources[0])
     distances = np.arange(inp["qmax"] - inp["qmin"] + 1, dtype=np.float64)
     table = np.round(np.exp(-np.float64(inp["scale"]) * distances) * 2.0**SOFTMAX_BITS).astype(np.int64)

@@ -78,7 +78,15 @@ def _too_wide(layer) -> str | None:
 
 def _low_bit_activation(layer) -> str | None:
     for what, quantizer in layer_quantizers(layer):
-        if what.startswith("weight") or quantizer.num_bits >= 8:
+        if quantizer.num_bits >= 8:
+            continue
+        if what.startswith("weight"):
+            if not quantizer.narrow_range:
+                return (
+                    f"layer '{layer.name}' quantizes its {what} at {quantizer.num_bits} bits without narrow_range; "
+                    "below 8 bits TFLite takes weights on a narrow range (as the schemes quantize them): use "
+                    "narrow_range=True for that quantizer, or 8 bits."
+                )
             continue
         if quantizer.per_axis or quantizer.narrow_range:
             return (
@@ -157,11 +165,32 @@ def _no_exact_kernel(layer) -> str | None:
     return None
 
 
+def _static_inner_shape(layer) -> bool:
+    """Whether every dimension of ``layer``'s input but the batch is known."""
+    try:
+        shape = tuple(layer.input.shape)
+    except (AttributeError, ValueError):  # called more than once, or not in a graph
+        return False
+    return all(d is not None for d in shape[1:])
+
+
 def _kernel_settings(layer) -> str | None:
     inner = _inner(layer)
     kind = None if inner is None else kind_of(inner)
+    if kind is not None and type(inner) is keras.layers.UpSampling2D and not _static_inner_shape(layer):
+        return (
+            f"layer '{layer.name}' (UpSampling2D) needs a known input height and width to deploy as a "
+            "nearest resize; give the model a fixed input size."
+        )
     if kind is None or kind.role != "kernel":
         return None
+    if kind.name == "dense" and _per_axis_weights(layer) and len(inner.kernel.shape) == 2 and not _static_inner_shape(layer):
+        return (
+            f"layer '{layer.name}' (per-channel Dense on an input with unknown inner dimensions) cannot be traced "
+            "as the 1x1 convolution it deploys as; give the input a fixed shape, or quantize it per tensor."
+        )
+    if len(inner.kernel.shape) == 3 and max(inner.strides) > 1 and max(inner.dilation_rate) > 1:
+        return f"layer '{layer.name}' ({type(inner).__name__}) with both strides and dilation above 1 has no TFLite kernel."
     if getattr(inner, "padding", "valid") not in ("valid", "same"):
         return f"layer '{layer.name}' ({type(inner).__name__}, padding='{inner.padding}') deploys exactly only with 'valid' or 'same' padding."
     if getattr(inner, "groups", 1) != 1:
@@ -169,6 +198,10 @@ def _kernel_settings(layer) -> str | None:
     if getattr(inner, "data_format", "channels_last") != "channels_last":
         return f"layer '{layer.name}' ({type(inner).__name__}) must be channels_last to deploy to TFLite."
     return None
+
+
+def _per_axis_weights(layer) -> bool:
+    return any(what.startswith("weight") and q.per_axis for what, q in layer_quantizers(layer))
 
 
 _TFLITE_RULES: tuple[Callable, ...] = (_too_wide, _low_bit_activation, _no_exact_kernel, _kernel_settings)

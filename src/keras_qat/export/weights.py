@@ -3,8 +3,10 @@
 A fake-quantized value is ``k * scale`` with ``k`` an integer in
 ``[qmin - zero_point, qmax - zero_point]`` (TF's kernel computes exactly that product). The
 integers are read back from the QAT model's own fake-quantized weights, in inference mode, on
-the tensor's one grid (:mod:`keras_qat.grid`), so that :meth:`QuantizedTensor.dequantize`
-gives the same float32 bits as training simulated, whatever the bit width.
+the tensor's one grid (:mod:`keras_qat.grid`, the converter's scale), so that
+:meth:`QuantizedTensor.dequantize` gives the same float32 bits as training simulated, at any
+bit width, wherever that scale equals TF's fake-quant scale: always for the symmetric narrow
+ranges of weights (an asymmetric range can be one ulp apart).
 
 Integers are stored signed, ``q - 2**(bits - 1)`` with ``q`` in ``[qmin, qmax]``, as TFLite
 stores int8: a symmetric narrow-range weight has zero point 0 and values in

@@ -105,7 +105,10 @@ class IntegerModel:
             return lambda x: K.lookup(x, table, grids[0].qmin)
         if kind == "softmax":
             table = self._weight(op, "exp_table", payload)
-            output = K.SoftmaxOutput.of(out)
+            try:
+                output = K.SoftmaxOutput.of(out)
+            except ValueError as error:
+                raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': {error}") from None
             return lambda x: K.softmax(x, table, output)
         raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': op '{kind}' is not implemented.")
 

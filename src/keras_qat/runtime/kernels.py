@@ -212,35 +212,41 @@ def requantize_codes(x, grid: Grid, out: Grid):
 
 @dataclass(frozen=True)
 class SoftmaxOutput:
-    """Where an int8 SOFTMAX writes (its fixed grid: scale 1/256, zero point -128) and, when
-    the model's output grid is another (a softmax quantized below 8 bits), the requantization
-    to it that follows, as in a converted TFLite model."""
+    """How a softmax writes its output grid: at 8 bits and more, ``levels = 1 / scale`` codes
+    from the exponentials directly (rounded once); below 8 bits, as a converted TFLite model
+    does, the int8 SOFTMAX's codes on its fixed grid (scale 1/256, zero point -128),
+    requantized to the output grid (``requantize``)."""
 
+    out: Grid
+    levels: int
     requantize: Requantizer | None
 
-    LEVELS = 256
-    ZERO_POINT = -128
+    INT8_LEVELS = 256
+    INT8_ZERO_POINT = -128
 
     @classmethod
     def of(cls, out: Grid) -> "SoftmaxOutput":
-        fixed = np.float32(out.scale) == np.float32(1.0 / cls.LEVELS) and int(out.zero_point) == cls.ZERO_POINT
-        if fixed and out.qmin <= -128 and out.qmax >= 127:
-            return cls(None)
-        return cls(Requantizer.of(np.float64(1.0 / cls.LEVELS) / np.float64(out.scale), out))
+        if out.bits < 8:
+            multiplier = np.float64(1.0 / cls.INT8_LEVELS) / np.float64(out.scale)
+            return cls(out, cls.INT8_LEVELS, Requantizer.of(multiplier, out))
+        levels = int(round(1.0 / float(out.scale)))
+        if abs(levels * float(out.scale) - 1.0) > 1e-6:
+            raise ValueError(f"a softmax output scale of {float(out.scale)} is not 1/integer; the integer softmax needs one.")
+        return cls(out, levels, None)
 
 
-def softmax(x, exp_table: np.ndarray, out: SoftmaxOutput):
+def softmax(x, exp_table: np.ndarray, output: SoftmaxOutput):
     """Softmax over the last axis from a fixed-point exponential table: ``e = table[max - x]``,
-    the int8 codes ``round(e * 256 / sum(e)) - 128``, all in integers; then requantized to the
-    output grid when it is not SOFTMAX's own."""
+    ``round(e * levels / sum(e))``, all in integers; placed on the output grid (see
+    :class:`SoftmaxOutput`)."""
     distance = x.max(axis=-1, keepdims=True) - x
     e = exp_table[distance]
     total = e.sum(axis=-1, keepdims=True)
-    levels = SoftmaxOutput.LEVELS
-    codes = np.clip((2 * e * levels + total) // (2 * total) + SoftmaxOutput.ZERO_POINT, -128, 127)
-    if out.requantize is None:
-        return codes
-    return out.requantize(codes - SoftmaxOutput.ZERO_POINT)
+    codes = (2 * e * output.levels + total) // (2 * total)
+    if output.requantize is None:
+        return np.clip(codes + output.out.zero_point, output.out.qmin, output.out.qmax)
+    int8_codes = np.clip(codes + SoftmaxOutput.INT8_ZERO_POINT, -128, 127)
+    return output.requantize(int8_codes - SoftmaxOutput.INT8_ZERO_POINT)
 
 
 def lookup(x, table: np.ndarray, qmin: int):

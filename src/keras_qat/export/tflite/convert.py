@@ -18,6 +18,7 @@ from pathlib import Path
 import keras
 
 from keras_qat import ops as qops
+from keras_qat.errors import NotDeployableError
 from keras_qat.export.targets import require_deployable
 from keras_qat.export.tflite.inspect import TFLiteCheck, analyse_flatbuffer, layer_names
 from keras_qat.export.tflite.trace import linear_for_converter, upsample_for_converter
@@ -117,6 +118,8 @@ def _convert(model, int8_io: bool) -> bytes:
         try:
             return _convert_with_batch(model, int8_io, batch=None)
         except Exception as dynamic_error:  # the converter raises several types
+            if isinstance(dynamic_error, NotDeployableError):
+                raise
             try:
                 return _convert_with_batch(model, int8_io, batch=1)
             except Exception:

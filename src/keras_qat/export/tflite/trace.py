@@ -46,13 +46,13 @@ def linear_for_converter(layer, x, kernel, quantize: Callable, per_channel: bool
         if layer.padding not in ("valid", "same") or getattr(layer, "groups", 1) != 1:
             return None
         padding = layer.padding.upper()
-        rows = tf.expand_dims(x, 1)
+        rows = tf.expand_dims(x, 1)  # height 1: the row stride changes nothing; TF wants equal strides
         if kind.name == "conv":
             filters = quantize(tf.expand_dims(kernel, 0), (3,))
-            y = tf.nn.conv2d(rows, filters, strides=[1, 1, stride, 1], padding=padding, dilations=[1, 1, dilation, 1])
+            y = tf.nn.conv2d(rows, filters, strides=[1, stride, stride, 1], padding=padding, dilations=[1, 1, dilation, 1])
         else:
             filters = quantize(tf.expand_dims(kernel, 0), (2, 3))
-            y = tf.nn.depthwise_conv2d(rows, filters, strides=[1, 1, stride, 1], padding=padding, dilations=[1, dilation])
+            y = tf.nn.depthwise_conv2d(rows, filters, strides=[1, stride, stride, 1], padding=padding, dilations=[1, dilation])
         return tf.squeeze(y, 1)
     if kind.name == "dense" and per_channel and len(kernel.shape) == 2:
         inner = list(x.shape[1:-1])
