@@ -365,6 +365,18 @@ def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
     return requantize(ops.cast(total, "float64"), multiplier, out_grid, out.activation)
 
 
+def multiply_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
+    """TFLite's int8 MUL of ``a`` and ``b`` (each on its source's grid): the product of the
+    centered codes, requantized with ``s_a * s_b / s_out`` (rounding twice), where fake
+    quantization of the float product rounds once."""
+    grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
+    product = centered_codes(a, grid_a) * centered_codes(b, grid_b)
+    multiplier = (
+        ops.cast(grid_a.scale, "float64") * ops.cast(grid_b.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
+    )
+    return requantize(product, multiplier, out_grid, out.activation)
+
+
 def quantize_inference(inputs, source: Source):
     """TFLite's QUANTIZE of a float model input: ``round(x / scale)`` half away from zero
     (float32 division), plus the zero point, clamped. TF's fake-quant op rounds
@@ -473,6 +485,7 @@ __all__ = [
     "fixed_range_inference",
     "leaky_relu_inference",
     "add_inference",
+    "multiply_inference",
     "supports_kernel",
     "rounds_once",
     "requantize",

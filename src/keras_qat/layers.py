@@ -335,6 +335,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         integer kernel, else None."""
         if is_kind(self.layer, "add") and not self._weight_vars:
             return "add"
+        if is_kind(self.layer, "multiply") and not self._weight_vars and len(self._output_vars) == 1:
+            return "multiply"
         if is_kind(self.layer, "global_average_pool") and self.layer.data_format == "channels_last":
             return "mean"
         if (
@@ -382,6 +384,11 @@ class QuantizeWrapper(keras.layers.Wrapper):
             if len(flat) != 2 or len(sources) != 2:
                 return None
             return emulation.add_inference(flat[0], flat[1], sources[0], sources[1], target)
+        if kind == "multiply":
+            flat = keras.tree.flatten(inputs)
+            if len(flat) != 2 or len(sources) != 2 or any(s.quantizer.num_bits > 8 for s in sources):
+                return None
+            return emulation.multiply_inference(flat[0], flat[1], sources[0], sources[1], target)
         weight, quantizer, qvars = self._weight_vars[0]
         kernel = quantizer(weight, False, qvars)
         bias = self.layer.bias if getattr(self.layer, "use_bias", False) else None

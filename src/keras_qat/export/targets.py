@@ -111,7 +111,6 @@ _NO_EXACT_KERNEL = {
     "max_pool3d": "TFLite has no 3-D max pooling",
     "zero_padding3d": "3-D padding is not checked against TFLite yet",
     "subtract": "TFLite's int8 SUB rescales both inputs as ADD does; the QAT model does not simulate it yet",
-    "multiply": "TFLite's int8 MUL requantizes the product of the codes; the QAT model does not simulate it yet",
     "elementwise_merge": (
         "TFLite's int8 MAXIMUM/MINIMUM need one scale for both inputs, and AVERAGE is an ADD and a MUL; the "
         "QAT model does not simulate them yet"
@@ -126,7 +125,7 @@ _NO_EXACT_KERNEL = {
 
 
 #: Activation layers whose LiteRT int8 kernel the QAT model computes exactly.
-_EXACT_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "hard_sigmoid")
+_EXACT_ACTIVATIONS = ("linear", "relu", "relu6", "sigmoid", "tanh", "softmax", "hard_sigmoid", "hard_swish", "hard_silu")
 
 
 def _output_bits(layer) -> int:
