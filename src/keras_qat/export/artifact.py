@@ -330,7 +330,8 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
     codes = kernel_grid.centered_codes(_numpy(kernel))
     scale = np.asarray(kernel_grid.scale, np.float32).reshape(-1)
     weight = writer.packed(codes, kernel_source.quantizer.num_bits)
-    weight.update({"scale": [float(s) for s in scale], "zero_point": [0] * scale.size})
+    zero_point = np.broadcast_to(kernel_grid.as_signed().zero_point, scale.shape)
+    weight.update({"scale": [float(s) for s in scale], "zero_point": [int(z) for z in zero_point]})
     entry["weights"]["kernel"] = weight
     if bias is not None:
         input_scale = emulation.exported_grid(sources[0]).scale
