@@ -517,6 +517,43 @@ def _weight_tensors(path) -> list[tuple[str, np.ndarray, int]]:
     return found
 
 
+def _filter_types(path) -> dict[str, set[str]]:
+    """The storage type of each kernel op's filter, from the flatbuffer (the interpreter shows
+    INT4 tensors unpacked, as int8)."""
+    from tensorflow.lite.python import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(bytearray(open(path, "rb").read()), 0)
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    found: dict[str, set[str]] = {}
+    for subgraph in model.subgraphs:
+        for op in subgraph.operators:
+            code = model.operatorCodes[op.opcodeIndex]
+            name = op_names[max(code.builtinCode, code.deprecatedBuiltinCode)]
+            if name in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+                found.setdefault(name, set()).add(type_names[subgraph.tensors[op.inputs[1]].type])
+    return found
+
+
+@needs_tensorflow
+@pytest.mark.parametrize("weight_bits", [2, 3, 4, 8])
+def test_dense_kernels_below_five_bits_deploy_as_int4(tmp_path, weight_bits):
+    """Per-tensor Dense deploys as FULLY_CONNECTED, which takes INT4 filters from version 10;
+    the reference kernels unpack them to the trained values, so the outputs do not move. An
+    8-bit kernel stays INT8 even where its values would fit in four bits."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12,))
+    outputs = keras.layers.Dense(3)(keras.layers.Dense(8, activation="relu")(inputs))
+    model = kq.quantize_model(keras.Model(inputs, outputs), kq.NBitScheme(weight_bits, 8, per_axis=False), target="tflite")
+    x = np.random.default_rng(0).normal(size=(256, 12)).astype("float32")
+    model.compile(optimizer="adam", loss="mse")
+    model.fit(x, np.zeros((256, 3)), epochs=1, verbose=0)
+    check = to_tflite(model, tmp_path / "dense.tflite")
+    report = compare(model, check.path, x)
+    assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)
+    assert _filter_types(check.path) == {"FULLY_CONNECTED": {"INT4" if weight_bits <= 4 else "INT8"}}
+
+
 @needs_tensorflow
 @pytest.mark.slow
 @pytest.mark.parametrize("weight_bits,activation_bits", [(4, 8), (4, 4)], ids=["W4A8", "W4A4"])
@@ -531,6 +568,8 @@ def test_low_bit_digits_cnn_deploys_exactly_on_its_trained_grid(tmp_path, weight
     assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)
     weights = _weight_tensors(check.path)
     assert len(weights) == 5  # conv1, dw, conv_branch, fc and classifier (per-channel Dense as 1x1 CONV_2D)
+    # INT4 storage where LiteRT's reference kernels take it; DEPTHWISE_CONV_2D's INT4 (v7) they lack.
+    assert _filter_types(check.path) == {"CONV_2D": {"INT4"}, "DEPTHWISE_CONV_2D": {"INT8"}}
     limit = 2 ** (weight_bits - 1) - 1  # narrow range, symmetric
     for name, values, axis in weights:
         assert values.min() >= -limit and values.max() <= limit, name

@@ -20,6 +20,7 @@ import keras
 from keras_qat import ops as qops
 from keras_qat.errors import NotDeployableError
 from keras_qat.export.targets import require_deployable
+from keras_qat.export.tflite.int4 import pack_int4_filters
 from keras_qat.export.tflite.inspect import TFLiteCheck, analyse_flatbuffer, layer_names
 from keras_qat.export.tflite.trace import linear_for_converter, upsample_for_converter
 from keras_qat.format.atomic import write_atomically
@@ -41,6 +42,8 @@ def to_tflite(model: keras.Model, path: str | os.PathLike, int8_io: bool = False
 
     Returns:
         A :class:`TFLiteCheck` listing ops left in float and redundant requantizations.
+        Kernels trained at 4 bits or fewer are stored as INT4 where LiteRT's kernels take
+        it (CONV_2D, FULLY_CONNECTED; :mod:`keras_qat.export.tflite.int4`), as int8 elsewhere.
 
     Raises:
         ValueError: on another backend than TensorFlow.
@@ -59,10 +62,18 @@ def to_tflite(model: keras.Model, path: str | os.PathLike, int8_io: bool = False
         )
     require_deployable(model, "tflite")
     content = _convert(model, int8_io)
+    content, _ = pack_int4_filters(content, _low_bit_kernel_scales(model))
     float_ops, redundant = analyse_flatbuffer(content, layer_names(model))
     path = Path(path)
     write_atomically(path, content)
     return TFLiteCheck(path=path, float_ops=float_ops, redundant_quantize_pairs=redundant)
+
+
+def _low_bit_kernel_scales(model) -> list:
+    """The scales of every kernel trained at 4 bits or fewer: those LiteRT may hold as INT4."""
+    from keras_qat.export.weights import quantized_weights
+
+    return [tensor.scale for name, tensor in quantized_weights(model).items() if name.endswith("/kernel") and tensor.bits <= 4]
 
 
 def _require_tensorflow(caller: str) -> None:
