@@ -85,7 +85,7 @@ def test_graph_versions_equal_the_numpy_ones(multipliers, values):
     ops = keras.ops
     m = np.array(multipliers)
     m0, shift = fp.quantize_multiplier(m)
-    m0_graph, shift_graph = fp.quantize_multiplier_graph(ops.convert_to_tensor(m))
+    m0_graph, shift_graph = fp.quantize_multiplier(ops.convert_to_tensor(m), ops)
     np.testing.assert_array_equal(ops.convert_to_numpy(m0_graph), m0)
     np.testing.assert_array_equal(ops.convert_to_numpy(shift_graph), shift)
     x = np.array(values[: len(m)], dtype=np.int64)

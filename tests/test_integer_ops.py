@@ -29,6 +29,7 @@ from keras_qat import emulation as em
 from keras_qat import fixed_point as fp
 from keras_qat import ops as qops
 from keras_qat.grid import from_range, quantize_bias
+from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize
 from keras_qat.runtime import kernels as K
 from tests.conftest import QuantizerHost, tf_fake_quant
 
@@ -213,15 +214,16 @@ def check_kernel(layer, input_shape, settings_):
     multiplier = np.float64(in_grid.scale) * weight_scale.astype(np.float64) / np.float64(out_grid.scale)
     activation = s["layer_activation"] if s["layer_activation"] != "linear" else s["target_activation"]
     single_rounding = op == "dense" and not axes  # TFLite's reference FULLY_CONNECTED
-    requantize = K.Requantizer.of(multiplier, out_grid, activation, single_rounding=single_rounding)
+    requantize = Requantize.lower(multiplier, out_grid, activation, single_rounding=single_rounding)
     bias_codes = None if bias is None else quantize_bias(bias, in_grid.scale, weight_scale)
+    kernel_op = KernelOp(bias_codes, requantize)
     if op == "dense":
-        runtime = K.dense(x_codes, in_grid.zero_point, w_codes, bias_codes, requantize)
+        runtime = K.dense(x_codes, in_grid.zero_point, w_codes, kernel_op)
     else:
         function = K.depthwise_conv if op == "depthwise_conv" else K.conv
         runtime = function(
-            x_codes, in_grid.zero_point, w_codes, bias_codes,
-            list(layer.strides), list(layer.dilation_rate), layer.padding, requantize,
+            x_codes, in_grid.zero_point, w_codes,
+            list(layer.strides), list(layer.dilation_rate), layer.padding, kernel_op,
         )
     np.testing.assert_array_equal(
         emulated, runtime, err_msg=describe(input=in_grid, weights=w_grid, output=out_grid)
@@ -313,10 +315,28 @@ def test_add(bits, wide, range_a, data, activation, broadcast, seed):
         ops.convert_to_tensor(grid_b.dequantize(b_codes)),
         source_a, source_b, em.OutputTarget(out_source, activation),
     )
-    runtime = K.add(a_codes, b_codes, K.AddParams.of(grid_a, grid_b, out_grid, activation))
+    add = AddOp.lower(grid_a, grid_b, out_grid, activation)
+    runtime = K.add(a_codes, b_codes, grid_a.zero_point, grid_b.zero_point, add)
     np.testing.assert_array_equal(
         emulated_codes(emulated, out_grid), runtime, err_msg=describe(a=grid_a, b=grid_b, output=out_grid)
     )
+    np.testing.assert_array_equal(runtime, tflite_add(a_codes, b_codes, grid_a, grid_b, out_grid, activation))
+
+
+def tflite_add(a_codes, b_codes, grid_a, grid_b, out_grid, activation="linear"):
+    """TFLite's integer ADD from its Prepare and kernel, step by step: inputs shifted up 20 bits
+    (15 at 16 bits), rescaled to twice the larger scale, summed, requantized, clamped."""
+    left_shift = 20 if max(grid_a.bits, grid_b.bits) <= 8 else 15
+    s_a, s_b, s_out = (np.float64(np.float32(g.scale)) for g in (grid_a, grid_b, out_grid))
+    twice_max = 2 * max(s_a, s_b)
+    m_a = fp.quantize_multiplier(np.float64(s_a / twice_max))
+    m_b = fp.quantize_multiplier(np.float64(s_b / twice_max))
+    m_out = fp.quantize_multiplier(np.float64(twice_max / ((1 << left_shift) * s_out)))
+    shifted_a = (a_codes - int(grid_a.zero_point)) * (1 << left_shift)
+    shifted_b = (b_codes - int(grid_b.zero_point)) * (1 << left_shift)
+    total = fp.multiply_by_quantized_multiplier(np, shifted_a, *m_a) + fp.multiply_by_quantized_multiplier(np, shifted_b, *m_b)
+    low, high = out_grid.activation_bounds(activation)
+    return np.clip(fp.multiply_by_quantized_multiplier(np, total, *m_out) + out_grid.zero_point, low, high)
 
 
 # ---- MEAN (global average pooling) -------------------------------------------------------------
@@ -344,8 +364,8 @@ def test_mean(bits, in_range, data, spatial, keepdims, activation, seed):
     emulated = em.mean_inference(
         layer, ops.convert_to_tensor(in_grid.dequantize(codes)), source, em.OutputTarget(out_source, activation)
     )
-    requantize = K.Requantizer.of(np.float64(in_grid.scale) / np.float64(out_grid.scale), out_grid, activation)
-    runtime = K.mean(codes, in_grid.zero_point, keepdims, requantize)
+    requantize = Requantize.lower(np.float64(in_grid.scale) / np.float64(out_grid.scale), out_grid, activation)
+    runtime = K.mean(codes, in_grid.zero_point, keepdims, MeanOp(requantize))
     np.testing.assert_array_equal(
         emulated_codes(emulated, out_grid), runtime, err_msg=describe(input=in_grid, output=out_grid)
     )
@@ -475,7 +495,7 @@ def test_fixed_range(kind, bits, data, seed):
         expected = codes if output.requantize is None else output.requantize(codes - K.SoftmaxOutput.INT8_ZERO_POINT)
     else:
         multiplier = np.float64(eight.scale) / np.float64(out_grid.scale)
-        expected = K.Requantizer.of(multiplier, out_grid)(codes - int(eight.zero_point))
+        expected = Requantize.lower(multiplier, out_grid)(codes - int(eight.zero_point))
     np.testing.assert_array_equal(
         emulated_codes(emulated, out_grid), expected, err_msg=describe(fixed=eight, output=out_grid)
     )

@@ -23,8 +23,7 @@ from keras_qat import ops as qops
 from keras_qat import runtime
 from keras_qat.export import ArtifactError, compare, save_artifact, to_tflite
 from keras_qat.format import container
-from keras_qat.grid import IntegerGrid
-from tests.conftest import digits_cnn, digits_data, exact_multiply_by_quantized_multiplier, fit_briefly
+from tests.conftest import digits_cnn, digits_data, fit_briefly
 
 needs_exact_inference = pytest.mark.skipif(
     not qops.exact_integer_arithmetic(),
@@ -252,20 +251,6 @@ def test_one_dimensional_ops_and_tabulated_activations_run_as_in_the_qat_model(t
     want = keras.ops.convert_to_numpy(model(data, training=False))
     steps = _steps(integer_model.run(data), want, float(integer_model.output_grids[0].scale))
     assert np.mean(steps == 0) >= 0.999 and steps.max() <= 1
-
-
-def test_accumulators_beyond_int32_requantize_exactly():
-    """16-bit operands make accumulators wider than int32; the runtime takes the fixed-point
-    product in exact integers there. Oracle: gemmlowp's formulas on Python integers."""
-
-    grid = IntegerGrid(np.float32(1.0), 0, -(2**15), 2**15 - 1, 16, signed=True)
-    multiplier = np.array([3.1e-6, 7.7e-7])
-    requantize = runtime.kernels.Requantizer.of(multiplier, grid)
-    accumulator = np.array([[2**33 + 12345, -(2**34) - 999], [2**31 + 1, -(2**31) - 3]], dtype=np.int64)
-    got = requantize(accumulator)
-    m0, shift = requantize.m0, requantize.shift
-    want = [[exact_multiply_by_quantized_multiplier(int(a), int(m0[j]), int(shift[j])) for j, a in enumerate(row)] for row in accumulator]
-    np.testing.assert_array_equal(got, np.clip(np.array(want), grid.qmin, grid.qmax))
 
 
 @needs_exact_inference

@@ -13,10 +13,8 @@ A layer needs three grids for that: its input's, its weights' and its output's. 
 grid belongs to the layer that produced the input (its output quantizer), possibly through
 layers that only move values (max pooling, reshape, padding). The output grid is the
 layer's own output quantizer, or, where a fused ReLU or a Concatenate quantizes the output
-(:mod:`keras_qat.transforms`), that consumer's. :func:`link` records both from the
-functional graph when a layer is called on symbolic tensors, which happens when
-``quantize_apply`` builds the model and again when Keras loads it, so the links survive
-saving. A layer without complete links keeps fake quantization in inference.
+(:mod:`keras_qat.transforms`), that consumer's. :mod:`keras_qat.linking` reads both from the
+functional graph. A layer without complete links keeps fake quantization in inference.
 """
 
 from __future__ import annotations
@@ -27,9 +25,9 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_qat import fixed_point
+from keras_qat import integer
 from keras_qat import ops as qops
-from keras_qat.grid import IntegerGrid, from_range, quantize_bias
+from keras_qat.grid import IntegerGrid, from_range
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.spec import TensorSpec
 from keras_qat.quantizers import Quantizer
@@ -80,125 +78,12 @@ def exported_grid(source: Source) -> IntegerGrid:
     return spec_of(source).grid(lo, hi, np)
 
 
-# ---- links ------------------------------------------------------------------------------
-
-
-def _history(tensor):
-    return getattr(tensor, "_keras_history", None)
-
-
-def source_of(tensor) -> Source | None:
-    """The quantizer whose grid ``tensor`` (a symbolic tensor) lies on, or None."""
-    history = _history(tensor)
-    while history is not None:
-        operation = history.operation
-        inherited = inherited_source(operation)
-        if inherited is not None:
-            return inherited
-        own = _output_sources(operation)
-        if own:
-            return own[history.tensor_index] if history.tensor_index < len(own) else None
-        target = output_target(operation)
-        if target is not None:
-            return target.source
-        if not getattr(operation, "passes_grid_through", False):
-            return None
-        inputs = operation._inbound_nodes[history.node_index].input_tensors
-        if len(inputs) != 1:
-            return None
-        history = _history(inputs[0])
-    return None
-
-
-def _output_sources(operation) -> list[Source]:
-    """The quantizers of ``operation``'s outputs, one per output, or [] if it has none."""
-    activations = getattr(operation, "activation_quantizers", None)
-    if activations is not None and activations():
-        activation = activations()[0]
-        return [Source(activation.quantizer, activation.quantizer_vars)]
-    outputs = getattr(operation, "output_quantizers", None)
-    if outputs is None:
-        return []
-    return [Source(quantizer, variables) for quantizer, variables in outputs()]
-
-
-class _Links:
-    """What :func:`link` found for one layer. A plain object, kept out of Keras's tracking:
-    the grids belong to other layers, whose variables this layer must not own or save."""
-
-    def __init__(self):
-        self.input_sources: list[Source | None] = []
-        self.output_consumer = None
-        self.inherited: Source | None = None
-
-
-def _links(layer) -> _Links:
-    links = layer.__dict__.get("_kqat_links")
-    if links is None:
-        links = _Links()
-        object.__setattr__(layer, "_kqat_links", links)
-    return links
-
-
-def link(layer, inputs) -> None:
-    """Record the grids of ``layer``'s inputs, and tell producers that ``layer`` quantizes.
-
-    Called with the inputs of a call; does nothing unless they are symbolic (a functional
-    model being built or loaded).
-    """
-    flat = keras.tree.flatten(inputs)
-    if not flat or not all(isinstance(t, keras.KerasTensor) for t in flat):
-        return
-    links = _links(layer)
-    links.input_sources = [source_of(t) for t in flat]
-    known = {id(source.variables["min_var"]): source for source in links.input_sources if source is not None}
-    inheritable = getattr(layer, "inherits_input_grid", False) and len(known) == 1
-    links.inherited = next(iter(known.values())) if inheritable else None
-    if not hasattr(layer, "quantizes_inputs_as"):
-        return
-    for tensor in flat:
-        history = _history(tensor)
-        producer = None if history is None else history.operation
-        if getattr(producer, "accepts_output_target", lambda: False)():
-            # The consumer is not built yet: its grid is looked up when the producer runs.
-            _links(producer).output_consumer = layer
-
-
-def input_sources(layer) -> list[Source | None]:
-    return list(_links(layer).input_sources)
-
-
-def inherited_source(layer) -> Source | None:
-    """For a same-scale layer (Concatenate, average pooling) one of whose inputs already has
-    a grid of its own: that grid, which the layer and its other inputs then share, as the
-    deployed kernel requires (otherwise the converter requantizes that input)."""
-    links = layer.__dict__.get("_kqat_links")
-    return None if links is None else links.inherited
-
-
-def output_consumer(layer):
-    """The consumer that quantizes ``layer``'s output for it (a fused ReLU, a Concatenate), or None."""
-    links = layer.__dict__.get("_kqat_links")
-    return None if links is None else links.output_consumer
-
-
-def output_target(layer) -> OutputTarget | None:
-    """The grid and clamp of the consumer that quantizes ``layer``'s output, if one does."""
-    consumer = _links(layer).output_consumer
-    return None if consumer is None else consumer.quantizes_inputs_as()
-
-
 def enabled(training: bool) -> bool:
     """Whether inference reproduces the integer kernels in this call."""
     return not training and not qops.is_exporting() and qops.exact_integer_arithmetic()
 
 
-# ---- the arithmetic -----------------------------------------------------------------------
-
-
-def _safe(scale):
-    return ops.where(ops.equal(scale, 0.0), ops.ones_like(scale), scale)
-
+# ---- the arithmetic (lowered and executed by keras_qat.integer) ------------------------------
 
 
 def centered_codes(x, g: IntegerGrid):
@@ -206,26 +91,9 @@ def centered_codes(x, g: IntegerGrid):
     return g.centered_codes(x, ops)
 
 
-def requantize(total, multiplier, out: IntegerGrid, activation: str, single_rounding: bool = False):
-    """``total`` (exact integers, float64) times ``multiplier`` (float64), rounded as
-    TFLite does (twice, or once for ``single_rounding``), shifted to ``out``'s zero point
-    and clamped; returned as real values."""
-    m0, shift = fixed_point.quantize_multiplier_graph(multiplier)
-    multiply = (
-        fixed_point.multiply_by_quantized_multiplier_single_rounding
-        if single_rounding
-        else fixed_point.multiply_by_quantized_multiplier
-    )
-    scaled = multiply(ops, ops.cast(total, "int64"), m0, shift)
-    return _clamped_real(scaled, out, activation)
-
-
-def _clamped_real(scaled, out: IntegerGrid, activation: str):
-    """Requantized integers (int64, centered) shifted to the zero point, clamped to the
-    range and the activation, as real values."""
-    codes = ops.cast(scaled, "float32") + out.zero_point
-    low, high = out.activation_bounds(activation, ops)
-    codes = ops.minimum(ops.maximum(codes, low), high)
+def _real(codes, out: IntegerGrid):
+    """Codes on ``out`` (float32 tensors holding integers) as the real values they stand for;
+    0 on an empty grid."""
     real = (codes - out.zero_point) * out.scale
     return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
 
@@ -328,53 +196,34 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         kernel_source = kernel_source._replace(spec=spec)
     in_grid = grid(in_source)
     w_grid = grid(kernel_source)
+    out_grid = grid(out.source)
     x = ops.cast(in_grid.centered_codes(inputs, ops), "float32")
     w = ops.cast(w_grid.centered_codes(kernel, ops), "float32")
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
-    channel_scale = ops.reshape(ops.cast(w_grid.scale, "float64"), (-1,))
-    product_scale = ops.cast(in_grid.scale, "float64") * channel_scale
-    if bias is not None:
-        accumulator = accumulator + quantize_bias(bias, in_grid.scale, channel_scale, ops)
-    out_grid = grid(out.source)
-    multiplier = product_scale / ops.cast(_safe(out_grid.scale), "float64")
     activation = activation_name(getattr(layer, "activation", "linear"))
     if activation == "linear":
         activation = out.activation
-    return requantize(accumulator, multiplier, out_grid, activation, single_rounding=rounds_once(layer, kernel_source.quantizer))
+    op = integer.KernelOp.lower(
+        in_grid, w_grid, out_grid, bias, activation, rounds_once(layer, kernel_source.quantizer), xp=ops
+    )
+    return _real(op(accumulator, ops), out_grid)
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
-    """TFLite's ADD of ``a`` and ``b`` (each on its source's grid): both inputs scaled to
-    twice the larger scale with 20 extra bits (15 above 8 bits), summed, and requantized."""
+    """TFLite's ADD of ``a`` and ``b`` (each on its source's grid): :class:`keras_qat.integer.AddOp`."""
     grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
-    scale_a = ops.cast(grid_a.scale, "float64")
-    scale_b = ops.cast(grid_b.scale, "float64")
-    twice_max = 2.0 * ops.maximum(ops.maximum(scale_a, scale_b), 1e-300)
-    bits = max(source_a.quantizer.num_bits, source_b.quantizer.num_bits)
-    shift = float(1 << fixed_point.add_left_shift(bits))
-
-    def scaled(values, g, scale):
-        m0, exponent = fixed_point.quantize_multiplier_graph(scale / twice_max)
-        codes = ops.cast(centered_codes(values, g) * shift, "int64")
-        return fixed_point.multiply_by_quantized_multiplier(ops, codes, m0, exponent)
-
-    total = scaled(a, grid_a, scale_a) + scaled(b, grid_b, scale_b)
-    multiplier = twice_max / (shift * ops.cast(_safe(out_grid.scale), "float64"))
-    return requantize(ops.cast(total, "float64"), multiplier, out_grid, out.activation)
+    op = integer.AddOp.lower(grid_a, grid_b, out_grid, out.activation, xp=ops)
+    return _real(op(centered_codes(a, grid_a), centered_codes(b, grid_b), ops), out_grid)
 
 
 def multiply_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
-    """TFLite's int8 MUL of ``a`` and ``b`` (each on its source's grid): the product of the
-    centered codes, requantized with ``s_a * s_b / s_out`` (rounding twice), where fake
-    quantization of the float product rounds once."""
+    """TFLite's int8 MUL of ``a`` and ``b`` (:class:`keras_qat.integer.MultiplyOp`), rounding
+    twice where fake quantization of the float product rounds once."""
     grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
-    product = centered_codes(a, grid_a) * centered_codes(b, grid_b)
-    multiplier = (
-        ops.cast(grid_a.scale, "float64") * ops.cast(grid_b.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
-    )
-    return requantize(product, multiplier, out_grid, out.activation)
+    op = integer.MultiplyOp.lower(grid_a, grid_b, out_grid, out.activation, xp=ops)
+    return _real(op(centered_codes(a, grid_a), centered_codes(b, grid_b), ops), out_grid)
 
 
 def quantize_inference(inputs, source: Source):
@@ -387,20 +236,11 @@ def quantize_inference(inputs, source: Source):
 
 
 def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget):
-    """TFLite's int8 LEAKY_RELU: the centered input code requantized with ``s_in / s_out`` where
-    it is non-negative and with ``alpha * s_in / s_out`` where it is negative (two fixed-point
-    multipliers, each rounding twice), where fake quantization of the float op rounds once."""
+    """TFLite's int8 LEAKY_RELU (:class:`keras_qat.integer.LeakyReluOp`), where fake
+    quantization of the float op rounds once."""
     in_grid, out_grid = grid(source), grid(out.source)
-    codes = in_grid.centered_codes(inputs, ops)
-    # LeakyReluPrepare computes both multipliers in float32 (``float * float / float``) before
-    # widening them; in float64 a multiplier a hair off a tie rounds the other way.
-    in_scale = ops.cast(in_grid.scale, "float32")
-    out_scale = ops.cast(_safe(out_grid.scale), "float32")
-    identity = ops.cast(in_scale / out_scale, "float64")
-    negative_slope = ops.cast(in_scale * np.float32(alpha) / out_scale, "float64")
-    positive = requantize(codes, identity, out_grid, out.activation)
-    negative = requantize(codes, negative_slope, out_grid, out.activation)
-    return ops.where(codes >= 0, positive, negative)
+    op = integer.LeakyReluOp.lower(in_grid, out_grid, alpha, out.activation, xp=ops)
+    return _real(op(in_grid.centered_codes(inputs, ops), ops), out_grid)
 
 
 def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputTarget):
@@ -412,14 +252,8 @@ def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputT
     eight_bit = from_range(np.float32(low), np.float32(high), 8)
     codes = eight_bit.centered_codes(qops.fake_quant(values, low, high, 8), ops)
     out_grid = grid(out.source)
-    multiplier = float(np.float64(eight_bit.scale)) / ops.cast(_safe(out_grid.scale), "float64")
-    return requantize(codes, multiplier, out_grid, out.activation)
-
-
-def is_model_input(tensor) -> bool:
-    """Whether the symbolic ``tensor`` is a functional model's input."""
-    history = _history(tensor)
-    return history is not None and isinstance(history.operation, L.InputLayer)
+    requantize = integer.Requantize.between(eight_bit, out_grid, out.activation, xp=ops)
+    return _real(requantize(codes, ops), out_grid)
 
 
 def average_pool_inference(layer, inputs, source: Source):
@@ -457,16 +291,12 @@ def mean_inference(layer, inputs, source: Source, out: OutputTarget):
     for axis in axes:
         count *= int(inputs.shape[axis])
     total = ops.sum(codes, axis=axes, keepdims=bool(getattr(layer, "keepdims", False)))
-    multiplier = ops.cast(in_grid.scale, "float64") / ops.cast(_safe(out_grid.scale), "float64")
-    m0, shift = fixed_point.quantize_multiplier_graph(multiplier)
-    m0, shift = fixed_point.divide_multiplier(ops, m0, shift, count)
-    scaled = fixed_point.multiply_by_quantized_multiplier(ops, ops.cast(total, "int64"), m0, shift)
-    return _clamped_real(scaled, out_grid, out.activation)
+    op = integer.MeanOp.lower(in_grid, out_grid, out.activation, xp=ops)
+    return _real(op(total, count, ops), out_grid)
 
 
 __all__ = [
     "quantize_inference",
-    "is_model_input",
     "average_pool_inference",
     "mean_inference",
     "Source",
@@ -474,12 +304,6 @@ __all__ = [
     "spec_of",
     "exported_grid",
     "grid",
-    "source_of",
-    "link",
-    "input_sources",
-    "output_target",
-    "inherited_source",
-    "output_consumer",
     "enabled",
     "kernel_inference",
     "fixed_range_inference",
@@ -488,6 +312,5 @@ __all__ = [
     "multiply_inference",
     "supports_kernel",
     "rounds_once",
-    "requantize",
     "centered_codes",
 ]

@@ -28,48 +28,35 @@ def _cast(xp, x, dtype: str):
     return xp.cast(x, dtype)
 
 
-def quantize_multiplier(multiplier):
-    """TFLite's ``QuantizeMultiplier`` for positive real multipliers (NumPy, float64).
+def quantize_multiplier(multiplier, xp=np):
+    """TFLite's ``QuantizeMultiplier`` of real multipliers >= 0, in float64.
 
-    Returns ``(m0, shift)`` as int64 arrays with ``multiplier ~= m0 * 2**(shift - 31)`` and
-    ``m0`` in ``[2**30, 2**31)`` (0 for a zero multiplier).
+    Returns ``(m0, shift)`` as int64 arrays (tensors with ``xp=keras.ops``) with
+    ``multiplier ~= m0 * 2**(shift - 31)`` and ``m0`` in ``[2**30, 2**31)``; TFLite flushes
+    zero and multipliers below ``2**-31`` to ``(0, 0)``. The exponent comes from ``log2`` (``frexp``
+    is no keras op), corrected by one where rounding put the mantissa outside ``[0.5, 1)``;
+    scaling by powers of two is exact, so the mantissa is ``frexp``'s.
+
+    Raises:
+        ValueError: in NumPy, for a negative or non-finite multiplier.
     """
-    multiplier = np.asarray(multiplier, dtype=np.float64)
-    if np.any(~np.isfinite(multiplier)) or np.any(multiplier < 0):
-        raise ValueError(f"quantize_multiplier: multipliers must be finite and >= 0, got {multiplier}.")
-    mantissa, shift = np.frexp(multiplier)
-    m0 = round_half_away(np, mantissa * float(_ONE_31)).astype(np.int64)
-    carry = m0 == _ONE_31
-    m0 = np.where(carry, m0 // 2, m0)
-    shift = np.where(carry, shift + 1, shift).astype(np.int64)
-    # TFLite flushes multipliers below 2**-31 to zero.
-    tiny = shift < -31
-    return np.where(tiny, 0, m0), np.where(tiny, 0, shift)
-
-
-def quantize_multiplier_graph(multiplier):
-    """:func:`quantize_multiplier` in ``keras.ops``, for a float64 tensor of multipliers > 0.
-
-    ``frexp`` is not a keras op: the exponent comes from ``log2`` and is corrected by one
-    where rounding put the mantissa outside ``[0.5, 1)``; scaling by powers of two is exact.
-    """
-    from keras import ops
-
-    multiplier = ops.cast(multiplier, "float64")
-    safe = ops.where(multiplier > 0, multiplier, 1.0)
-    shift = ops.floor(ops.log2(safe)) + 1.0
-    mantissa = safe * ops.power(2.0, -shift)
-    shift = ops.where(mantissa >= 1.0, shift + 1.0, ops.where(mantissa < 0.5, shift - 1.0, shift))
-    mantissa = safe * ops.power(2.0, -shift)
-    m0 = ops.floor(mantissa * float(_ONE_31) + 0.5)
-    carry = ops.equal(m0, float(_ONE_31))
-    m0 = ops.where(carry, m0 / 2.0, m0)
-    shift = ops.where(carry, shift + 1.0, shift)
+    if xp is np:
+        multiplier = np.asarray(multiplier, dtype=np.float64)
+        if np.any(~np.isfinite(multiplier)) or np.any(multiplier < 0):
+            raise ValueError(f"quantize_multiplier: multipliers must be finite and >= 0, got {multiplier}.")
+    else:
+        multiplier = xp.cast(multiplier, "float64")
+    safe = xp.where(multiplier > 0, multiplier, 1.0)
+    shift = xp.floor(xp.log2(safe)) + 1.0
+    mantissa = safe * xp.power(2.0, -shift)
+    shift = xp.where(mantissa >= 1.0, shift + 1.0, xp.where(mantissa < 0.5, shift - 1.0, shift))
+    mantissa = safe * xp.power(2.0, -shift)
+    m0 = xp.floor(mantissa * float(_ONE_31) + 0.5)
+    carry = m0 == float(_ONE_31)
+    m0 = xp.where(carry, m0 / 2.0, m0)
+    shift = xp.where(carry, shift + 1.0, shift)
     keep = (multiplier > 0) & (shift >= -31.0)
-    return (
-        ops.cast(ops.where(keep, m0, 0.0), "int64"),
-        ops.cast(ops.where(keep, shift, 0.0), "int64"),
-    )
+    return _cast(xp, xp.where(keep, m0, 0.0), "int64"), _cast(xp, xp.where(keep, shift, 0.0), "int64")
 
 
 def round_half_away(xp, x):
@@ -134,7 +121,6 @@ def add_left_shift(bits: int) -> int:
 __all__ = [
     "round_half_away",
     "quantize_multiplier",
-    "quantize_multiplier_graph",
     "saturating_rounding_doubling_high_mul",
     "rounding_divide_by_pot",
     "multiply_by_quantized_multiplier",

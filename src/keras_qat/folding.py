@@ -21,7 +21,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from keras_qat import emulation
+from keras_qat import emulation, linking
 from keras_qat import ops as qops
 from keras_qat.layers import resolved_spec, kernel_quantize, run_with_substitutes
 from keras_qat.quantizers import Quantizer
@@ -134,11 +134,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         factor = self._factor()
         return self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
 
-    # ---- links to the grids of inputs and outputs (see keras_qat.emulation) ---------------
-
-    def __call__(self, *args, **kwargs):
-        emulation.link(self, args[0] if args else kwargs.get("inputs"))
-        return super().__call__(*args, **kwargs)
+    # ---- links to the grids of inputs and outputs (see keras_qat.linking) ----------------
 
     def accepts_output_target(self) -> bool:
         return self.output_quantizer is None and emulation.supports_kernel(self.layer, self.weight_quantizer)
@@ -147,11 +143,11 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         """The deployed integer kernel's output, or None where a grid is unknown."""
         if not emulation.supports_kernel(self.layer, self.weight_quantizer):
             return None
-        sources = emulation.input_sources(self)
+        sources = linking.input_sources(self)
         if self.output_quantizer is not None:
             target = emulation.OutputTarget(emulation.Source(self.output_quantizer, self.output_vars), "linear")
         else:
-            target = emulation.output_target(self)
+            target = linking.output_target(self)
         if target is None or len(sources) != 1 or sources[0] is None:
             return None
         factor = self._factor()

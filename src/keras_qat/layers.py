@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from keras_qat import emulation
+from keras_qat import emulation, linking
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
@@ -287,11 +287,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self._output_spec_cache = cached
         return cached
 
-    # ---- links to the grids of inputs and outputs (see keras_qat.emulation) ---------------
-
-    def __call__(self, *args, **kwargs):
-        emulation.link(self, args[0] if args else kwargs.get("inputs"))
-        return super().__call__(*args, **kwargs)
+    # ---- links to the grids of inputs and outputs (see keras_qat.linking) ----------------
 
     @property
     def passes_grid_through(self) -> bool:
@@ -311,12 +307,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
         layer = self.layer
         if self._weight_vars or self._activations:
             return None
-        inherited = emulation.inherited_source(self)
+        inherited = linking.inherited_source(self)
         if inherited is not None:
             return emulation.OutputTarget(inherited, "linear")
         concatenate = is_kind(layer, "concatenate")
         if concatenate and not self._output_vars:
-            return emulation.output_target(self)
+            return linking.output_target(self)
         if len(self._output_vars) != 1:
             return None
         activation = "linear" if concatenate else clamp_activation(layer)
@@ -364,13 +360,13 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return emulation.OutputTarget(emulation.Source(activation.quantizer, activation.quantizer_vars), "linear")
         if len(self._output_vars) == 1:
             return emulation.OutputTarget(emulation.Source(*self._output_vars[0]), "linear")
-        return emulation.output_target(self)
+        return linking.output_target(self)
 
     def _integer_inference(self, inputs):
         """The integer kernel's output, or None where a grid is unknown (see emulation)."""
         kind = self.integer_kind()
         target = self.output_target()
-        sources = emulation.input_sources(self)
+        sources = linking.input_sources(self)
         if kind is None or target is None or not sources or any(s is None for s in sources):
             return None
         if kind == "mean":
@@ -428,7 +424,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             )
         else:
             outputs = self.layer(inputs, **layer_kwargs)
-        inherited = emulation.inherited_source(self) if self.inherits_input_grid else None
+        inherited = linking.inherited_source(self) if self.inherits_input_grid else None
         if inherited is not None:
             # The range is the input's owner's to learn; here it is only read.
             return inherited.quantizer(outputs, False, inherited.variables)
@@ -541,16 +537,12 @@ class QuantizeSameScale(keras.layers.Wrapper):
         self.quantizer_vars = self.quantizer.build(input_shape, "output", self)
         self.built = True
 
-    def __call__(self, *args, **kwargs):
-        emulation.link(self, args[0] if args else kwargs.get("inputs"))
-        return super().__call__(*args, **kwargs)
-
     #: When the input already has a grid (from the layer that produced it), that grid is used,
     #: read only: the deployed kernel requires one scale for its input and output.
     inherits_input_grid = True
 
     def _source(self) -> emulation.Source:
-        inherited = emulation.inherited_source(self)
+        inherited = linking.inherited_source(self)
         return inherited if inherited is not None else emulation.Source(self.quantizer, self.quantizer_vars)
 
     def quantizes_inputs_as(self) -> emulation.OutputTarget:
@@ -611,16 +603,10 @@ class QuantizeLayer(keras.layers.Layer):
         self.quantizer_vars = self.quantizer.build(input_shape, "input", self)
         self.built = True
 
-    def __call__(self, *args, **kwargs):
-        inputs = args[0] if args else kwargs.get("inputs")
-        if isinstance(inputs, keras.KerasTensor):
-            # A QUANTIZE op in the deployed model only where the input is the model's.
-            object.__setattr__(self, "_quantizes_model_input", emulation.is_model_input(inputs))
-        return super().__call__(*args, **kwargs)
-
     def call(self, inputs, training=None):
         training = bool(training)
-        if emulation.enabled(training) and self.__dict__.get("_quantizes_model_input", False):
+        # A QUANTIZE op in the deployed model only where the input is the model's.
+        if emulation.enabled(training) and linking.quantizes_model_input(self):
             return emulation.quantize_inference(inputs, emulation.Source(self.quantizer, self.quantizer_vars))
         return self.quantizer(inputs, training, self.quantizer_vars)
 

@@ -20,10 +20,9 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_qat import emulation
+from keras_qat import emulation, integer, linking
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS, SOFTMAX_BITS
-from keras_qat.grid import quantize_bias
 from keras_qat.registry import activation_name, is_kind, kind_of
 from keras_qat.errors import NotDeployableError
 from keras_qat.export.validate import non_finite_variables, require_finite
@@ -83,6 +82,11 @@ class _Writer:
 def _shape(tensor) -> list:
     """A tensor's shape for the manifest: the batch and any unknown dimension as None."""
     return [None] + [None if d is None else int(d) for d in tensor.shape[1:]]
+
+
+def _signed_grid(source: emulation.Source):
+    """A tensor's exported grid in the artifact's (signed) convention."""
+    return emulation.exported_grid(source).as_signed()
 
 
 def grid_entry(source: emulation.Source) -> dict:
@@ -185,7 +189,7 @@ def _output_source(layer) -> emulation.Source | None:
     if isinstance(layer, QuantizeFoldedBatchNorm):
         if layer.output_quantizer is not None:
             return emulation.Source(layer.output_quantizer, layer.output_vars)
-        target = emulation.output_target(layer)
+        target = linking.output_target(layer)
         return None if target is None else target.source
     if isinstance(layer, QuantizeWrapper):
         target = layer.output_target()
@@ -200,21 +204,21 @@ def _activation_of(layer) -> str:
     if own != "linear" or _output_source(layer) is None:
         return own
     if isinstance(layer, QuantizeFoldedBatchNorm):
-        target = None if layer.output_quantizer is not None else emulation.output_target(layer)
+        target = None if layer.output_quantizer is not None else linking.output_target(layer)
     else:
         target = layer.output_target()
     return "linear" if target is None else target.activation
 
 
 def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
-    sources = emulation.input_sources(layer)
+    sources = linking.input_sources(layer)
     entry: dict[str, Any] = {"layer": layer.name, "attributes": {}, "weights": {}}
 
     def emit(op: str, input_tensors=None, output_source=None, **attributes):
         input_tensors = inputs if input_tensors is None else input_tensors
         entry["op"] = op
         entry["inputs"] = [writer.ids[id(t)] for t in input_tensors]
-        out_source = output_source if output_source is not None else emulation.source_of(outputs[0])
+        out_source = output_source if output_source is not None else linking.source_of(outputs[0])
         entry["outputs"] = [writer.tensor(outputs[0], out_source, layer.name)]
         entry["attributes"].update(attributes)
         writer.ops.append(entry)
@@ -228,7 +232,7 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
             raise _unsupported(layer, "a float model input that no QuantizeLayer quantizes")
 
     if isinstance(layer, QuantizeLayer):
-        if not emulation.is_model_input(inputs[0]):
+        if not linking.is_model_input(inputs[0]):
             raise _unsupported(layer, "a quantizer on a value computed in float")
         return emit("quantize", output_source=emulation.Source(layer.quantizer, layer.quantizer_vars))
 
@@ -257,11 +261,17 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
     if kind == "add":
         if len(inputs) != 2:
             raise _unsupported(layer, f"an ADD of {len(inputs)} inputs (the integer ADD takes two)")
-        return emit("add", output_source=_output_source(layer), activation=_activation_of(layer))
+        out_source, activation = _output_source(layer), _activation_of(layer)
+        if out_source is not None and all(source is not None for source in sources):
+            grid_a, grid_b = _signed_grid(sources[0]), _signed_grid(sources[1])
+            entry["integer"] = integer.AddOp.lower(grid_a, grid_b, _signed_grid(out_source), activation).to_manifest()
+        return emit("add", output_source=out_source, activation=activation)
     if kind == "mean":
-        return emit(
-            "mean", output_source=_output_source(layer), keepdims=bool(inner.keepdims), activation=_activation_of(layer)
-        )
+        out_source, activation = _output_source(layer), _activation_of(layer)
+        if out_source is not None and sources and sources[0] is not None:
+            mean = integer.MeanOp.lower(_signed_grid(sources[0]), _signed_grid(out_source), activation)
+            entry["integer"] = {"requantize": mean.requantize.to_manifest()}
+        return emit("mean", output_source=out_source, keepdims=bool(inner.keepdims), activation=activation)
     if layer.quantized_weights():
         raise _unsupported(layer, f"{type(inner).__name__} with weights")
     kind_name = getattr(kind_of(inner), "name", None)
@@ -283,7 +293,7 @@ def _requantized_by_producer(layer, inputs) -> bool:
     """A fused ReLU: the kernel before it already requantized and clamped onto its grid."""
     history = getattr(inputs[0], "_keras_history", None)
     producer = None if history is None else history.operation
-    return producer is not None and emulation.output_consumer(producer) is layer
+    return producer is not None and linking.output_consumer(producer) is layer
 
 
 def _is_softmax(layer) -> bool:
@@ -333,12 +343,21 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
     zero_point = np.broadcast_to(kernel_grid.as_signed().zero_point, scale.shape)
     weight.update({"scale": [float(s) for s in scale], "zero_point": [int(z) for z in zero_point]})
     entry["weights"]["kernel"] = weight
-    if bias is not None:
-        input_scale = emulation.exported_grid(sources[0]).scale
-        entry["weights"]["bias"] = writer.integers(quantize_bias(_numpy(bias), input_scale, scale))
+    activation = _activation_of(layer)
+    lowered = integer.KernelOp.lower(
+        _signed_grid(sources[0]),
+        kernel_grid,
+        _signed_grid(out_source),
+        None if bias is None else _numpy(bias),
+        activation,
+        emulation.rounds_once(inner, kernel_source.quantizer),
+    )
+    if lowered.bias is not None:
+        entry["weights"]["bias"] = writer.integers(lowered.bias)
+    entry["integer"] = {"requantize": lowered.requantize.to_manifest()}
     op = kind_of(inner).integer_op
     if op == "dense":
-        attributes = {"single_rounding": emulation.rounds_once(inner, kernel_source.quantizer)}
+        attributes = {"single_rounding": lowered.requantize.single_rounding}
     else:
         rank = len(inner.kernel.shape) - 2
         attributes = {
@@ -347,7 +366,7 @@ def _kernel_op(writer, entry, emit, layer, inner, kernel, bias, sources, kernel_
             "padding": inner.padding,
             "dilation_rate": list(inner.dilation_rate),
         }
-    attributes["activation"] = _activation_of(layer)
+    attributes["activation"] = activation
     emit(op, output_source=out_source, **attributes)
 
 

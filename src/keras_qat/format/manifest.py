@@ -21,7 +21,12 @@ The manifest (JSON, inside the container of :mod:`keras_qat.format.container`) h
     ``single_rounding`` says whether it requantizes with one rounding (TFLite's per-tensor
     FULLY_CONNECTED) or two (a per-channel Dense, deployed as a 1x1 CONV_2D). A ``softmax``
     computes the int8 SOFTMAX codes (scale 1/256, zero point -128) and requantizes them to its
-    output tensor's grid when that is another.
+    output tensor's grid when that is another. Ops that requantize carry their lowered
+    parameters (:mod:`keras_qat.integer`) under ``"integer"``: ``{"requantize": {"m0", "shift",
+    "low", "high", "single_rounding"}}`` for kernels and means (a mean's multiplier before its
+    division by the count), and an ADD's ``{"left_shift", "a", "b", "requantize"}``; the runtime
+    executes them as they are (an op without them, from an earlier writer, is lowered from its
+    tensors' grids by the same code).
 
 This module imports nothing but the standard library.
 """

@@ -19,6 +19,7 @@ import numpy as np
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS
 from keras_qat.grid import IntegerGrid
+from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize
 from keras_qat.runtime import kernels as K
 
 
@@ -74,13 +75,18 @@ class IntegerModel:
         if kind in ("conv", "depthwise_conv", "dense"):
             return self._prepare_kernel(op, payload, grids[0], out)
         if kind == "add":
-            params = K.AddParams.of(grids[0], grids[1], out, attributes["activation"])
-            return lambda a, b: K.add(a, b, params)
+            if "integer" in op:
+                add = AddOp.from_manifest(op["integer"], out)
+            else:  # written before the artifact carried its lowered ops
+                add = AddOp.lower(grids[0], grids[1], out, attributes["activation"])
+            zero_a, zero_b = grids[0].zero_point, grids[1].zero_point
+            return lambda a, b: K.add(a, b, zero_a, zero_b, add)
         if kind == "mean":
-            requantize = K.Requantizer.of(
-                np.float64(grids[0].scale) / np.float64(out.scale), out, attributes.get("activation", "linear")
-            )
-            return lambda x: K.mean(x, grids[0].zero_point, attributes["keepdims"], requantize)
+            if "integer" in op:
+                mean = MeanOp(Requantize.from_manifest(op["integer"]["requantize"], out))
+            else:
+                mean = MeanOp.lower(grids[0], out, attributes.get("activation", "linear"))
+            return lambda x: K.mean(x, grids[0].zero_point, attributes["keepdims"], mean)
         if kind == "concatenate":
             axis = attributes["axis"]
             return lambda *xs: np.concatenate([K.requantize_codes(x, g, out) for x, g in zip(xs, grids)], axis=axis)
@@ -116,17 +122,22 @@ class IntegerModel:
         attributes = op["attributes"]
         kernel = self._weight(op, "kernel", payload)
         bias = self._weight(op, "bias", payload) if "bias" in op["weights"] else None
-        weight_scale = np.asarray(op["weights"]["kernel"]["scale"], dtype=np.float32).astype(np.float64)
-        multiplier = np.float64(grid.scale) * weight_scale / np.float64(out.scale)
-        requantize = K.Requantizer.of(multiplier, out, attributes["activation"], single_rounding=attributes.get("single_rounding", op["op"] == "dense"))
+        if "integer" in op:
+            requantize = Requantize.from_manifest(op["integer"]["requantize"], out)
+        else:  # written before the artifact carried its lowered ops
+            weights = op["weights"]["kernel"]
+            weight_grid = IntegerGrid(np.asarray(weights["scale"], np.float32), 0, 0, 0, weights["bits"], signed=True)
+            single_rounding = attributes.get("single_rounding", op["op"] == "dense")
+            requantize = KernelOp.lower(grid, weight_grid, out, None, attributes["activation"], single_rounding).requantize
+        kernel_op = KernelOp(bias, requantize)
         if op["op"] == "dense":
-            return lambda x: K.dense(x, grid.zero_point, kernel, bias, requantize)
+            return lambda x: K.dense(x, grid.zero_point, kernel, kernel_op)
         rank = attributes["rank"]
         if rank not in (1, 2):
             raise UnsupportedOpError(f"{self._source}: layer '{op['layer']}': {rank}-D convolutions are not implemented.")
         function = K.depthwise_conv if op["op"] == "depthwise_conv" else K.conv
         strides, dilation, padding = attributes["strides"], attributes["dilation_rate"], attributes["padding"]
-        return lambda x: function(x, grid.zero_point, kernel, bias, strides, dilation, padding, requantize)
+        return lambda x: function(x, grid.zero_point, kernel, strides, dilation, padding, kernel_op)
 
     # ---- running ----------------------------------------------------------------------------
 

@@ -1,0 +1,175 @@
+"""Each layer kind's integer op: lowered from grids once, executed on centered codes.
+
+An op's ``lower`` computes its parameters from the grids of its tensors in TFLite's ``Prepare``
+arithmetic; calling the op computes its output codes from the *centered* codes of its inputs
+(``q - zero_point``, exact integers) or from its accumulator. Outputs are codes on the output
+grid (see :meth:`keras_qat.integer.Requantize.__call__`). ``xp`` is ``numpy`` or ``keras.ops``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from keras_qat import fixed_point as fp
+from keras_qat.fixed_point import _cast
+from keras_qat.grid import IntegerGrid, quantize_bias
+from keras_qat.integer.requantize import Requantize, as_float64, safe_scale
+
+
+def _int64(xp, x):
+    return _cast(xp, x, "int64")
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    """CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED after the accumulation: the bias codes (at
+    ``input_scale * weight_scale``, one per output channel) added to the exact accumulator,
+    requantized by ``input_scale * weight_scale / output_scale``."""
+
+    bias: Any
+    requantize: Requantize
+
+    @classmethod
+    def lower(
+        cls,
+        input_grid: IntegerGrid,
+        weight_grid: IntegerGrid,
+        output_grid: IntegerGrid,
+        bias=None,
+        activation: str = "linear",
+        single_rounding: bool = False,
+        xp=np,
+    ) -> "KernelOp":
+        """Args: the three grids; ``bias`` the float bias per output channel (or None);
+        ``activation`` the fused clamp; ``single_rounding`` as :class:`Requantize`."""
+        weight_scale = xp.reshape(weight_grid.scale, (-1,))
+        bias_codes = None if bias is None else quantize_bias(bias, input_grid.scale, weight_scale, xp)
+        # (input * weight) / output, in this order, as TFLite's Prepare rounds it.
+        product = as_float64(xp, input_grid.scale) * as_float64(xp, weight_scale)
+        multiplier = product / as_float64(xp, safe_scale(xp, output_grid.scale))
+        return cls(bias_codes, Requantize.lower(multiplier, output_grid, activation, single_rounding, xp))
+
+    def __call__(self, accumulator, xp=np):
+        if self.bias is not None:
+            accumulator = accumulator + self.bias
+        return self.requantize(accumulator, xp)
+
+
+@dataclass(frozen=True)
+class AddOp:
+    """TFLite's integer ADD: both inputs shifted up ``left_shift`` bits (20 at 8 bits, 15
+    above), rescaled to twice the larger input scale (``a``, ``b``: fixed-point multipliers),
+    summed, and requantized to the output."""
+
+    left_shift: int
+    a: tuple
+    b: tuple
+    requantize: Requantize
+
+    @classmethod
+    def lower(cls, grid_a: IntegerGrid, grid_b: IntegerGrid, out: IntegerGrid, activation: str = "linear", xp=np) -> "AddOp":
+        left_shift = fp.add_left_shift(max(grid_a.bits, grid_b.bits))
+        scale_a, scale_b = as_float64(xp, grid_a.scale), as_float64(xp, grid_b.scale)
+        twice_max = 2.0 * xp.maximum(xp.maximum(scale_a, scale_b), 1e-300)
+        multiplier = twice_max / (float(1 << left_shift) * as_float64(xp, safe_scale(xp, out.scale)))
+        return cls(
+            left_shift,
+            fp.quantize_multiplier(scale_a / twice_max, xp),
+            fp.quantize_multiplier(scale_b / twice_max, xp),
+            Requantize.lower(multiplier, out, activation, xp=xp),
+        )
+
+    def __call__(self, a, b, xp=np):
+        shift = 1 << self.left_shift
+        scaled_a = fp.multiply_by_quantized_multiplier(xp, _int64(xp, a) * shift, *self.a)
+        scaled_b = fp.multiply_by_quantized_multiplier(xp, _int64(xp, b) * shift, *self.b)
+        return self.requantize(scaled_a + scaled_b, xp)
+
+    def to_manifest(self) -> dict:
+        return {
+            "left_shift": self.left_shift,
+            "a": [int(self.a[0]), int(self.a[1])],
+            "b": [int(self.b[0]), int(self.b[1])],
+            "requantize": self.requantize.to_manifest(),
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict, out: IntegerGrid) -> "AddOp":
+        pair = lambda values: (np.int64(values[0]), np.int64(values[1]))  # noqa: E731
+        return cls(int(entry["left_shift"]), pair(entry["a"]), pair(entry["b"]), Requantize.from_manifest(entry["requantize"], out))
+
+
+@dataclass(frozen=True)
+class MultiplyOp:
+    """TFLite's int8 MUL: the product of the centered codes requantized by
+    ``scale_a * scale_b / scale_out`` (rounding twice)."""
+
+    requantize: Requantize
+
+    @classmethod
+    def lower(cls, grid_a: IntegerGrid, grid_b: IntegerGrid, out: IntegerGrid, activation: str = "linear", xp=np):
+        product = as_float64(xp, grid_a.scale) * as_float64(xp, grid_b.scale)
+        multiplier = product / as_float64(xp, safe_scale(xp, out.scale))
+        return cls(Requantize.lower(multiplier, out, activation, xp=xp))
+
+    def __call__(self, a, b, xp=np):
+        return self.requantize(_int64(xp, a) * _int64(xp, b), xp)
+
+
+@dataclass(frozen=True)
+class LeakyReluOp:
+    """TFLite's int8 LEAKY_RELU: a centered code requantized by ``s_in / s_out`` where it is
+    non-negative and by ``alpha * s_in / s_out`` where it is negative (each rounding twice)."""
+
+    identity: Requantize
+    negative: Requantize
+
+    @classmethod
+    def lower(cls, grid: IntegerGrid, out: IntegerGrid, alpha: float, activation: str = "linear", xp=np):
+        # LeakyReluPrepare computes both multipliers in float32 (``float * float / float``) before
+        # widening them; in float64 a multiplier a hair off a tie rounds the other way.
+        in_scale = _cast(xp, grid.scale, "float32")
+        out_scale = _cast(xp, safe_scale(xp, out.scale), "float32")
+        identity = _cast(xp, in_scale / out_scale, "float64")
+        negative = _cast(xp, in_scale * np.float32(alpha) / out_scale, "float64")
+        return cls(Requantize.lower(identity, out, activation, xp=xp), Requantize.lower(negative, out, activation, xp=xp))
+
+    def __call__(self, codes, xp=np):
+        return xp.where(codes >= 0, self.identity(codes, xp), self.negative(codes, xp))
+
+
+@dataclass(frozen=True)
+class MeanOp:
+    """TFLite's int8 MEAN over the spatial axes: the sum of the centered codes requantized by
+    ``s_in / s_out`` divided by the count in integer arithmetic (:meth:`Requantize.divided`,
+    once the count is known)."""
+
+    requantize: Requantize
+
+    @classmethod
+    def lower(cls, grid: IntegerGrid, out: IntegerGrid, activation: str = "linear", xp=np) -> "MeanOp":
+        return cls(Requantize.between(grid, out, activation, xp=xp))
+
+    def __call__(self, total, count: int, xp=np):
+        return self.requantize.divided(count, xp)(total, xp)
+
+
+def average_codes(total, count, xp=np):
+    """TFLite's int8 AVERAGE_POOL_2D: the sum of a window's codes divided by its count of valid
+    elements, rounding half away from zero, in integers."""
+    half = count // 2
+    return xp.sign(total) * ((xp.abs(total) + half) // count)
+
+
+def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
+    """NumPy codes moved from ``grid`` to ``out`` (the identity when equal), rounded once, half
+    up, in fixed point, as the converter's REQUANTIZE between two grids."""
+    if grid == out:
+        return codes
+    return Requantize.between(grid, out, single_rounding=True)(codes - grid.zero_point)
+
+
+__all__ = ["KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "requantize_between"]

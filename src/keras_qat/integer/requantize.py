@@ -1,0 +1,114 @@
+"""Requantization: an integer accumulator times a real multiplier, onto an output grid.
+
+Every int8 kernel ends the same way: ``acc * M`` in TFLite's fixed point (``M`` held as a 31-bit
+mantissa ``m0`` and a power-of-two ``shift``, :func:`keras_qat.fixed_point.quantize_multiplier`),
+rounded twice (the convolutions, ADD, MEAN) or once (the reference FULLY_CONNECTED), plus the
+output zero point, clamped to the output range narrowed by a fused ReLU/ReLU6.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from keras_qat import fixed_point as fp
+from keras_qat.fixed_point import _cast
+from keras_qat.grid import IntegerGrid
+
+
+def as_float64(xp, scale):
+    """Float32 scales widened to float64, where TFLite's ``Prepare`` computes multipliers."""
+    return np.asarray(scale, np.float32).astype(np.float64) if xp is np else _cast(xp, scale, "float64")
+
+
+def safe_scale(xp, scale):
+    """``scale`` with 0 (an empty range, whose values are all 0) replaced by 1, so that a
+    multiplier dividing by it stays finite; what such a grid holds is then 0 whatever it is."""
+    return xp.where(scale == 0, 1.0, scale) if xp is np else xp.where(xp.equal(scale, 0.0), xp.ones_like(scale), scale)
+
+
+def scale_ratio(xp, numerator, denominator):
+    """``numerator / denominator`` of float32 scales, in float64 (TFLite's ``Prepare``)."""
+    return as_float64(xp, numerator) / as_float64(xp, safe_scale(xp, denominator))
+
+
+@dataclass(frozen=True)
+class Requantize:
+    """``acc * M`` rounded as the kernel rounds it, plus ``zero_point``, clamped to ``[low, high]``.
+
+    Attributes:
+        m0, shift: ``M`` in fixed point (int64; one per output channel, or one).
+        zero_point: the output grid's zero point.
+        low, high: the output codes a fused activation leaves (``activation_bounds``).
+        single_rounding: round once (TFLite's reference FULLY_CONNECTED) instead of twice.
+    """
+
+    m0: Any
+    shift: Any
+    zero_point: Any
+    low: Any
+    high: Any
+    single_rounding: bool = False
+
+    @classmethod
+    def lower(
+        cls, multiplier, out: IntegerGrid, activation: str = "linear", single_rounding: bool = False, xp=np
+    ) -> "Requantize":
+        """The requantization by real ``multiplier`` (float64) onto ``out`` after ``activation``."""
+        m0, shift = fp.quantize_multiplier(multiplier, xp)
+        low, high = out.activation_bounds(activation, xp)
+        return cls(m0, shift, out.zero_point, low, high, bool(single_rounding))
+
+    @classmethod
+    def between(cls, grid: IntegerGrid, out: IntegerGrid, activation: str = "linear", single_rounding: bool = False, xp=np):
+        """Centered codes on ``grid`` moved onto ``out``: the multiplier ``scale / out.scale``."""
+        return cls.lower(scale_ratio(xp, grid.scale, out.scale), out, activation, single_rounding, xp)
+
+    def divided(self, count: int, xp=np) -> "Requantize":
+        """This requantization with its multiplier divided by ``count`` in TFLite's integer MEAN
+        arithmetic (:func:`keras_qat.fixed_point.divide_multiplier`)."""
+        m0, shift = fp.divide_multiplier(xp, self.m0, self.shift, count)
+        return replace(self, m0=m0, shift=shift)
+
+    def __call__(self, accumulator, xp=np):
+        """The output codes of exact-integer ``accumulator``: int64 in NumPy, float32 tensors
+        holding integers in a graph (where they meet float zero points)."""
+        multiply = fp.multiply_by_quantized_multiplier_single_rounding if self.single_rounding else fp.multiply_by_quantized_multiplier
+        if xp is np:
+            accumulator = np.asarray(accumulator, np.int64)
+            m0, shift = np.asarray(self.m0, np.int64), np.asarray(self.shift, np.int64)
+            if accumulator.size and int(np.abs(accumulator).max()) >= 2**31:
+                # A wide accumulator (16-bit operands): its product with the 31-bit multiplier
+                # needs more than 64 bits, so it is taken in Python's exact integers.
+                scaled = multiply(np, accumulator.astype(object), m0.astype(object), shift).astype(np.int64)
+            else:
+                scaled = multiply(np, accumulator, m0, shift)
+            return np.clip(scaled + self.zero_point, self.low, self.high)
+        scaled = multiply(xp, xp.cast(accumulator, "int64"), self.m0, self.shift)
+        codes = xp.cast(scaled, "float32") + self.zero_point
+        return xp.minimum(xp.maximum(codes, self.low), self.high)
+
+    # ---- the .kqat manifest ----------------------------------------------------------------
+
+    def to_manifest(self) -> dict:
+        """The NumPy parameters as JSON (the zero point is the output tensor's)."""
+        return {
+            "m0": np.asarray(self.m0, np.int64).reshape(-1).tolist(),
+            "shift": np.asarray(self.shift, np.int64).reshape(-1).tolist(),
+            "low": int(self.low),
+            "high": int(self.high),
+            "single_rounding": self.single_rounding,
+        }
+
+    @classmethod
+    def from_manifest(cls, entry: dict, out: IntegerGrid) -> "Requantize":
+        def vector(values):
+            array = np.asarray(values, np.int64)
+            return array[0] if array.size == 1 else array
+
+        return cls(vector(entry["m0"]), vector(entry["shift"]), out.zero_point, int(entry["low"]), int(entry["high"]), bool(entry["single_rounding"]))
+
+
+__all__ = ["Requantize", "as_float64", "safe_scale", "scale_ratio"]

@@ -1,0 +1,86 @@
+"""Requantization (keras_qat.integer.requantize) against exact-integer oracles."""
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from keras_qat.grid import IntegerGrid, from_range
+from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize
+from tests.conftest import exact_multiply_by_quantized_multiplier, exact_multiply_single_rounding
+
+
+def _grid(bits: int) -> IntegerGrid:
+    return IntegerGrid(np.float32(1.0), 0, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, bits, signed=True)
+
+
+def test_accumulators_beyond_int32_requantize_exactly():
+    """16-bit operands make accumulators wider than int32; NumPy takes the fixed-point
+    product in exact integers there. Oracle: gemmlowp's formulas on Python integers."""
+    grid = _grid(16)
+    requantize = Requantize.lower(np.array([3.1e-6, 7.7e-7]), grid)
+    accumulator = np.array([[2**33 + 12345, -(2**34) - 999], [2**31 + 1, -(2**31) - 3]], dtype=np.int64)
+    got = requantize(accumulator)
+    m0, shift = requantize.m0, requantize.shift
+    want = [[exact_multiply_by_quantized_multiplier(int(a), int(m0[j]), int(shift[j])) for j, a in enumerate(row)] for row in accumulator]
+    np.testing.assert_array_equal(got, np.clip(np.array(want), grid.qmin, grid.qmax))
+
+
+@given(
+    st.lists(st.integers(-(2**24), 2**24), min_size=1, max_size=40),
+    st.floats(2.0**-20, 2.0),
+    st.booleans(),
+    st.sampled_from(["linear", "relu", "relu6"]),
+)
+def test_requantize_is_tflites_fixed_point_then_zero_point_then_clamp(values, multiplier, single, activation):
+    out = from_range(np.float32(-1.5), np.float32(7.0), 8).as_signed()
+    requantize = Requantize.lower(multiplier, out, activation, single_rounding=single)
+    exact = exact_multiply_single_rounding if single else exact_multiply_by_quantized_multiplier
+    low, high = out.activation_bounds(activation)
+    want = [min(max(exact(v, int(requantize.m0), int(requantize.shift)) + int(out.zero_point), low), high) for v in values]
+    assert requantize(np.array(values, np.int64)).tolist() == want
+
+
+@pytest.mark.parametrize("multiplier", [np.float64(0.0123), np.array([0.5, 3e-5, 1.9])])
+def test_requantize_survives_the_manifest(multiplier):
+    out = from_range(np.float32(0.0), np.float32(6.0), 4).as_signed()
+    requantize = Requantize.lower(multiplier, out, "relu6", single_rounding=True)
+    again = Requantize.from_manifest(requantize.to_manifest(), out)
+    accumulator = np.arange(-5000, 5000, 7, dtype=np.int64).reshape(-1, 1) * np.ones(np.size(multiplier), np.int64)
+    np.testing.assert_array_equal(again(accumulator), requantize(accumulator))
+
+
+def test_mean_divides_its_multiplier_by_the_count_in_integers():
+    """TFLite's MEAN: ``m0 * 2**k // count`` with ``k = floor(log2(count))``, ``shift - k``."""
+    grid = from_range(np.float32(-1.0), np.float32(1.0), 8).as_signed()
+    out = from_range(np.float32(-0.5), np.float32(0.5), 8).as_signed()
+    mean = MeanOp.lower(grid, out)
+    m0, shift = int(mean.requantize.m0), int(mean.requantize.shift)
+    count = 49
+    k = min(count.bit_length() - 1, 32, 31 + shift)
+    totals = np.arange(-6000, 6000, 13, dtype=np.int64)
+    want = [min(max(exact_multiply_by_quantized_multiplier(int(t), (m0 << k) // count, shift - k) + int(out.zero_point), out.qmin), out.qmax) for t in totals]
+    assert mean(totals, count).tolist() == want
+
+
+def test_an_add_survives_the_manifest():
+    grid_a = from_range(np.float32(-1.0), np.float32(3.0), 8).as_signed()
+    grid_b = from_range(np.float32(-0.2), np.float32(0.7), 6).as_signed()
+    out = from_range(np.float32(-1.0), np.float32(4.0), 8).as_signed()
+    add = AddOp.lower(grid_a, grid_b, out, "relu")
+    again = AddOp.from_manifest(add.to_manifest(), out)
+    a = np.arange(-128, 128, dtype=np.int64)
+    b = np.resize(np.arange(-32, 32, dtype=np.int64), a.shape)
+    np.testing.assert_array_equal(again(a, b), add(a, b))
+
+
+def test_a_kernel_adds_its_bias_codes_before_requantizing():
+    grid = from_range(np.float32(0.0), np.float32(2.0), 8).as_signed()
+    weights = IntegerGrid(np.array([0.01, 0.02], np.float32), np.zeros(2, np.int64), -127, 127, 8, signed=True, axes=(1,))
+    out = from_range(np.float32(-4.0), np.float32(4.0), 8).as_signed()
+    bias = np.array([0.3, -0.7], np.float32)
+    kernel = KernelOp.lower(grid, weights, out, bias)
+    product = np.float64(np.float32(grid.scale)) * weights.scale.astype(np.float64)
+    assert kernel.bias.tolist() == [round(float(b) / p) for b, p in zip(bias.astype(np.float64), product)]
+    accumulator = np.array([[100, -2000], [-7, 31]], np.int64)
+    np.testing.assert_array_equal(kernel(accumulator), kernel.requantize(accumulator + kernel.bias))
