@@ -377,16 +377,13 @@ def _lookup_op(writer, entry, emit, layer, sources) -> None:
     out_source = _output_source(layer)
     if out_source is None:
         raise _unsupported(layer, "an elementwise layer whose output is not quantized")
-    inp = grid_entry(sources[0])
-    codes = np.arange(inp["qmin"], inp["qmax"] + 1, dtype=np.float32)
-    real = ((codes - inp["zero_point"]) * np.float32(inp["scale"])).reshape(-1, 1)
+    in_grid, out_grid = _signed_grid(sources[0]), _signed_grid(out_source)
+    real = in_grid.dequantize(np.arange(in_grid.qmin, in_grid.qmax + 1)).reshape(-1, 1)
     # The layer's own output quantizer rounds inside this call; a consumer's (a
     # Concatenate that quantizes this output) rounds here, with the same fake quantization.
-    outputs = out_source.quantizer(layer(real, training=False), False, out_source.variables)
-    out = grid_entry(out_source)
-    table = np.round(_numpy(outputs).reshape(-1).astype(np.float64) / out["scale"]) + out["zero_point"]
-    table = np.clip(table, out["qmin"], out["qmax"]).astype(np.int64)
-    entry["weights"]["table"] = writer.packed(table, out["bits"])
+    outputs = _numpy(out_source.quantizer(layer(real, training=False), False, out_source.variables)).reshape(-1)
+    table = np.clip(out_grid.centered_codes(outputs) + out_grid.zero_point, out_grid.qmin, out_grid.qmax)
+    entry["weights"]["table"] = writer.packed(table, out_grid.bits)
     emit("lookup", output_source=out_source)
 
 
