@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test test-jax bench install clean
+DEMO_STAMP := $(VENV)/.installed-demo
+DEMO_ARGS ?=
+
+.PHONY: demo test test-jax bench install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +21,14 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+
+$(DEMO_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e '.[demo]'
+	touch $(DEMO_STAMP)
+
+# The main job: train a CNN on the offline digits, QAT at W8A8/W4A8/W4A4, export, compare.
+demo: $(DEMO_STAMP)
+	$(VENV)/bin/keras-qat demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import keras_qat as kq
-from keras_qat.export.weights import QuantizedTensor, quantized_weights
+from keras_qat.export.weights import QuantizedTensor, quantized_weights, real_weights
 from tests.conftest import same_bits, tf_fake_quant, to_numpy
 
 pytestmark = pytest.mark.api
@@ -82,3 +82,20 @@ def test_nan_in_a_weight_names_the_layer():
     kernel.assign(np.full(kernel.shape, np.nan, "float32"))
     with pytest.raises(ValueError, match="layer 'quant_conv'.*NaN or Inf"):
         quantized_weights(model)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_real_weights_are_what_quantization_rounds(bits):
+    """TF's fake quantization of each real weight, on its layer's range, is the deployed weight."""
+    model = kq.quantize_model(_model(), kq.NBitScheme(weight_bits=bits, activation_bits=8, per_axis=True))
+    model(np.random.default_rng(1).normal(size=(4, 8, 8, 2)).astype("float32"), training=True)
+    real, quantized = real_weights(model), quantized_weights(model)
+    assert set(real) == set(quantized)
+    for name, values in real.items():
+        layer = model.get_layer(name.split("/")[0])
+        variables = layer.kernel_vars if isinstance(layer, kq.QuantizeFoldedBatchNorm) else layer.quantized_weights()[0][2]
+        lo, hi = to_numpy(variables["min_var"]), to_numpy(variables["max_var"])
+        axis = (-2, -1) if "depthwise" in name else -1
+        assert same_bits(tf_fake_quant(values, lo, hi, bits, True, axis), quantized[name].dequantize()), name
+    folded = model.get_layer("quant_depthwise")
+    np.testing.assert_allclose(real["quant_depthwise/kernel"], _numpy_folded_kernel(folded), rtol=1e-6)

@@ -129,6 +129,10 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         beta = bn.beta if bn.beta is not None else 0.0
         return beta + (bias - bn.moving_mean) * factor
 
+    def unquantized_kernel(self):
+        """The folded kernel before weight quantization: the real values its quantizer rounds."""
+        return self._fold_kernel(self._factor())
+
     def folded_kernel(self, training: bool = False):
         """The deployed (quantized, folded) kernel, as inference computes it."""
         factor = self._factor()

@@ -11,7 +11,8 @@
 * :func:`save_artifact` writes the model as integer ops with its weights packed at their bit
   widths, in one checksummed ``.kqat`` file that :func:`keras_qat.runtime.load` runs.
 * :func:`quantized_weights` reads out the integers, scales and zero points of every quantized
-  weight, at any bit width (:class:`QuantizedTensor`).
+  weight, at any bit width (:class:`QuantizedTensor`); :func:`real_weights` the float values
+  they round.
 
 This module only re-exports; each exporter lives in its own submodule.
 """
@@ -27,7 +28,7 @@ from keras_qat.export.tflite import (
     compare,
     to_tflite,
 )
-from keras_qat.export.weights import QuantizedTensor, quantized_weights
+from keras_qat.export.weights import QuantizedTensor, quantized_weights, real_weights
 
 __all__ = [
     "to_tflite",
@@ -37,6 +38,7 @@ __all__ = [
     "AgreementReport",
     "OutputAgreement",
     "quantized_weights",
+    "real_weights",
     "QuantizedTensor",
     "diagnose",
     "Diagnosis",

@@ -114,6 +114,24 @@ def layer_quantized_weights(layer) -> list[QuantizedTensor]:
     ]
 
 
+def real_weights(model) -> dict[str, np.ndarray]:
+    """The real (float32) values that each of :func:`quantized_weights` rounds, by the same
+    names: the trained weights, BatchNorm-folded where folded. Their difference from
+    ``QuantizedTensor.dequantize()`` is the weights' quantization error."""
+    result: dict[str, np.ndarray] = {}
+    for layer in iter_quantized_layers(model):
+        if isinstance(layer, QuantizeFoldedBatchNorm):
+            result[f"{layer.name}/kernel"] = _numpy32(layer.unquantized_kernel())
+            continue
+        for weight, _, _ in layer.quantized_weights():
+            result[f"{layer.name}/{weight.name}"] = _numpy32(weight)
+    return result
+
+
+def _numpy32(value) -> np.ndarray:
+    return np.asarray(keras.ops.convert_to_numpy(value), np.float32)
+
+
 def quantized_weights(model) -> dict[str, QuantizedTensor]:
     """Every quantized weight of a QAT model, as deployed (BatchNorm folded where folded).
 
@@ -130,4 +148,4 @@ def quantized_weights(model) -> dict[str, QuantizedTensor]:
     return result
 
 
-__all__ = ["QuantizedTensor", "quantized_weights", "quantize_tensor"]
+__all__ = ["QuantizedTensor", "quantized_weights", "real_weights", "quantize_tensor"]

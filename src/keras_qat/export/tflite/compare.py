@@ -121,7 +121,7 @@ def compare(model: keras.Model, tflite_path: str | os.PathLike, x, *, kernels: s
                 f"compare: output '{name}' has shape {expected.shape} in the QAT model but "
                 f"{actual.shape} in the TFLite model; was it converted from this model?"
             )
-        steps, rows = _step_differences(actual, expected, scale), _argmax_agrees(actual, expected)
+        steps, rows = steps_apart(actual, expected, scale), _argmax_agrees(actual, expected)
         all_steps.append(steps.ravel())
         all_rows.append(rows)
         per_output.append(OutputAgreement(name, scale, *_summary(steps, rows)))
@@ -235,8 +235,16 @@ def _output_step(graph: _Graph, detail: dict, name: str) -> tuple[float, int]:
     return float(scale), int(zero_point)
 
 
-def _step_differences(actual: np.ndarray, expected: np.ndarray, scale: float) -> np.ndarray:
-    """``round(|actual - expected| / scale)``, as integers."""
+def tflite_outputs(path: str | os.PathLike, x, kernels: str = "reference") -> list[tuple[np.ndarray, float]]:
+    """Run the flatbuffer at ``path`` on ``x`` (one array or a list in input order; float
+    values): ``(float outputs, output quantization step)`` per output, in the model's order."""
+    inputs = [np.asarray(a) for a in (x if isinstance(x, (list, tuple)) else [x])]
+    return _tflite_outputs(path, inputs, [], kernels)
+
+
+def steps_apart(actual: np.ndarray, expected: np.ndarray, scale: float) -> np.ndarray:
+    """How many quantization steps of size ``scale`` each element of ``actual`` is from
+    ``expected``: ``round(|actual - expected| / scale)``, as integers."""
     difference = np.abs(actual.astype(np.float64) - expected.astype(np.float64)) / scale
     return np.rint(difference).astype(np.int64)
 
@@ -254,4 +262,4 @@ def _summary(steps: np.ndarray, rows: np.ndarray) -> tuple[float, int, float]:
     return float(np.mean(steps == 0)), int(steps.max()), float(np.mean(rows)) if rows.size else 1.0
 
 
-__all__ = ["compare", "AgreementReport", "OutputAgreement", "KERNELS"]
+__all__ = ["compare", "tflite_outputs", "steps_apart", "AgreementReport", "OutputAgreement", "KERNELS"]

@@ -1,0 +1,179 @@
+"""The ``keras-qat`` command line: every command on a model and data made here, and its failures.
+
+The successful runs go through the installed console script in a subprocess, as a user runs
+it; the failures also run in-process (``main(argv)``), where their exit status and message are
+read directly, and one through the script to show that no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from keras_qat.cli import main
+from tests.conftest import digits_data
+
+L = keras.layers
+
+pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the CLI exports with TensorFlow")
+
+
+def _script() -> list[str]:
+    script = Path(sys.executable).parent / "keras-qat"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("keras-qat")
+    return [found] if found else [sys.executable, "-m", "keras_qat"]
+
+
+def keras_qat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the console script; its output and exit status."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "COLUMNS": "160"}
+    return subprocess.run([*_script(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A float digits CNN (``float.keras``) and its data (``digits.npz``: train and validation
+    splits; ``unlabelled.npz``: inputs only; ``wrong_names.npz``)."""
+    folder = tmp_path_factory.mktemp("cli")
+    images, labels = digits_data()
+    np.savez(folder / "digits.npz", x_train=images[:1000], y_train=labels[:1000], x_val=images[1000:1300], y_val=labels[1000:1300])
+    np.savez(folder / "unlabelled.npz", x_val=images[1300:1400])
+    np.savez(folder / "wrong_names.npz", images=images[:10], labels=labels[:10])
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    x = L.BatchNormalization(name="bn")(x)
+    x = L.ReLU(name="relu")(x)
+    x = L.MaxPooling2D(2, name="pool")(x)
+    x = L.Flatten(name="flatten")(x)
+    outputs = L.Dense(10, activation="softmax", name="classifier")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit(images[:1000], labels[:1000], epochs=2, verbose=0)
+    model.save(folder / "float.keras")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def quantized(workspace) -> Path:
+    """``qat.keras``: the float model after ``keras-qat quantize`` at W4A8."""
+    result = keras_qat(
+        "quantize", "float.keras", "--data", "digits.npz", "--scheme", "w4a8", "--epochs", "1", "--out", "qat.keras",
+        cwd=workspace,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "saved the QAT model" in result.stdout
+    return workspace / "qat.keras"
+
+
+@pytest.mark.slow
+def test_quantize_writes_a_qat_model_at_the_schemes_bits(quantized):
+    import keras_qat  # noqa: F401  (registers the layers for loading)
+    from keras_qat.export import quantized_weights
+
+    model = keras.models.load_model(quantized)
+    bits = {name: tensor.bits for name, tensor in quantized_weights(model).items()}
+    assert bits and set(bits.values()) == {4}, bits
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["kqat", "tflite"])
+def test_export_checks_the_deployed_model_on_the_data(quantized, fmt):
+    result = keras_qat("export", "qat.keras", "--format", fmt, "--out", f"model.{fmt}", "--data", "digits.npz", cwd=quantized.parent)
+    assert result.returncode == 0, result.stderr
+    assert (quantized.parent / f"model.{fmt}").is_file()
+    assert "100.00%" in result.stdout  # identical to the QAT model, element for element
+
+
+@pytest.mark.slow
+def test_run_and_compare_a_deployed_model(quantized):
+    from keras_qat import runtime
+
+    folder = quantized.parent
+    assert keras_qat("export", "qat.keras", "--format", "kqat", "--out", "run.kqat", cwd=folder).returncode == 0
+    labelled = keras_qat("run", "run.kqat", "--data", "digits.npz", cwd=folder)
+    assert labelled.returncode == 0, labelled.stderr
+    assert "accuracy" in labelled.stdout
+    unlabelled = keras_qat("run", "run.kqat", "--data", "unlabelled.npz", "--out", "predictions.npy", cwd=folder)
+    assert unlabelled.returncode == 0, unlabelled.stderr
+    with np.load(folder / "unlabelled.npz") as data:
+        want = runtime.load(folder / "run.kqat").run(data["x_val"])
+    np.testing.assert_array_equal(np.load(folder / "predictions.npy"), want)
+    compared = keras_qat("compare", "qat.keras", "run.kqat", "--data", "digits.npz", cwd=folder)
+    assert compared.returncode == 0, compared.stderr
+    assert "100.00%" in compared.stdout
+
+
+@pytest.mark.slow
+def test_inspect_lists_each_layer_and_the_targets_verdicts(quantized):
+    folder = quantized.parent
+    model = keras_qat("inspect", "qat.keras", cwd=folder)
+    assert model.returncode == 0, model.stderr
+    assert "conv" in model.stdout and "4 bits" in model.stdout
+    assert "tflite" in model.stdout and "kqat" in model.stdout and "deploys exactly" in model.stdout
+    assert keras_qat("export", "qat.keras", "--format", "kqat", "--out", "inspect.kqat", cwd=folder).returncode == 0
+    artifact = keras_qat("inspect", "inspect.kqat", cwd=folder)
+    assert artifact.returncode == 0, artifact.stderr
+    assert "integer ops" in artifact.stdout and "conv" in artifact.stdout
+
+
+@pytest.mark.slow
+def test_a_users_mistake_gives_one_line_and_no_traceback(workspace):
+    result = keras_qat("run", "missing.kqat", "--data", "digits.npz", cwd=workspace)
+    assert result.returncode == 2
+    assert "missing.kqat does not exist" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- failures, in-process --------------------------------------------------------------------
+
+
+def _main(capsys, *argv: str) -> tuple[int, str]:
+    status = main(list(argv))
+    return status, capsys.readouterr().err
+
+
+def test_a_missing_file_is_named(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    status, err = _main(capsys, "quantize", "nope.keras", "--data", "digits.npz", "--out", "q.keras")
+    assert status == 2 and "nope.keras does not exist" in err
+    status, err = _main(capsys, "compare", "float.keras", "model.kqat", "--data", "absent.npz")
+    assert status == 2 and "absent.npz does not exist" in err
+
+
+def test_wrong_array_names_list_what_the_file_holds(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    status, err = _main(capsys, "quantize", "float.keras", "--data", "wrong_names.npz", "--out", "q.keras")
+    assert status == 2 and "x_train and y_train" in err and "['images', 'labels']" in err
+
+
+def test_an_unknown_scheme_says_how_schemes_are_named(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    status, err = _main(capsys, "quantize", "float.keras", "--data", "digits.npz", "--scheme", "int4", "--out", "q.keras")
+    assert status == 2 and "unknown scheme 'int4'" in err and "w4a8" in err
+
+
+def test_a_model_with_an_unsupported_layer_is_refused_naming_it(workspace, capsys, monkeypatch):
+    monkeypatch.chdir(workspace)
+    inputs = keras.Input((8, 8, 1))
+    x = L.Reshape((8, 8), name="rows")(inputs)
+    x = L.LSTM(4, name="recurrent")(x)
+    keras.Model(inputs, L.Dense(10, name="head")(x)).save(workspace / "lstm.keras")
+    status, err = _main(capsys, "quantize", "lstm.keras", "--data", "digits.npz", "--out", "q.keras")
+    assert status == 1 and "recurrent" in err and "Traceback" not in err
+    assert not (workspace / "q.keras").exists()
+
+
+def test_debug_shows_the_traceback(workspace, monkeypatch):
+    monkeypatch.chdir(workspace)
+    with pytest.raises(Exception, match="does not exist"):
+        main(["--debug", "run", "missing.kqat", "--data", "digits.npz"])
