@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--schemes", default="w8a8,w4a8,w4a4", help="comma-separated schemes (default: w8a8,w4a8,w4a4)")
     demo.add_argument("--seed", type=int, default=0, help="data split, initial weights and training order (default 0)")
     demo.add_argument("--float-epochs", type=int, default=30, help="epochs of float training (default 30)")
-    demo.add_argument("--qat-epochs", type=int, default=6, help="epochs of QAT fine-tuning per scheme (default 6)")
+    demo.add_argument("--qat-epochs", type=int, default=5, help="epochs of QAT fine-tuning per scheme (default 5)")
 
     quantize = commands.add_parser("quantize", help="fine-tune a float model with QAT and save it")
     quantize.add_argument("model", help="the float model, a .keras file")

@@ -30,7 +30,7 @@ class DemoSettings:
     schemes: tuple[str, ...] = DEMO_SCHEMES
     seed: int = 0
     float_epochs: int = 30
-    qat_epochs: int = 6
+    qat_epochs: int = 5
     held_out: int = 397
     formats: tuple[str, ...] = deployed.FORMATS
 
