@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from keras_qat.cli.demo import DemoSettings
 from keras_qat.cli.errors import UsageError
 
 EXAMPLES = """examples:
@@ -34,12 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    defaults = DemoSettings()
     demo = commands.add_parser("demo", help="train, quantize, export and compare on the offline digits")
-    demo.add_argument("--out", default="keras-qat-demo", help="report folder (default: keras-qat-demo)")
-    demo.add_argument("--schemes", default="w8a8,w4a8,w4a4", help="comma-separated schemes (default: w8a8,w4a8,w4a4)")
-    demo.add_argument("--seed", type=int, default=0, help="data split, initial weights and training order (default 0)")
-    demo.add_argument("--float-epochs", type=int, default=30, help="epochs of float training (default 30)")
-    demo.add_argument("--qat-epochs", type=int, default=5, help="epochs of QAT fine-tuning per scheme (default 5)")
+    demo.add_argument("--out", default=str(defaults.out), help=f"report folder (default: {defaults.out})")
+    schemes = ",".join(defaults.schemes)
+    demo.add_argument("--schemes", default=schemes, help=f"comma-separated schemes (default: {schemes})")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help=f"data split, initial weights and training order (default {defaults.seed})")
+    demo.add_argument("--float-epochs", type=int, default=defaults.float_epochs, help=f"epochs of float training (default {defaults.float_epochs})")
+    demo.add_argument("--qat-epochs", type=int, default=defaults.qat_epochs, help=f"epochs of QAT fine-tuning per scheme (default {defaults.qat_epochs})")
 
     quantize = commands.add_parser("quantize", help="fine-tune a float model with QAT and save it")
     quantize.add_argument("model", help="the float model, a .keras file")
@@ -82,7 +85,7 @@ def _demo(args, console) -> None:
     for name, value in (("--float-epochs", args.float_epochs), ("--qat-epochs", args.qat_epochs)):
         if value < 1:
             raise UsageError(f"{name} must be at least 1, got {value}.")
-    settings = demo.DemoSettings(Path(args.out), schemes, args.seed, args.float_epochs, args.qat_epochs)
+    settings = DemoSettings(Path(args.out), schemes, args.seed, args.float_epochs, args.qat_epochs)
     with StageProgress(console, "demo") as progress:
         report = demo.run(settings, progress)
     from keras_qat.cli.commands import _table
