@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -285,7 +287,7 @@ class Subclassed(keras.Model):
 def test_a_subclassed_model_is_rejected_with_how_to_annotate():
     model = Subclassed()
     model(np.zeros((1, 3), "float32"))
-    with pytest.raises(ValueError, match="subclassed Model.*functional API.*QuantizeWrapper"):
+    with pytest.raises(ValueError, match=r"subclassed Model.*functional API.*keras\.Input"):
         kq.quantize_model(model)
 
 
@@ -325,3 +327,141 @@ def test_a_conv3d_model_trains_with_per_channel_weights():
     history = q.fit(rng.normal(size=(8, 4, 4, 4, 2)).astype("float32"), rng.normal(size=(8, 2)), epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert tuple(q.get_layer("quant_conv3d").quantized_weights()[0][2]["min_var"].shape) == (3,)
+
+
+# ---- rough edges a new user hits (issue 10) ---------------------------------------------------
+
+
+def _three_layer_model():
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3, name="conv_first")(inputs)
+    x = keras.layers.Flatten(name="flat")(x)
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+
+
+def test_an_override_naming_no_layer_of_the_model_is_refused_listing_its_layers():
+    model = _three_layer_model()
+    scheme = kq.NBitScheme(4, 4, overrides={"conv_frist": {"weight_bits": 8}, "head": None})
+    with pytest.raises(ValueError) as info:
+        kq.quantize_model(model, scheme=scheme)
+    message = str(info.value)
+    assert "unknown" in message and "'conv_frist'" in message
+    assert "'head'" not in message.split("unknown")[1].split(";")[0], "a known name is not reported as unknown"
+    for name in ("conv_first", "flat", "head"):
+        assert f"'{name}'" in message
+    # The same names spelled right are taken, and do what they say.
+    fixed = kq.quantize_model(model, scheme=kq.NBitScheme(4, 4, overrides={"conv_first": {"weight_bits": 8}, "head": None}))
+    assert _wrappers(fixed)["conv_first"].quantized_weights()[0][1].num_bits == 8
+    assert "head" not in _wrappers(fixed)
+
+
+def test_an_override_may_name_a_layer_of_a_nested_model():
+    inner_inputs = keras.Input((4,))
+    inner = keras.Model(inner_inputs, keras.layers.Dense(3, name="inner_dense")(inner_inputs), name="block")
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="outer")(inner(inputs)))
+    quantized = kq.quantize_model(model, scheme=kq.NBitScheme(4, 4, overrides={"inner_dense": {"weight_bits": 8}}))
+    nested = _wrappers(quantized.get_layer("block"))
+    assert nested["inner_dense"].quantized_weights()[0][1].num_bits == 8
+    with pytest.raises(ValueError, match=r"nested model\(s\) \['block'\].*name that model's layers.*'inner_dense'"):
+        kq.quantize_model(model, scheme=kq.NBitScheme(4, 4, overrides={"block": None}))
+
+
+def test_quantizing_a_quantized_model_says_it_is_already_quantized():
+    quantized = kq.quantize_model(_three_layer_model())
+    for quantize in (kq.quantize_model, kq.quantize_annotate_model):
+        with pytest.raises(ValueError, match=r"already quantized") as info:
+            quantize(quantized)
+        assert "QuantizeConfig" not in str(info.value)
+        assert "float model" in str(info.value)
+    with pytest.raises(ValueError, match=r"already quantized"):
+        kq.quantize_annotate_layer(quantized.layers[1])  # the input's QuantizeLayer
+    annotated = keras.models.clone_model(quantized, clone_function=lambda layer: kq.QuantizeAnnotate(layer) if isinstance(layer, kq.QuantizeWrapper) else layer)
+    with pytest.raises(ValueError, match=r"already quantized"):
+        kq.quantize_apply(annotated)
+
+
+def test_every_unsupported_layer_is_reported_at_once_with_its_way_out():
+    inner_inputs = keras.Input((3,))
+    inner = keras.Model(inner_inputs, Unknown(name="mystery_c")(inner_inputs), name="block")
+    inputs = keras.Input((3,))
+    x = Unknown(name="mystery_a")(keras.layers.Dense(3, name="fc")(inputs))
+    x = Unknown(name="mystery_b")(x)
+    model = keras.Model(inputs, inner(x))
+    with pytest.raises(ValueError) as info:
+        kq.quantize_model(model)
+    message = str(info.value)
+    assert "3 layers" in message
+    for name in ("mystery_a", "mystery_b", "mystery_c"):
+        assert re.search(rf"'{name}' \(Unknown\).*quantize_config=.*overrides=\{{'{name}': None\}}", message), message
+    assert sorted(info.value.layers) == ["mystery_a", "mystery_b", "mystery_c"]
+
+
+def _lambda_model(middle):
+    inputs = keras.Input((6,), name="features")
+    x = keras.layers.Dense(5, name="fc")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(middle(x)))
+
+
+def _calibrated(model, x):
+    model(x, training=True)
+    return model
+
+
+def test_a_lambda_layer_is_refused_with_a_replacement_that_saves_safely_and_exports(tmp_path):
+    from keras_qat import runtime
+    from keras_qat.export import save_artifact
+
+    lambda_model = _lambda_model(keras.layers.Lambda(lambda t: keras.activations.swish(t), name="swish_fn"))
+    with pytest.raises(ValueError) as info:
+        kq.quantize_model(lambda_model)
+    message = str(info.value)
+    assert "'swish_fn' (Lambda)" in message and "safe_mode" in message
+    assert "overrides={'swish_fn': None}" not in message, "keeping a Lambda float does not load in safe mode"
+    assert "keras.layers.Activation('swish')" in message
+    # The way out, as the message gives it: the built-in layer that computes the same.
+    replaced = _lambda_model(keras.layers.Activation("swish", name="swish_fn"))
+    x = _random((64, 6), seed=1)
+    quantized = _calibrated(kq.quantize_model(replaced), x)
+    quantized.save(tmp_path / "q.keras")
+    loaded = keras.models.load_model(tmp_path / "q.keras", safe_mode=True)
+    want = to_numpy(quantized(x, training=False))
+    assert same_bits(to_numpy(loaded(x, training=False)), want)
+    integer_model = runtime.load(save_artifact(loaded, tmp_path / "q.kqat"))
+    steps = np.abs(integer_model.run(x) - want) / float(integer_model.output_grids[0].scale)
+    assert np.rint(steps).max() <= 1
+
+
+class TwoDense(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(5, name="hidden")
+        self.act = keras.layers.ReLU(name="act")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, inputs):
+        return self.head(self.act(self.hidden(inputs)))
+
+
+def test_a_subclassed_model_is_refused_with_a_functional_rebuild_that_quantizes_and_exports(tmp_path):
+    from keras_qat import runtime
+    from keras_qat.export import save_artifact
+
+    model = TwoDense(name="two_dense")
+    x = _random((64, 4), seed=2)
+    float_outputs = to_numpy(model(x))
+    with pytest.raises(ValueError) as info:
+        kq.quantize_model(model)
+    message = str(info.value)
+    assert "keras.Input" in message and "keras.Model(inputs, outputs)" in message
+    assert "QuantizeWrapper" not in message, "a subclassed model of QuantizeWrappers exports nowhere"
+    # The way out, as the message gives it: call the model's own layers on a keras.Input.
+    inputs = keras.Input((4,))
+    functional = keras.Model(inputs, model.head(model.act(model.hidden(inputs))))
+    assert same_bits(to_numpy(functional(x)), float_outputs), "the rebuilt model keeps the trained weights"
+    quantized = _calibrated(kq.quantize_model(functional), x)
+    want = to_numpy(quantized(x, training=False))
+    integer_model = runtime.load(save_artifact(quantized, tmp_path / "q.kqat"))
+    steps = np.abs(integer_model.run(x) - want) / float(integer_model.output_grids[0].scale)
+    assert np.rint(steps).max() <= 1
+

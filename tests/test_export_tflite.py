@@ -575,3 +575,26 @@ def test_low_bit_digits_cnn_deploys_exactly_on_its_trained_grid(tmp_path, weight
         assert values.min() >= -limit and values.max() <= limit, name
         per_channel = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
         assert max(len(np.unique(row)) for row in per_channel) <= 2**weight_bits, name
+
+
+@needs_tensorflow
+def test_compare_says_what_input_the_model_takes(tmp_path, small_qat_model):
+    """Integer arrays taken as real values, NaNs, and a missing batch or feature axis are
+    refused before anything runs, naming the input and what it takes."""
+    path = tmp_path / "m.tflite"
+    to_tflite(small_qat_model, path)
+    x = np.random.default_rng(0).normal(size=(4, 6)).astype(np.float32)
+    with_nan = x.copy()
+    with_nan[1, 2] = np.inf
+    expected = r"compare: input 'x' of model '.*' takes float values of shape \(batch, 6\)"
+    cases = [
+        (np.clip(x * 40, -128, 127).astype(np.int8), r"got int8"),
+        (np.clip(x * 40 + 128, 0, 255).astype(np.uint8), r"got uint8"),
+        (with_nan, r"1 NaN or infinite value"),
+        (x[0], r"got shape \(6,\).*batch axis"),
+        (x[:, :5], r"got shape \(4, 5\)"),
+    ]
+    for bad, why in cases:
+        with pytest.raises(ValueError, match=expected + ".*" + why):
+            compare(small_qat_model, path, bad)
+    assert compare(small_qat_model, path, x.astype(np.float64)).samples == 4

@@ -289,3 +289,35 @@ def test_an_add_of_three_inputs_and_a_collapsed_range_are_refused_naming_the_lay
     with pytest.raises(ValueError, match=r"range of layer 'quant_fc' is empty.*calibrate"):
         save_artifact(collapsed, tmp_path / "empty.kqat")
     assert not list(tmp_path.iterdir())
+
+
+def _input_range(grid) -> tuple[float, float]:
+    """The real values an input grid covers: its lowest and highest codes, dequantized."""
+    return tuple(float((q - grid.zero_point) * grid.scale) for q in (grid.qmin, grid.qmax))
+
+
+def test_run_refuses_inputs_that_are_not_what_the_model_takes_and_says_what_it_takes(digits, eight_bit):
+    _, path, _ = eight_bit
+    integer_model = runtime.load(path)
+    images = digits[0][1400:1432]
+    low, high = _input_range(integer_model.input_grids[0])
+    expected = rf"input 'image'.*float values of shape \(batch, 8, 8, 1\).*\[{low:.4g}, {high:.4g}\]"
+    with_nan = images.copy()
+    with_nan[3, 2, 2, 0] = np.nan
+    cases = [
+        ((images * 255).astype(np.uint8), r"uint8.*integer_io=True"),
+        (np.clip(np.rint(images * 127), -128, 127).astype(np.int8), r"int8.*integer_io=True"),
+        (with_nan, r"1 NaN or infinite value"),
+        (images[0], r"got shape \(8, 8, 1\).*batch axis"),
+        (images[..., 0], r"got shape \(32, 8, 8\).*channel axis"),
+        (images[:, :4], r"got shape \(32, 4, 8, 1\)"),
+    ]
+    for bad, why in cases:
+        with pytest.raises(ValueError, match=expected + ".*" + why):
+            integer_model.run(bad)
+    codes = runtime.kernels.quantize(images, integer_model.input_grids[0])
+    with pytest.raises(ValueError, match=r"input 'image'.*shape \(batch, 8, 8, 1\).*got shape \(8, 8, 1\)"):
+        integer_model.run(codes[0], integer_io=True)
+    # What the messages ask for runs, and agrees with the QAT model's integer inference.
+    assert integer_model.run(images.astype(np.float64)).shape == (32, 10)
+    np.testing.assert_array_equal(integer_model.run(images[:1]), integer_model.run(images)[:1])

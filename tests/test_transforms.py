@@ -272,3 +272,74 @@ def test_average_pooling_rounds_as_the_integer_kernel_does():
     got = np.rint(to_numpy(quantized(x, training=False)) / scale).astype(np.int64) + zero
     np.testing.assert_array_equal(got, expected)
     assert np.any((windows % 4 == 2) & (windows < 0)), "the data must contain ties below zero"
+
+
+def _readme_four_bit_model(fold: bool) -> keras.Model:
+    inputs = keras.Input((8, 8, 1))
+    x = L.Conv2D(6, 3, name="conv_first")(inputs)
+    if fold:
+        x = L.BatchNormalization(name="bn_first")(x)
+    x = L.ReLU(name="relu_first")(x)
+    x = L.Conv2D(6, 3, name="conv_middle")(x)
+    x = L.ReLU(name="relu_middle")(x)
+    x = L.Flatten(name="flat")(x)
+    return keras.Model(inputs, L.Dense(10, name="classifier")(x))
+
+
+@pytest.mark.parametrize("fold", [False, True], ids=["conv_relu", "conv_bn_relu"])
+def test_a_per_layer_override_reaches_the_fused_relu_that_quantizes_the_layers_output(fold):
+    """The README's 4-bit example: ``conv_first`` at 8 bits. Its output is quantized by the
+    ReLU fused after it; that quantizer (the grid the output lies on) takes the override's
+    activation bits, and the output has more than the 16 values of a 4-bit grid."""
+    from keras_qat import linking
+
+    eight = {"weight_bits": 8, "activation_bits": 8}
+    scheme = kq.NBitScheme(weight_bits=4, activation_bits=4, overrides={"conv_first": eight, L.Dense: eight})
+    quantized = kq.quantize_model(_readme_four_bit_model(fold), scheme=scheme)
+    first, middle = _layer(quantized, "conv_first"), _layer(quantized, "conv_middle")
+    assert not _quantizes_output(first), "the ReLU after it quantizes its output"
+    assert linking.source_of(first.output).quantizer.num_bits == 8
+    assert linking.source_of(middle.output).quantizer.num_bits == 4, "the other layers keep the scheme's bits"
+
+    x = np.random.default_rng(0).normal(size=(64, 8, 8, 1)).astype("float32")
+    quantized(x, training=True)
+    relu_first = keras.Model(quantized.input, _layer(quantized, "relu_first").output)
+    relu_middle = keras.Model(quantized.input, _layer(quantized, "relu_middle").output)
+    assert len(np.unique(to_numpy(relu_first(x, training=False)))) > 16
+    assert len(np.unique(to_numpy(relu_middle(x, training=False)))) <= 16
+
+
+def test_a_fused_relu_with_an_override_of_its_own_keeps_it():
+    eight, six = {"activation_bits": 8}, {"activation_bits": 6}
+    scheme = kq.NBitScheme(4, 4, overrides={"conv_first": eight, "relu_first": six})
+    quantized = kq.quantize_model(_readme_four_bit_model(False), scheme=scheme)
+    from keras_qat import linking
+
+    assert linking.source_of(_layer(quantized, "conv_first").output).quantizer.num_bits == 6
+
+
+def test_an_override_reaches_the_layers_a_split_makes_of_its_layer():
+    """A SeparableConv is split into depthwise and pointwise halves, a Dense with a softmax into
+    the Dense and the softmax: an override of the original layer governs every part."""
+    inputs = keras.Input((8, 8, 2))
+    x = L.SeparableConv2D(4, 3, name="sep")(inputs)
+    x = L.Flatten(name="flat")(x)
+    outputs = L.Dense(3, activation="softmax", name="classifier")(x)
+    eight = {"weight_bits": 8, "activation_bits": 8}
+    scheme = kq.NBitScheme(4, 4, overrides={"sep": eight, "classifier": eight})
+    quantized = kq.quantize_model(keras.Model(inputs, outputs), scheme=scheme)
+    weight_bits = {l.name: l.quantized_weights()[0][1].num_bits for l in quantized.layers if isinstance(l, kq.QuantizeWrapper) and l.quantized_weights()}
+    assert weight_bits == {"quant_sep_depthwise": 8, "quant_sep_pointwise": 8, "quant_classifier": 8}
+    from keras_qat import linking
+
+    for name in ("quant_sep_depthwise", "quant_sep_pointwise", "quant_classifier", "quant_classifier_activation"):
+        assert linking.source_of(quantized.get_layer(name).output).quantizer.num_bits == 8, name
+
+
+def test_an_override_may_name_a_part_of_a_split_layer():
+    inputs = keras.Input((8, 8, 2))
+    outputs = L.Flatten(name="flat")(L.SeparableConv2D(4, 3, name="sep")(inputs))
+    scheme = kq.NBitScheme(4, 4, overrides={"sep_pointwise": {"weight_bits": 8}})
+    quantized = kq.quantize_model(keras.Model(inputs, outputs), scheme=scheme)
+    bits = {name: quantized.get_layer(f"quant_sep_{name}").quantized_weights()[0][1].num_bits for name in ("depthwise", "pointwise")}
+    assert bits == {"depthwise": 4, "pointwise": 8}

@@ -7,7 +7,12 @@
 
 Sequential and functional models are supported, with nested models (a Model used as a
 layer); the rebuilt model is functional, with fresh layers holding copies of the weights.
-Subclassed models cannot be rewritten: quantize their layers inside the model instead.
+Subclassed models cannot be rewritten: rebuild them with the functional API from their own
+layers first (the error says how).
+
+Errors are refusals up front, each naming the layers concerned and the way out: a scheme
+override naming no layer of the model, a model that is already quantized, every layer the
+scheme does not support at once (:class:`~keras_qat.errors.UnsupportedLayerError`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, Iterable
 import keras
 
 from keras_qat.config import LayerQuantizeConfig, QuantizeConfig
+from keras_qat.errors import UnsupportedLayerError
 from keras_qat.folding import QuantizeFoldedBatchNorm
 from keras_qat.layers import QuantizeAnnotate, QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 from keras_qat.schemes import Default8BitScheme, Scheme
@@ -34,13 +40,22 @@ def _is_graph_model(model) -> bool:
     return isinstance(model, keras.Sequential) or _is_functional(model)
 
 
+def _layer_attributes(model) -> list[str]:
+    """``model.<name>`` for each layer a subclassed model holds as a public attribute."""
+    return [f"model.{name}" for name, value in vars(model).items() if isinstance(value, keras.layers.Layer) and not name.startswith("_")]
+
+
 def _subclassed_model_error(model, caller: str) -> ValueError:
+    held = _layer_attributes(model)
+    example = f"e.g. {held[0]}(inputs)" if held else "as its call() calls them"
+    layers = f" (its layers: {', '.join(held)})" if held else ""
     return ValueError(
-        f"{caller}: '{model.name}' is a subclassed Model ({type(model).__name__}), whose "
-        "computation keras-qat cannot rewrite. Either build it with the functional API or "
-        "Sequential, or quantize its layers yourself: in its __init__, wrap each layer as "
-        "keras_qat.QuantizeWrapper(layer, config), with a config from a scheme, e.g. "
-        "keras_qat.schemes.Default8BitScheme().config_for(layer)."
+        f"{caller}: '{model.name}' is a subclassed Model ({type(model).__name__}), whose call() "
+        "keras-qat cannot read or rewrite, and which no exporter takes. Rebuild it with the "
+        "functional API from its own layers, which keep their trained weights: "
+        f"inputs = keras.Input(shape=<one example's shape>); outputs = its layers called on inputs "
+        f"in the order its call() calls them{layers}, {example}; then "
+        f"{caller}(keras.Model(inputs, outputs)). That model quantizes, saves and exports."
     )
 
 
@@ -75,9 +90,32 @@ def _check_no_annotation_in_subclassed(model, caller: str) -> None:
                     raise ValueError(
                         f"{caller}: the annotated layer '{inner.layer.name}' is inside "
                         f"'{layer.name}', a subclassed Model ({type(layer).__name__}), which "
-                        "keras-qat cannot rewrite. Build that model functionally, or replace "
-                        "the annotation inside it by keras_qat.QuantizeWrapper(layer, config)."
+                        "keras-qat cannot rewrite. Rebuild that model with the functional API "
+                        "from its own layers (outputs = its layers called on a keras.Input, as "
+                        "its call() calls them) and annotate the layers of the rebuilt model."
                     )
+
+
+def _is_keras_qat_layer(layer) -> bool:
+    """A layer that quantize_apply makes: the model holding it is already quantized."""
+    return isinstance(layer, (QuantizeWrapper, QuantizeFoldedBatchNorm, QuantizeSameScale, QuantizeLayer))
+
+
+def _already_quantized_error(model_name: str, layers: list[str], caller: str) -> ValueError:
+    shown = ", ".join(f"'{name}'" for name in layers[:4]) + (", ..." if len(layers) > 4 else "")
+    return ValueError(
+        f"{caller}: model '{model_name}' is already quantized: it holds keras-qat's quantized "
+        f"layers ({shown}). Train, evaluate, save or export it as it is "
+        "(keras_qat.export.save_artifact, to_tflite); to quantize with another scheme, call "
+        f"{caller} on the float model it was made from."
+    )
+
+
+def _check_not_quantized(model, caller: str) -> None:
+    """Refuse a model that already holds quantized layers (``quantize_model``'s output)."""
+    quantized = [layer.name for layer in _iter_layers(model) if _is_keras_qat_layer(layer)]
+    if quantized:
+        raise _already_quantized_error(model.name, quantized, caller)
 
 
 def _is_plain_operation(operation) -> bool:
@@ -103,8 +141,13 @@ def quantize_annotate_layer(to_annotate, quantize_config: QuantizeConfig | None 
         )
     if not isinstance(to_annotate, keras.layers.Layer):
         raise ValueError(f"quantize_annotate_layer: expected a Keras layer, got {to_annotate!r}.")
-    if isinstance(to_annotate, (QuantizeAnnotate, QuantizeWrapper)):
-        raise ValueError(f"quantize_annotate_layer: '{to_annotate.name}' is already annotated or quantized.")
+    if isinstance(to_annotate, QuantizeAnnotate):
+        raise ValueError(f"quantize_annotate_layer: '{to_annotate.name}' is already annotated.")
+    if _is_keras_qat_layer(to_annotate):
+        raise ValueError(
+            f"quantize_annotate_layer: '{to_annotate.name}' ({type(to_annotate).__name__}) is already "
+            "quantized; annotate the float layer it was made from."
+        )
     return QuantizeAnnotate(to_annotate, quantize_config)
 
 
@@ -115,6 +158,7 @@ def quantize_annotate_model(to_annotate: keras.Model) -> keras.Model:
     and so its weights, with ``to_annotate``.
     """
     _check_graph_model(to_annotate, "quantize_annotate_model")
+    _check_not_quantized(to_annotate, "quantize_annotate_model")
     _check_no_annotation_in_subclassed(to_annotate, "quantize_annotate_model")
 
     def annotate(layer):
@@ -132,15 +176,56 @@ def quantize_annotate_model(to_annotate: keras.Model) -> keras.Model:
 # ---- apply --------------------------------------------------------------------------------
 
 
-def _unsupported_layer_error(layer, scheme) -> ValueError:
-    return ValueError(
-        f"quantize_apply: layer '{layer.name}' ({type(layer).__name__}) is not supported by "
-        f"{type(scheme).__name__}. Say how to quantize it with "
-        f"quantize_annotate_layer(layer, quantize_config=YourQuantizeConfig()), or keep it in "
-        f"float: do not annotate it (annotate the other layers with quantize_annotate_layer "
-        f"instead of quantize_annotate_model / quantize_model), or give the scheme "
-        f"overrides={{'{layer.name}': None}}."
+def _unsupported_reason(layer) -> str:
+    """Why ``layer`` is not quantized, and the ways out that work end to end."""
+    if isinstance(layer, keras.layers.Lambda):
+        return (
+            f"'{layer.name}' (Lambda) is not supported: its Python code can be neither quantized nor "
+            "exported, and a model holding it does not load with keras.models.load_model's default "
+            "safe_mode=True, so keeping it in float does not work either. Replace it by the built-in "
+            "layers that compute the same, e.g. keras.layers.Activation('swish') (any Keras activation "
+            "by name) for an elementwise function, ReLU or LeakyReLU, Reshape or Flatten, Add or "
+            "Multiply: those quantize, save, load in safe mode and export."
+        )
+    return (
+        f"'{layer.name}' ({type(layer).__name__}) is not supported: say how to quantize it with "
+        "quantize_annotate_layer(layer, quantize_config=YourQuantizeConfig()), or keep it in float "
+        f"with the scheme's overrides={{'{layer.name}': None}} (or annotate only the other layers); "
+        "a layer kept in float converts to TFLite as float ops, and is not taken by the .kqat export."
     )
+
+
+def _check_supported(model, scheme) -> None:
+    """Raise one :class:`UnsupportedLayerError` naming every annotated layer that ``scheme``
+    has no config for (and was not told to keep in float)."""
+    reasons = {}
+    for layer in _iter_layers(model):
+        if not isinstance(layer, QuantizeAnnotate) or layer.quantize_config is not None:
+            continue
+        if not scheme.keeps_float(layer.layer) and scheme.config_for(layer.layer) is None:
+            reasons[layer.layer.name] = _unsupported_reason(layer.layer)
+    if reasons:
+        raise UnsupportedLayerError("quantize_apply", type(scheme).__name__, reasons)
+
+
+def _check_annotations_not_quantized(model) -> None:
+    """Refuse annotations of layers that are quantized already."""
+    quantized = [layer.layer.name for layer in _iter_layers(model) if isinstance(layer, QuantizeAnnotate) and _is_keras_qat_layer(layer.layer)]
+    if quantized:
+        raise _already_quantized_error(model.name, quantized, "quantize_apply")
+
+
+def _check_override_names(model, scheme) -> None:
+    """Refuse scheme overrides that name no layer of ``model`` (nested models included)."""
+    names, derived, models = [], [], []
+    for layer in _iter_layers(model):
+        if isinstance(layer, keras.Model):
+            models.append(layer.name)
+        elif not isinstance(layer, keras.layers.InputLayer):
+            inner = layer.layer if isinstance(layer, QuantizeAnnotate) else layer
+            names.append(inner.name)
+            derived += rewrites.split_names(inner)
+    scheme.check_overrides(names, model.name, also_accepted=derived, nested_models=models)
 
 
 def _clone_layer(layer):
@@ -174,6 +259,9 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None, target: str
             "quantize_annotate_layer (or the whole model with quantize_annotate_model), or call "
             "quantize_model to quantize every layer."
         )
+    _check_override_names(model, scheme)
+    _check_annotations_not_quantized(model)
+    _check_supported(model, scheme)
     quantized = _apply(model, scheme)
     if target is not None:
         # The exporters' verdict; imported here because the exporters build on this module.
@@ -212,9 +300,9 @@ def _apply(model, scheme):
             inner = layer.layer
             if scheme.keeps_float(inner) and layer.quantize_config is None:
                 return clone(inner)
-            config = layer.quantize_config or scheme.config_for(inner)
-            if config is None:
-                raise _unsupported_layer_error(inner, scheme)
+            config = layer.quantize_config or plan.config_for(layer, scheme)
+            if config is None:  # found up front by _check_supported
+                raise UnsupportedLayerError("quantize_apply", type(scheme).__name__, {inner.name: _unsupported_reason(inner)})
             if not plan.output_quantized(layer):
                 config = rewrites.without_output_quantization(config)
             name = layer.name.replace("quant_annotate_", "quant_", 1)
@@ -296,18 +384,22 @@ def quantize_model(to_quantize: keras.Model, scheme: Scheme | None = None, targe
     """Quantize every layer of ``to_quantize`` as ``scheme`` says (default: TFLite int8).
 
     Equivalent to ``quantize_apply(quantize_annotate_model(to_quantize), scheme, target)``.
-    Layers the scheme does not support raise an error that says how to proceed; with a
-    ``target``, so do layers that target cannot deploy exactly (see :func:`quantize_apply`).
+    Layers the scheme does not support raise one error naming all of them and how to proceed;
+    with a ``target``, so do layers that target cannot deploy exactly (see
+    :func:`quantize_apply`). A model that is already quantized is refused as such.
     """
     _check_graph_model(to_quantize, "quantize_model")
+    _check_not_quantized(to_quantize, "quantize_model")
     return quantize_apply(quantize_annotate_model(to_quantize), scheme, target)
 
 
 def quantize_scope(*custom_objects: dict[str, Any]):
     """A ``keras.saving.custom_object_scope`` with keras-qat's classes and ``custom_objects``.
 
-    The package's classes are registered with Keras and load without it; this exists for
-    tfmot scripts and for your own QuantizeConfigs and quantizers.
+    The package's classes are registered with Keras and load without it once ``keras_qat`` is
+    imported (before or after Keras); this exists for tfmot scripts and for your own
+    QuantizeConfigs and quantizers. A process that never imports ``keras_qat`` gets Keras's
+    ``Could not locate class 'QuantizeLayer'`` on loading: see :mod:`keras_qat.errors`.
     """
     from keras_qat import config as config_module
     from keras_qat import folding as folding_module

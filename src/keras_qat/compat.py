@@ -5,6 +5,11 @@
 
     tfmot.quantization.keras.quantize_model(model)
     tfmot.quantization.keras.quantizers.LastValueQuantizer(num_bits=8, per_axis=True, ...)
+
+A QuantizeConfig written for Keras 2 keeps its attribute names: the layer it is given answers
+to the Keras 2 names of weights that Keras 3 renamed (``layer.depthwise_kernel`` of a
+DepthwiseConv2D, ``kernel`` in Keras 3), for reading and for setting
+(:data:`keras_qat.layers.KERAS2_NAMES`).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from keras_qat import api, config, layers, quantizers, schemes
+from keras_qat.schemes.base import check_bool
 
 _quantizers = SimpleNamespace(
     Quantizer=quantizers.Quantizer,
@@ -24,6 +30,7 @@ _quantizers = SimpleNamespace(
 
 def _default_n_bit_scheme(disable_per_axis: bool = False, num_bits_weight: int = 8, num_bits_activation: int = 8):
     """tfmot's ``DefaultNBitQuantizeScheme`` signature, building an :class:`NBitScheme`."""
+    check_bool(disable_per_axis, "DefaultNBitQuantizeScheme: disable_per_axis")
     return schemes.NBitScheme(num_bits_weight, num_bits_activation, per_axis=not disable_per_axis)
 
 

@@ -7,6 +7,10 @@ assigning attributes (as tfmot does) the wrapper runs the layer inside a
 that reads its variables, built-in or custom, sees quantized weights, on every backend, and
 gradients flow through the quantizer to the float weights. State the layer updates while it
 runs (BatchNormalization statistics, activation ranges) is carried out of the scope.
+
+A QuantizeConfig sees the layer through :class:`LayerView`, which also answers to the Keras 2
+names of weights that Keras 3 renamed (:data:`KERAS2_NAMES`), for reading and for setting, so
+that a tfmot config written for Keras 2 (``layer.depthwise_kernel``) runs unchanged.
 """
 
 from __future__ import annotations
@@ -23,31 +27,68 @@ from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
 from keras_qat.registry import clamp_activation, fixed_output_range, is_kind
 from keras_qat.spec import TensorSpec
 
+#: Weights that Keras 3 renamed, by layer type: ``{Keras 2 name: Keras 3 name}``. Keras 3 keeps
+#: the other names tfmot configs use (``kernel``, ``bias``, SeparableConv's ``depthwise_kernel``
+#: and ``pointwise_kernel``, BatchNormalization's ``gamma``/``beta``, ``activation``).
+KERAS2_NAMES: dict[type, dict[str, str]] = {
+    keras.layers.DepthwiseConv1D: {"depthwise_kernel": "kernel"},
+    keras.layers.DepthwiseConv2D: {"depthwise_kernel": "kernel"},
+}
 
+
+def keras3_name(layer, name: str) -> str:
+    """The attribute of ``layer`` that ``name`` means: ``name`` itself if the layer has it,
+    else the Keras 3 name of a Keras 2 name (:data:`KERAS2_NAMES`)."""
+    if hasattr(layer, name):
+        return name
+    for layer_type, renamed in KERAS2_NAMES.items():
+        if isinstance(layer, layer_type) and name in renamed:
+            return renamed[name]
+    return name
 
 
 def _is_variable(value) -> bool:
     return isinstance(value, keras.Variable)
 
 
-class _AssignmentRecorder:
+class LayerView:
+    """A layer as a QuantizeConfig sees it: the layer's attributes, also under their Keras 2
+    names (:data:`KERAS2_NAMES`), and the layer's class for ``isinstance``."""
+
+    def __init__(self, layer):
+        object.__setattr__(self, "_layer", layer)
+
+    @property
+    def __class__(self):
+        return type(self._layer)
+
+    def __getattr__(self, name):
+        return getattr(self._layer, keras3_name(self._layer, name))
+
+    def __setattr__(self, name, value):
+        setattr(self._layer, keras3_name(self._layer, name), value)
+
+    def __repr__(self):
+        return repr(self._layer)
+
+
+class _AssignmentRecorder(LayerView):
     """Stands in for a layer while a QuantizeConfig sets quantized values on it.
 
     Reading an attribute reads the layer's. Assigning an attribute that holds a weight
     variable records ``variable -> value`` for substitution, instead of replacing the
     variable; assigning any other attribute (an activation function) sets it on the layer.
+    Keras 2 names of renamed weights are taken for their Keras 3 names (see :class:`LayerView`).
     """
 
     def __init__(self, layer, owner: str):
-        object.__setattr__(self, "_layer", layer)
+        super().__init__(layer)
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "substitutes", {})
         object.__setattr__(self, "assigned", {})
 
-    def __getattr__(self, name):
-        return getattr(self._layer, name)
-
     def __setattr__(self, name, value):
+        name = keras3_name(self._layer, name)
         current = getattr(self._layer, name, None)
         if _is_variable(current):
             if tuple(value.shape) != tuple(current.shape):
@@ -225,7 +266,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self.layer.build(input_shape)
         config = self.quantize_config
         layer_variables = {id(v) for v in self.layer.weights}
-        for weight, quantizer in self._pairs(config.get_weights_and_quantizers(self.layer), "weight"):
+        view = LayerView(self.layer)
+        for weight, quantizer in self._pairs(config.get_weights_and_quantizers(view), "weight"):
             if not _is_variable(weight) or id(weight) not in layer_variables:
                 raise ValueError(
                     f"{self._owner}: get_weights_and_quantizers returned {weight!r}, which is not "
@@ -234,7 +276,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
             self._weight_vars.append((weight, quantizer, quantizer.build(weight.shape, weight.name, self)))
             self._weight_specs.append(resolved_spec(quantizer, weight.shape, weight.name, self))
 
-        activation_pairs = self._pairs(config.get_activations_and_quantizers(self.layer), "activation")
+        activation_pairs = self._pairs(config.get_activations_and_quantizers(view), "activation")
         if activation_pairs:
             output_shape = self._output_shapes(input_shape)[0]
             for index, (activation, quantizer) in enumerate(activation_pairs):
@@ -249,9 +291,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
         config_output_quantizers = config.get_output_quantizers
         if "num_outputs" in inspect.signature(config_output_quantizers).parameters:
             shapes = self._output_shapes(input_shape)
-            output_quantizers = list(config_output_quantizers(self.layer, num_outputs=len(shapes)))
+            output_quantizers = list(config_output_quantizers(view, num_outputs=len(shapes)))
         else:  # tfmot's signature: get_output_quantizers(layer)
-            output_quantizers = list(config_output_quantizers(self.layer))
+            output_quantizers = list(config_output_quantizers(view))
             shapes = self._output_shapes(input_shape) if output_quantizers else []
         if len(output_quantizers) not in (0, len(shapes)):
             raise ValueError(

@@ -149,7 +149,7 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
     nodes = [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
     for tensor in model.inputs:
         writer.ids.setdefault(id(tensor), f"input_{len(writer.ids)}")
-        writer.tensors[writer.ids[id(tensor)]] = {"shape": _shape(tensor), "float": True}
+        writer.tensors[writer.ids[id(tensor)]] = {"shape": _shape(tensor), "float": True, "name": tensor.name}
     for node in nodes:
         operation = node.operation
         if operation is None or isinstance(operation, L.InputLayer):

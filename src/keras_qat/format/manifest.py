@@ -9,7 +9,8 @@ The manifest (JSON, inside the container of :mod:`keras_qat.format.container`) h
     ``{id: {"shape", "scale", "zero_point", "bits", "qmin", "qmax"}}``: every activation
     tensor's grid (:meth:`keras_qat.grid.IntegerGrid.to_manifest`), ``real = (q - zero_point)
     * scale`` with signed integers ``q`` in ``[qmin, qmax]`` (``scale`` a float32 value written
-    exactly); a model input not yet quantized is ``{"shape", "float": true}``.
+    exactly); a model input not yet quantized is ``{"shape", "float": true, "name"}``, ``name``
+    the Keras input's (absent in files written before it was added).
 ``inputs`` / ``outputs``
     tensor ids, in the model's order.
 ``ops``

@@ -19,6 +19,7 @@ import numpy as np
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS
 from keras_qat.grid import IntegerGrid
+from keras_qat.inputs import InputSpec, check_codes, check_floats
 from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize
 from keras_qat.runtime import kernels as K
 
@@ -52,6 +53,15 @@ class IntegerModel:
         self._quantized_inputs = {op["inputs"][0]: op["outputs"][0] for op in manifest["ops"] if op["op"] == "quantize"}
         self.input_grids = [self._grids[self._quantized_inputs[name]] for name in manifest["inputs"]]
         self.output_grids = [self._grids[name] for name in manifest["outputs"]]
+        self.input_specs = [self._input_spec(name, grid) for name, grid in zip(manifest["inputs"], self.input_grids)]
+
+    def _input_spec(self, name: str, grid: IntegerGrid) -> InputSpec:
+        """What input ``name`` takes: its Keras name (the tensor id in artifacts written without
+        it), one example's shape, and the real range its quantization covers."""
+        tensor = self.manifest["tensors"][name]
+        low, high = ((q - grid.zero_point) * grid.scale for q in (grid.qmin, grid.qmax))
+        value_range = (float(np.min(low)), float(np.max(high)))
+        return InputSpec(tensor.get("name", name), tuple(tensor["shape"][1:]), value_range)
 
     # ---- preparing each op once -------------------------------------------------------------
 
@@ -145,9 +155,16 @@ class IntegerModel:
         """Run the model on a batch.
 
         Args:
-            x: one array, or a list in the model's input order. Float values; with
-                ``integer_io``, the signed integer codes on :attr:`input_grids`.
+            x: one array, or a list in the model's input order: a batch of float values (the
+                real values the model was trained on, not integer pixels), of each input's
+                shape with the batch axis first (:attr:`input_specs`); with ``integer_io``, the
+                signed integer codes on :attr:`input_grids`.
             integer_io: take and return integer codes instead of float values.
+
+        Raises:
+            ValueError: an input that is not what the model takes (integer values taken for real
+                ones, NaN or infinite values, a missing batch or channel axis, another shape),
+                naming the input and saying what it takes.
 
         Returns:
             One array (or a list for several outputs): float32 values, or int64 codes on
@@ -158,17 +175,14 @@ class IntegerModel:
         if len(inputs) != len(names):
             raise ValueError(f"run: the model has {len(names)} inputs, got {len(inputs)}.")
         values: dict[str, np.ndarray] = {}
-        for name, array in zip(names, inputs):
-            array = np.asarray(array)
+        model = self.manifest.get("model", self._source)
+        for name, array, spec, grid in zip(names, inputs, self.input_specs, self.input_grids):
             if integer_io:
-                grid = self._grids[self._quantized_inputs[name]]
-                if not np.issubdtype(array.dtype, np.integer):
-                    raise ValueError("run(integer_io=True): inputs must be integer codes.")
-                if array.size and (array.min() < grid.qmin or array.max() > grid.qmax):
-                    raise ValueError(f"run(integer_io=True): input codes must lie in [{grid.qmin}, {grid.qmax}].")
-                values[self._quantized_inputs[name]] = array.astype(np.int64)
+                codes = check_codes(array, spec, int(grid.qmin), int(grid.qmax), "run(integer_io=True)", model)
+                values[self._quantized_inputs[name]] = codes
             else:
-                values[name] = array.astype(np.float32)
+                hint = "; to pass the input's quantized codes instead, use run(codes, integer_io=True)"
+                values[name] = check_floats(array, spec, "run", model, codes_hint=hint).astype(np.float32)
         for op, step in self._steps:
             if integer_io and op["op"] == "quantize":
                 continue

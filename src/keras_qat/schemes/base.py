@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import difflib
+from typing import Any, Iterable, Mapping
+
+import numpy as np
 
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
@@ -19,6 +22,51 @@ OverrideValue = Any  # a dict of scheme settings, a QuantizeConfig, or None (kee
 _OVERRIDE_KEYS = {"weight_bits", "activation_bits", "per_axis"}
 
 
+def check_bool(value, what: str) -> bool:
+    """``value`` if it is True or False; else a ValueError naming ``what`` (an argument).
+
+    ``bool("no")`` is True, so a string or a number is refused rather than taken for its truth.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{what} must be True or False, got {value!r} ({type(value).__name__}).")
+    return bool(value)
+
+
+def _checked_overrides(overrides, owner: str) -> dict:
+    """``overrides`` as a dict, each key and value checked (see :class:`RegistryScheme`)."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise ValueError(
+            f"{owner}: overrides must be a dict from a layer name or layer class to a dict of settings "
+            f"({', '.join(sorted(_OVERRIDE_KEYS))}), a QuantizeConfig or None; got {type(overrides).__name__}."
+        )
+    checked = dict(overrides)
+    for key, value in checked.items():
+        if not isinstance(key, (str, type)):
+            raise ValueError(f"{owner}: override keys are layer names or layer classes, got {key!r}.")
+        if isinstance(value, dict):
+            _check_override_settings(value, f"{owner}: override {key!r}")
+        elif value is not None and not isinstance(value, QuantizeConfig):
+            raise ValueError(
+                f"{owner}: override for {key!r} must be a dict of settings, a QuantizeConfig "
+                f"or None, got {value!r}."
+            )
+    return checked
+
+
+def _check_override_settings(settings: dict, owner: str) -> None:
+    """The settings of one override: known names, bits in range, per_axis a bool."""
+    unknown = set(settings) - _OVERRIDE_KEYS
+    if unknown:
+        raise ValueError(f"{owner} has unknown settings {sorted(unknown)}; allowed: {sorted(_OVERRIDE_KEYS)}.")
+    for bits_key in ("weight_bits", "activation_bits"):
+        if bits_key in settings:
+            qops.validate_num_bits(settings[bits_key], f"{owner} {bits_key}")
+    if "per_axis" in settings:
+        check_bool(settings["per_axis"], f"{owner} per_axis")
+
+
 class Scheme:
     """What a scheme provides to ``quantize_apply``: a config per layer, and which graph
     transforms (:mod:`keras_qat.transforms`) to apply."""
@@ -31,20 +79,38 @@ class Scheme:
         """The config for ``layer``, or None if the scheme does not support it."""
         raise NotImplementedError
 
+    def governed_config(self, layer, governed_by) -> QuantizeConfig | None:
+        """The config for ``layer``, which takes ``governed_by``'s per-layer settings when it
+        has none of its own: ``layer`` is a ReLU fused after ``governed_by`` (it quantizes
+        ``governed_by``'s output), or a part that ``quantize_apply`` split ``governed_by`` into
+        (a SeparableConv's halves, a kernel's unfused activation). Default: ``config_for``."""
+        return self.config_for(layer)
+
     def keeps_float(self, layer) -> bool:
         """Whether the scheme was told to leave ``layer`` in float (an override of None)."""
         return False
+
+    def check_overrides(
+        self, layer_names: Iterable[str], model_name: str, also_accepted: Iterable[str] = (), nested_models: Iterable[str] = ()
+    ) -> None:
+        """Refuse per-layer settings that name no layer of the model (``layer_names``, plus the
+        layers ``quantize_apply`` makes, ``also_accepted``; ``nested_models`` are the names of
+        the models inside it, which are not layers to override); a scheme without them has none."""
 
 
 class RegistryScheme(Scheme):
     """A scheme driven by the registries above and per-layer overrides.
 
     Args:
-        weight_bits, activation_bits: 2..16.
-        per_axis_conv, per_axis_dense: per-channel weight ranges for convolutions / Dense.
+        weight_bits, activation_bits: ints from 2 to 16.
+        per_axis_conv, per_axis_dense: True or False: per-channel weight ranges for
+            convolutions / Dense.
         overrides: layer name or layer class -> a dict with any of ``weight_bits``,
             ``activation_bits``, ``per_axis``; or a QuantizeConfig; or None to keep that layer
             float. Names are matched before classes; a class matches its subclasses.
+            ``quantize_apply`` refuses a name that no layer of the model has. A layer's
+            settings also govern the ReLU fused after it (which quantizes its output) and the
+            parts a split makes of it, unless those have overrides of their own.
         fold_batch_norm: fold a BatchNormalization into the Conv/Dense before it, weights
             quantized after folding (:mod:`keras_qat.folding`).
         fuse_activations: quantize a Conv/Dense/Add output once, after the ReLU or ReLU6
@@ -65,41 +131,27 @@ class RegistryScheme(Scheme):
         freeze_bn_after_steps: int | None = None,
     ):
         owner = type(self).__name__
-        for arg, value in (("fold_batch_norm", fold_batch_norm), ("fuse_activations", fuse_activations)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{owner}: {arg} must be True or False, got {value!r}.")
+        for arg, value in (
+            ("per_axis_conv", per_axis_conv),
+            ("per_axis_dense", per_axis_dense),
+            ("fold_batch_norm", fold_batch_norm),
+            ("fuse_activations", fuse_activations),
+        ):
+            check_bool(value, f"{owner}: {arg}")
         if freeze_bn_after_steps is not None and (
             isinstance(freeze_bn_after_steps, bool) or not isinstance(freeze_bn_after_steps, int) or freeze_bn_after_steps < 0
         ):
             raise ValueError(
                 f"{owner}: freeze_bn_after_steps must be None or a non-negative int, got {freeze_bn_after_steps!r}."
             )
-        self.fold_batch_norm = fold_batch_norm
-        self.fuse_activations = fuse_activations
+        self.fold_batch_norm = bool(fold_batch_norm)
+        self.fuse_activations = bool(fuse_activations)
         self.freeze_bn_after_steps = freeze_bn_after_steps
         self.weight_bits = qops.validate_num_bits(weight_bits, f"{owner}: weight_bits")
         self.activation_bits = qops.validate_num_bits(activation_bits, f"{owner}: activation_bits")
         self.per_axis_conv = bool(per_axis_conv)
         self.per_axis_dense = bool(per_axis_dense)
-        self.overrides = dict(overrides or {})
-        for key, value in self.overrides.items():
-            if not isinstance(key, (str, type)):
-                raise ValueError(f"{owner}: override keys are layer names or layer classes, got {key!r}.")
-            if isinstance(value, dict):
-                unknown = set(value) - _OVERRIDE_KEYS
-                if unknown:
-                    raise ValueError(
-                        f"{owner}: override for {key!r} has unknown settings {sorted(unknown)}; "
-                        f"allowed: {sorted(_OVERRIDE_KEYS)}."
-                    )
-                for bits_key in ("weight_bits", "activation_bits"):
-                    if bits_key in value:
-                        qops.validate_num_bits(value[bits_key], f"{owner}: override {key!r} {bits_key}")
-            elif value is not None and not isinstance(value, QuantizeConfig):
-                raise ValueError(
-                    f"{owner}: override for {key!r} must be a dict of settings, a QuantizeConfig "
-                    f"or None, got {value!r}."
-                )
+        self.overrides = _checked_overrides(overrides, owner)
 
     # ---- overrides --------------------------------------------------------------------
 
@@ -111,9 +163,45 @@ class RegistryScheme(Scheme):
                 return True, value
         return False, None
 
+    def _settings_of(self, layer, governed_by=None):
+        """``(found, override)`` for ``layer``: its own, else ``governed_by``'s settings dict."""
+        found, override = self._override(layer)
+        if not found and governed_by is not None:
+            found, override = self._override(governed_by)
+            if not isinstance(override, dict):
+                return False, None
+        return found, override
+
     def keeps_float(self, layer) -> bool:
         found, value = self._override(layer)
         return found and value is None
+
+    def check_overrides(
+        self, layer_names: Iterable[str], model_name: str, also_accepted: Iterable[str] = (), nested_models: Iterable[str] = ()
+    ) -> None:
+        """Raise ValueError if an override names no layer of the model: a misspelled name would
+        otherwise leave the layer it meant at the scheme's settings, silently."""
+        names = sorted(set(layer_names))
+        accepted = set(names) | set(also_accepted)
+        unknown = [key for key in self.overrides if isinstance(key, str) and key not in accepted]
+        if not unknown:
+            return
+        models = [key for key in unknown if key in set(nested_models)]
+        if models:
+            raise ValueError(
+                f"{type(self).__name__}: overrides name the nested model(s) {models} of model "
+                f"'{model_name}'; overrides apply to layers: name that model's layers instead "
+                f"(the layers are: {names})."
+            )
+        guesses = [
+            f"{key!r} -> {close[0]!r}" for key in unknown for close in [difflib.get_close_matches(key, names, n=1)] if close
+        ]
+        hint = f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+        raise ValueError(
+            f"{type(self).__name__}: overrides name {len(unknown)} layer(s) that model '{model_name}' does not "
+            f"have, unknown: {unknown}{hint}; the model's layers are: {names}. Override keys are layer "
+            "names, exactly as the layers are named, or layer classes."
+        )
 
     # ---- quantizers -------------------------------------------------------------------
 
@@ -133,8 +221,12 @@ class RegistryScheme(Scheme):
 
     # ---- the registry -----------------------------------------------------------------
 
-    def config_for(self, layer) -> QuantizeConfig | None:
-        found, override = self._override(layer)
+    def governed_config(self, layer, governed_by) -> QuantizeConfig | None:
+        return self.config_for(layer, governed_by)
+
+    def config_for(self, layer, governed_by=None) -> QuantizeConfig | None:
+        """The config for ``layer`` (see :meth:`Scheme.governed_config` for ``governed_by``)."""
+        found, override = self._settings_of(layer, governed_by)
         if found and isinstance(override, QuantizeConfig):
             return override
         settings = override if found and isinstance(override, dict) else {}

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from keras_qat.schemes.base import RegistryScheme
+from keras_qat.schemes.base import RegistryScheme, check_bool
 
 
 class NBitScheme(RegistryScheme):
     """Weights at ``weight_bits`` and activations at ``activation_bits`` (2..16 each).
 
     Args:
-        per_axis: per-channel weight ranges for every kernel, Dense included.
+        weight_bits, activation_bits: ints from 2 to 16.
+        per_axis: True or False: per-channel weight ranges for every kernel, Dense included.
         overrides: per layer name or class, e.g. ``{"conv_first": {"weight_bits": 8,
             "activation_bits": 8}, keras.layers.Dense: {"weight_bits": 8}}``; a QuantizeConfig
             to use instead, or None to keep the layer in float.
@@ -29,6 +30,7 @@ class NBitScheme(RegistryScheme):
         fuse_activations: bool = True,
         freeze_bn_after_steps: int | None = None,
     ):
+        check_bool(per_axis, f"{type(self).__name__}: per_axis")
         super().__init__(
             weight_bits,
             activation_bits,

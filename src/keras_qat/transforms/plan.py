@@ -35,6 +35,9 @@ class FusionPlan:
         same_scale: average pooling annotations that quantize their input and output on
             one range (TFLite's int8 AVERAGE_POOL_2D keeps its input's scale); the layer
             before them leaves its output to them.
+        governed_by: a fused ReLU's annotation -> the layer whose output it quantizes (for a
+            fold, the Conv/Dense): the ReLU takes that layer's per-layer settings (its
+            activation bits) where it has none of its own.
         reasons: annotation name -> a sentence saying what was done to it and why.
     """
 
@@ -43,11 +46,20 @@ class FusionPlan:
     unquantized_outputs: set[int] = field(default_factory=set)
     quantized_operations: set[int] = field(default_factory=set)
     same_scale: set[int] = field(default_factory=set)
+    governed_by: dict[int, Any] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
 
     def output_quantized(self, annotation) -> bool:
         """Whether the layer (or the fold that ``annotation`` ends) quantizes its output."""
         return id(annotation) not in self.unquantized_outputs
+
+    def config_for(self, annotation, scheme):
+        """The scheme's config for ``annotation``'s layer; a fused ReLU's follows the settings
+        of the layer whose output it quantizes (see :attr:`governed_by`)."""
+        governor = self.governed_by.get(id(annotation))
+        if governor is None:
+            return scheme.config_for(annotation.layer)
+        return scheme.governed_config(annotation.layer, governor)
 
 
 class _Graph:
@@ -119,6 +131,7 @@ def plan_fusions(model, scheme) -> FusionPlan:
     graph = _Graph(model)
     fold_bn = getattr(scheme, "fold_batch_norm", True)
     fuse = getattr(scheme, "fuse_activations", True)
+    folded_into: dict[int, Any] = {}  # a folded BatchNormalization's annotation -> its Conv/Dense
 
     for node in graph.nodes:
         layer = _scheme_layer(node.operation, scheme)
@@ -140,6 +153,7 @@ def plan_fusions(model, scheme) -> FusionPlan:
         ):
             plan.folds[id(node.operation)] = consumer.operation
             plan.folded.add(id(consumer.operation))
+            folded_into[id(consumer.operation)] = layer  # the fold's output is the BN node's
             plan.reasons[node.operation.name] = f"BatchNormalization '{bn.name}' folded into its weights"
 
     _plan_plain_operations(graph, plan, scheme, fuse)
@@ -164,6 +178,7 @@ def plan_fusions(model, scheme) -> FusionPlan:
         produces = kind is not None and kind.fusable and (kind.role != "kernel" or _is_linear(layer))
         if produces and is_fusable_relu(target):
             plan.unquantized_outputs.add(id(operation))
+            plan.governed_by[id(consumer.operation)] = folded_into.get(id(operation), layer)
             plan.reasons[operation.name] = f"output quantized after '{target.name}' (activation fused)"
         elif (_kind_name(target) == "concatenate" or _role(target) == "same_scale") and _observed_output_range(
             layer, scheme

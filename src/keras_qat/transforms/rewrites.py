@@ -72,8 +72,9 @@ def call_separable_split(annotation, plan, scheme, inputs):
         use_bias=separable.use_bias,
         name=f"{separable.name}_pointwise",
     )
-    pointwise_config = scheme.config_for(pointwise)
-    depthwise_wrapper = QuantizeWrapper(depthwise, scheme.config_for(depthwise), name=f"quant_{depthwise.name}")
+    pointwise_config = scheme.governed_config(pointwise, separable)
+    depthwise_config = scheme.governed_config(depthwise, separable)
+    depthwise_wrapper = QuantizeWrapper(depthwise, depthwise_config, name=f"quant_{depthwise.name}")
     bn_annotation = plan.folds.get(id(annotation))
     if bn_annotation is not None:  # the BatchNormalization after it folds into the pointwise half
         batch_norm = type(bn_annotation.layer).from_config(bn_annotation.layer.get_config())
@@ -120,10 +121,11 @@ def call_activation_split(annotation, plan, scheme, inputs, *args, **kwargs):
     inner = annotation.layer
     linear = type(inner).from_config({**inner.get_config(), "activation": "linear"})
     activation = keras.layers.Activation(inner.activation, name=f"{inner.name}_activation")
-    activation_config = scheme.config_for(activation)
+    activation_config = scheme.governed_config(activation, inner)
     if not plan.output_quantized(annotation):
         activation_config = without_output_quantization(activation_config)
-    kernel_wrapper = QuantizeWrapper(linear, scheme.config_for(linear), name=annotation.name.replace("quant_annotate_", "quant_", 1))
+    kernel_config = scheme.governed_config(linear, inner)
+    kernel_wrapper = QuantizeWrapper(linear, kernel_config, name=annotation.name.replace("quant_annotate_", "quant_", 1))
     activation_wrapper = QuantizeWrapper(activation, activation_config, name=f"quant_{activation.name}")
     outputs = activation_wrapper(kernel_wrapper(inputs, *args, **kwargs))
     linear.set_weights([keras.ops.convert_to_numpy(w) for w in inner.weights])
@@ -149,11 +151,25 @@ def call_rescaling_split(annotation, plan, scheme, inputs):
     config = rescaling.get_config()
     scale = keras.layers.Rescaling(config["scale"], 0.0, name=f"{rescaling.name}_scale")
     offset = keras.layers.Rescaling(1.0, config["offset"], name=f"{rescaling.name}_offset")
-    offset_config = scheme.config_for(offset)
+    offset_config = scheme.governed_config(offset, rescaling)
     if not plan.output_quantized(annotation):
         offset_config = without_output_quantization(offset_config)
-    scaled = QuantizeWrapper(scale, scheme.config_for(scale), name=f"quant_{scale.name}")(inputs)
+    scale_config = scheme.governed_config(scale, rescaling)
+    scaled = QuantizeWrapper(scale, scale_config, name=f"quant_{scale.name}")(inputs)
     return QuantizeWrapper(offset, offset_config, name=f"quant_{offset.name}")(scaled)
+
+
+def split_names(layer) -> list[str]:
+    """The names of the layers a split may make of ``layer`` (a model's layer, not annotated):
+    scheme overrides may name them, besides the model's own layers."""
+    if type(layer) in _SEPARABLE:
+        return [f"{layer.name}_depthwise", f"{layer.name}_pointwise"]
+    if type(layer) is keras.layers.Rescaling:
+        return [f"{layer.name}_scale", f"{layer.name}_offset"]
+    kind = kind_of(layer)
+    if kind is not None and kind.role == "kernel":
+        return [f"{layer.name}_activation"]
+    return []
 
 
 def folded_layer(annotation, plan, scheme, clone):

@@ -15,8 +15,11 @@ from typing import Mapping
 import keras
 import numpy as np
 
+from keras_qat import emulation
 from keras_qat.export.tflite.convert import _structured
 from keras_qat.export.tflite.inspect import _DEQUANTIZE, _Graph, _interpreter
+from keras_qat.inputs import InputSpec, check_floats
+from keras_qat.layers import QuantizeLayer
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,10 @@ def compare(model: keras.Model, tflite_path: str | os.PathLike, x, *, kernels: s
         model: the QAT model that was converted.
         tflite_path: the flatbuffer :func:`to_tflite` wrote.
         x: the inputs: one array, or a list (in ``model.inputs`` order) or dict (by input
-            name) of arrays for several inputs. Float values; int8 model inputs are quantized
-            with their own scale and zero point.
+            name) of arrays for several inputs. Batches of finite float values (the real values
+            the model was trained on, not integer pixels or codes), each of its input's shape
+            with the batch axis first; int8 model inputs are quantized with their own scale and
+            zero point. Anything else is refused, naming the input and what it takes.
         kernels: which of the interpreter's kernels run (:data:`KERNELS`). The default,
             the reference kernels, is the arithmetic the QAT model reproduces bit for bit;
             the others round some ties differently (see :data:`KERNELS`).
@@ -146,7 +151,35 @@ def _input_arrays(model, x) -> list[np.ndarray]:
             f"compare: model '{model.name}' has {len(names)} inputs {names}, but x gives "
             f"{len(arrays)}; pass a list in that order, or a dict by input name."
         )
-    return [np.asarray(keras.ops.convert_to_numpy(a)) for a in arrays]
+    arrays = [np.asarray(keras.ops.convert_to_numpy(a)) for a in arrays]
+    return [check_floats(a, spec, "compare", model.name) for a, spec in zip(arrays, input_specs(model))]
+
+
+def input_specs(model) -> list[InputSpec]:
+    """What each input of ``model`` takes: name, one example's shape, and the real range its
+    QuantizeLayer covers (where the model quantizes it and the range is known)."""
+    ranges = {}
+    for layer in model.layers:
+        if isinstance(layer, QuantizeLayer) and layer.built:
+            try:
+                ranges[id(layer.input)] = _quantized_range(layer)
+            except (AttributeError, ValueError):  # called more than once: no single input
+                continue
+    return [
+        InputSpec(getattr(tensor, "name", f"input_{i}"), tuple(tensor.shape[1:]), ranges.get(id(tensor)))
+        for i, tensor in enumerate(model.inputs)
+    ]
+
+
+def _quantized_range(layer) -> tuple[float, float] | None:
+    """The real values ``layer``'s quantizer covers: its lowest and highest codes, dequantized."""
+    try:
+        grid = emulation.exported_grid(emulation.Source(layer.quantizer, layer.quantizer_vars))
+    except (AttributeError, ValueError):  # not built, or an empty range
+        return None
+    low, high = ((q - grid.zero_point) * grid.scale for q in (grid.qmin, grid.qmax))
+    low, high = float(np.min(low)), float(np.max(high))
+    return (low, high) if np.isfinite(low) and np.isfinite(high) and low < high else None
 
 
 def _qat_outputs(model, inputs: list[np.ndarray]) -> list[tuple[str, np.ndarray]]:
