@@ -1,0 +1,47 @@
+"""One QAT model per keras.applications architecture, trained once for all end-to-end tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import pytest
+
+import keras_qat as kq
+
+APPLICATIONS = {
+    "MobileNetV2": lambda: keras.applications.MobileNetV2(alpha=0.35, input_shape=(96, 96, 3), weights=None, classes=10),
+    "ResNet50": lambda: keras.applications.ResNet50(input_shape=(64, 64, 3), weights=None, classes=10),
+    "EfficientNetB0": lambda: keras.applications.EfficientNetB0(input_shape=(64, 64, 3), weights=None, classes=10),
+    "MobileNetV3Small": lambda: keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), weights=None, classes=10),
+}
+
+
+@dataclass
+class TrainedApplication:
+    name: str
+    float_model: keras.Model
+    quantized: keras.Model
+    x: np.ndarray
+    history: keras.callbacks.History
+    held_out: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def trained_application(request) -> TrainedApplication:
+    """``request.param``'s architecture (random weights), quantized and fitted one epoch of
+    4 steps on random data. Session-scoped and parametrized indirectly: pytest groups the tests
+    of one architecture and keeps one model alive at a time."""
+    name = request.param
+    keras.utils.set_random_seed(0)
+    model = APPLICATIONS[name]()
+    quantized = kq.quantize_model(model)
+    rng = np.random.default_rng(0)
+    shape = tuple(quantized.inputs[0].shape[1:])
+    x = (rng.random((64,) + shape) * 255).astype("float32")
+    y = rng.integers(0, 10, size=64)
+    quantized.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    history = quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    held_out = (rng.random((32,) + shape) * 255).astype("float32")
+    return TrainedApplication(name, model, quantized, x, history, held_out)
