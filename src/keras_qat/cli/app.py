@@ -16,7 +16,7 @@ from keras_qat.cli.demo import DemoSettings
 from keras_qat.cli.errors import UsageError
 
 EXAMPLES = """examples:
-  keras-qat demo                                   # the whole story on the digits, in ~2 minutes
+  keras-qat demo                                   # the whole story on the digits, in under a minute
   keras-qat quantize float.keras --data d.npz --scheme w4a8 --epochs 3 --out qat.keras
   keras-qat export qat.keras --format kqat --out model.kqat --data d.npz
   keras-qat run model.kqat --data d.npz
