@@ -495,6 +495,63 @@ def test_while_exporting_inference_is_plain_fake_quantization(signed_export):
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(got), expected.numpy())
 
 
+def _bias_between_roundings(rng, input_scale: np.float64, weight_scale: np.float64, code: int):
+    """A float32 bias within a few ulps of ``(code + 0.5) * input_scale * weight_scale`` that
+    rounds to one code at the product of the float64 scales and to the other at the product
+    of the float32 scales, or None where no such float32 lies between the two ties."""
+    exact = input_scale * weight_scale
+    stored = np.float64(np.float32(input_scale)) * np.float64(np.float32(weight_scale))
+    tie = np.float32((code + 0.5) * exact)
+    for step in rng.permutation(np.arange(-4, 5)):
+        bias = tie
+        for _ in range(abs(int(step))):
+            bias = np.nextafter(bias, np.float32(np.sign(step) * np.inf), dtype=np.float32)
+        at_exact, at_stored = (np.floor(np.float64(bias) / p + 0.5) for p in (exact, stored))
+        if at_exact != at_stored:
+            return bias
+    return None
+
+
+@needs_tensorflow
+def test_biases_are_quantized_at_the_converters_float64_scales(tmp_path):
+    """The converter quantizes a bias at ``input_scale * weight_scale`` in the float64 scales
+    it derives from the ranges, not in the float32 scales the flatbuffer stores. A bias
+    between the two ties (a folded BatchNorm of an eagerly trained ResNet50 had two) lands on
+    different int32 codes; with the output step equal to the bias step, one output step."""
+    rng = np.random.default_rng(11)
+    inputs = keras.Input((1, 1, 3), name="x")
+    model = kq.quantize_model(keras.Model(inputs, L.Conv2D(16, 1, name="conv")(inputs)))
+    in_min, in_max = np.float32(-2.1), np.float32(3.7)
+    input_scale = (np.float64(in_max) - np.float64(in_min)) / 255
+    target = np.float64(np.float32(0.05))  # output step and weight scale times input scale
+    kernel_max, bias = np.zeros(16, np.float32), np.zeros(16, np.float32)
+    for channel in range(16):
+        found = None
+        while found is None:
+            kernel_max[channel] = np.float32(target / input_scale * 127 * rng.uniform(0.999, 1.001))
+            weight_scale = 2 * np.float64(kernel_max[channel]) / 254
+            found = _bias_between_roundings(rng, input_scale, weight_scale, int(rng.integers(-100, 100)))
+        bias[channel] = found
+    quantize, conv = model.get_layer("quantize_x"), model.get_layer("quant_conv")
+    (_, _, kernel_vars), = conv.quantized_weights()
+    (activation,) = conv.activation_quantizers()
+    quantize.quantizer_vars["min_var"].assign(in_min)
+    quantize.quantizer_vars["max_var"].assign(in_max)
+    kernel_vars["min_var"].assign(-kernel_max)
+    kernel_vars["max_var"].assign(kernel_max)
+    activation.quantizer_vars["min_var"].assign(np.float32(-128 * target))
+    activation.quantizer_vars["max_var"].assign(np.float32(127 * target))
+    conv.layer.kernel.assign(rng.uniform(-1, 1, (1, 1, 3, 16)).astype(np.float32) * kernel_max)
+    conv.layer.bias.assign(bias)
+    check = to_tflite(model, tmp_path / "bias.tflite")
+    assert check.ok, str(check)
+
+    x = rng.uniform(in_min, in_max, (64, 1, 1, 3)).astype(np.float32)
+    x[:8] = 0.0  # the accumulator is 0: the outputs are the requantized bias codes
+    report = compare(model, check.path, x, kernels="reference")
+    assert report.identical_fraction == 1.0, str(report)
+
+
 # --------------------------------------------------------------------------------------
 # Below 8 bits: int8 tensors holding the trained low-bit values on the trained scales
 # --------------------------------------------------------------------------------------

@@ -137,6 +137,24 @@ def test_bias_codes_are_rounded_half_away_at_input_times_weight_scale():
         assert code == half_away
 
 
+def test_a_grid_keeps_the_float64_scale_that_the_converter_quantizes_biases_at():
+    """The converter holds ``(max - min) / (qmax - qmin)`` in float64 and quantizes biases at
+    products of those; the flatbuffer stores them rounded to float32 (:func:`from_range`)."""
+    import keras
+
+    lo, hi = _random_ranges(32, 7)
+    for narrow, levels in ((False, 255), (True, 254)):
+        want = (hi.astype(np.float64) - lo.astype(np.float64)) / levels
+        for xp in (np, keras.ops):
+            grid = from_range(lo, hi, 8, narrow, axes=(0,), xp=xp).as_signed()
+            exact = np.asarray(keras.ops.convert_to_numpy(grid.bias_scale(xp)))
+            assert exact.dtype == np.float64
+            np.testing.assert_array_equal(exact, want)
+            np.testing.assert_array_equal(np.asarray(keras.ops.convert_to_numpy(grid.scale)), want.astype(np.float32))
+    by_hand = IntegerGrid(np.float32(0.1), 0, -128, 127, 8, signed=True)
+    assert by_hand.bias_scale() == np.float64(np.float32(0.1))
+
+
 def test_bits_are_validated_with_the_owner_named():
     with pytest.raises(ValueError, match="grid: num_bits=17"):
         from_range(np.float32(-1), np.float32(1), 17)

@@ -80,7 +80,11 @@ def test_a_kernel_adds_its_bias_codes_before_requantizing():
     out = from_range(np.float32(-4.0), np.float32(4.0), 8).as_signed()
     bias = np.array([0.3, -0.7], np.float32)
     kernel = KernelOp.lower(grid, weights, out, bias)
-    product = np.float64(np.float32(grid.scale)) * weights.scale.astype(np.float64)
-    assert kernel.bias.tolist() == [round(float(b) / p) for b, p in zip(bias.astype(np.float64), product)]
+    # At the converter's scales: the input's float64 one from its range (2 / 255, whose float32
+    # rounding would put -0.7 a hair the other side of -4462.5 codes); the hand-built
+    # weights' float32 ones.
+    product = (2.0 / 255) * weights.scale.astype(np.float64)
+    half_away = [int(np.sign(r) * np.floor(abs(r) + 0.5)) for r in bias.astype(np.float64) / product]
+    assert kernel.bias.tolist() == half_away == [3825, -4463]
     accumulator = np.array([[100, -2000], [-7, 31]], np.int64)
     np.testing.assert_array_equal(kernel(accumulator), kernel.requantize(accumulator + kernel.bias))

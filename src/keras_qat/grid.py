@@ -21,7 +21,7 @@ imports NumPy only, so that the integer runtime can use it without Keras or Tens
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -73,6 +73,13 @@ class IntegerGrid:
         axes: the channel axes of the tensor (several are flattened row-major into one
             channel index, as a depthwise kernel's ``(in_channels, depth_multiplier)``); ``()``
             for one grid for the whole tensor.
+        exact_scale: ``scale`` before its rounding to float32 (float64, shaped as ``scale``),
+            as the TFLite converter holds it while it quantizes constants: a kernel's int32
+            bias is quantized at the product of its input's and weights' exact scales
+            (:func:`quantize_bias`), although the flatbuffer stores, and the kernels
+            requantize with, the float32 scales. None where unknown (a grid read from a
+            manifest, or built by hand): the float32 scale. Not compared: two grids with the
+            same float32 scale quantize values alike.
     """
 
     scale: Any
@@ -83,6 +90,7 @@ class IntegerGrid:
     signed: bool = False
     narrow_range: bool = False
     axes: tuple[int, ...] = ()
+    exact_scale: Any = field(default=None, compare=False)
 
     @property
     def per_channel(self) -> bool:
@@ -116,6 +124,15 @@ class IntegerGrid:
             qmax=self.qmax + self.offset,
             signed=False,
         )
+
+    def bias_scale(self, xp=np):
+        """The scale at which the converter quantizes the bias that this grid contributes to,
+        in float64: :attr:`exact_scale`, else the float32 scale widened."""
+        if self.exact_scale is not None:
+            return _cast(xp, self.exact_scale, "float64")
+        if xp is np:
+            return np.asarray(self.scale, np.float32).astype(np.float64)
+        return _cast(xp, self.scale, "float64")
 
     # ---- broadcasting per channel --------------------------------------------------------
 
@@ -237,10 +254,11 @@ def from_range(
     """The grid that the deployed model has for a tensor fake-quantized on ``[min, max]``.
 
     The TFLite converter's arithmetic, in float64: ``scale = (max - min) / (qmax - qmin)``
-    rounded once to float32, and the zero point from whichever end of the range gives the
-    smaller rounding error, rounded half away from zero and clamped. A degenerate range gives
-    scale 0 (its values are all zero) and the middle code as zero point. Returns the unsigned (TF) convention; see
-    :meth:`IntegerGrid.as_signed`.
+    rounded once to float32 (the float64 value is kept as :attr:`IntegerGrid.exact_scale`,
+    which the converter quantizes biases with), and the zero point from whichever end of the
+    range gives the smaller rounding error, rounded half away from zero and clamped. A
+    degenerate range gives scale 0 (its values are all zero) and the middle code as zero
+    point. Returns the unsigned (TF) convention; see :meth:`IntegerGrid.as_signed`.
     """
     bits = validate_num_bits(bits, "grid")
     qmin, qmax = quant_range(bits, narrow_range)
@@ -257,19 +275,27 @@ def from_range(
     if xp is np:
         scale_out = np.asarray(scale).astype(np.float32)
         zero_out = np.asarray(zero_point).astype(np.int64)
+        exact = np.asarray(scale, np.float64)
     else:
         scale_out = xp.cast(scale, "float32")
         zero_out = xp.cast(zero_point, "float32")
-    return IntegerGrid(scale_out, zero_out, qmin, qmax, bits, False, bool(narrow_range), tuple(axes))
+        exact = scale
+    return IntegerGrid(scale_out, zero_out, qmin, qmax, bits, False, bool(narrow_range), tuple(axes), exact)
 
 
 def quantize_bias(bias, input_scale, weight_scale, xp=np):
     """The int32 bias codes of a kernel: ``bias / (input_scale * weight_scale)`` rounded half away
-    from zero, the product taken in float64 from the float32 scales (one per output channel);
-    0 where the product is 0. int64 in NumPy (a 16-bit layer's bias can pass 2**31), float64 in
-    a graph."""
+    from zero, the product taken in float64 of the scales as given (one weight scale per output
+    channel); 0 where the product is 0. int64 in NumPy (a 16-bit layer's bias can pass 2**31),
+    float64 in a graph.
+
+    The TFLite converter quantizes a bias at the product of the float64 scales it derived from
+    the ranges (:attr:`IntegerGrid.exact_scale`, see :meth:`IntegerGrid.bias_scale`), not of
+    the float32 scales the flatbuffer stores: the two products differ in the last bits, which
+    moves a bias within a few millionths of a half code to the other integer. Pass those
+    (float32 scales are widened exactly)."""
     if xp is np:
-        product = np.float64(np.float32(input_scale)) * np.asarray(weight_scale, np.float32).astype(np.float64)
+        product = np.asarray(input_scale).astype(np.float64) * np.asarray(weight_scale).astype(np.float64)
         raw = np.asarray(bias, np.float64) / np.where(product == 0, 1.0, product)
         return np.where(product == 0, 0, round_half_away(np, raw)).astype(np.int64)
     product = xp.cast(input_scale, "float64") * xp.cast(weight_scale, "float64")

@@ -26,8 +26,9 @@ def _int64(xp, x):
 @dataclass(frozen=True)
 class KernelOp:
     """CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED after the accumulation: the bias codes (at
-    ``input_scale * weight_scale``, one per output channel) added to the exact accumulator,
-    requantized by ``input_scale * weight_scale / output_scale``."""
+    ``input_scale * weight_scale`` in the converter's float64 scales, one per output channel)
+    added to the exact accumulator, requantized by ``input_scale * weight_scale / output_scale``
+    in the float32 scales."""
 
     bias: Any
     requantize: Requantize
@@ -46,7 +47,12 @@ class KernelOp:
         """Args: the three grids; ``bias`` the float bias per output channel (or None);
         ``activation`` the fused clamp; ``single_rounding`` as :class:`Requantize`."""
         weight_scale = xp.reshape(weight_grid.scale, (-1,))
-        bias_codes = None if bias is None else quantize_bias(bias, input_grid.scale, weight_scale, xp)
+        # The bias at the converter's float64 scales (IntegerGrid.exact_scale), the
+        # multiplier from the float32 ones that the flatbuffer stores.
+        bias_codes = None
+        if bias is not None:
+            weight_bias_scale = xp.reshape(weight_grid.bias_scale(xp), (-1,))
+            bias_codes = quantize_bias(bias, input_grid.bias_scale(xp), weight_bias_scale, xp)
         # (input * weight) / output, in this order, as TFLite's Prepare rounds it.
         product = as_float64(xp, input_grid.scale) * as_float64(xp, weight_scale)
         multiplier = product / as_float64(xp, safe_scale(xp, output_grid.scale))
