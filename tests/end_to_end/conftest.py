@@ -41,7 +41,10 @@ def trained_application(request) -> TrainedApplication:
     shape = tuple(quantized.inputs[0].shape[1:])
     x = (rng.random((64,) + shape) * 255).astype("float32")
     y = rng.integers(0, 10, size=64)
-    quantized.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    # Eager steps: tracing the training graph of these models costs 55-130 s each, four steps
+    # eagerly 10-25 s. Graph-mode training runs on the small models of the other test modules
+    # and on every layer of bench/conformance.py.
+    quantized.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", run_eagerly=True)
     history = quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
     held_out = (rng.random((32,) + shape) * 255).astype("float32")
     return TrainedApplication(name, model, quantized, x, history, held_out)
