@@ -32,7 +32,7 @@ W4A4 scheme.
 
 Each (row, configuration) is quantized with ``kq.quantize_model(model, scheme=...)``
 (per target, with ``target=`` when ``quantize_model`` accepts one; one model is trained
-for both targets when they give the same one), compiled (Adam 1e-3, MSE,
+for the targets that give the same one), compiled (Adam 1e-3, MSE,
 ``jit_compile=False``) and trained for 2 ``train_on_batch`` steps in a compiled train step, as
 ``fit`` runs it (``--eager``: ``run_eagerly=True``, about 3 times faster, but it hides
 failures that only graph tracing meets, such as TF's per-channel fake-quant gradient refusing
@@ -44,7 +44,10 @@ range is set, then exported and compared on 16 held-out random inputs:
   path, x)`` (LiteRT's reference kernels), differences in the TFLite output's steps;
 * ``kqat``: ``keras_qat.export.save_artifact(q, path)``, ``keras_qat.runtime.load(path).run(x)``
   against ``q(x, training=False)``, differences counted in steps of the runtime's output
-  grid (``IntegerModel.output_grids[0].scale``): ``round(|runtime - qat| / scale)``.
+  grid (``IntegerModel.output_grids[0].scale``): ``round(|runtime - qat| / scale)``;
+* ``onnx``: ``keras_qat.export.to_onnx(q, path)`` then ``keras_qat.export.compare(q, path, x)``
+  with ONNX Runtime's graph optimizations off and on (``kernels="reference"`` and
+  ``"default"``); the cell shows the worse of the two.
 
 Verdicts
 --------
@@ -66,7 +69,7 @@ Each cell runs in a worker process (``--jobs`` of them), so that a segfault or a
 (``--cell-timeout``) in the converter or the interpreter costs one cell, not the table.
 
 Run ``python bench/conformance.py`` (``--quick`` for a handful of rows, ``--only SUBSTRING``
-for the rows whose name contains it, ``--targets tflite,kqat``). It prints the table and
+for the rows whose name contains it, ``--targets tflite,kqat,onnx``). It prints the table and
 writes ``bench/results/conformance.json`` and ``.md`` next to it (``--output``). Exit code 1
 if any cell crashed, else 0.
 """
@@ -99,7 +102,7 @@ SEED = 0
 TRAIN_BATCH = 8
 TRAIN_STEPS = 2
 HELD_OUT = 16
-TARGETS = ("tflite", "kqat")
+TARGETS = ("tflite", "kqat", "onnx")
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "conformance.json"
 #: A worker that reports no cell for this long is killed and its cell marked as a crash.
 DEFAULT_CELL_TIMEOUT_S = 300.0
@@ -464,7 +467,21 @@ def export_kqat(q: Any, x: np.ndarray, directory: Path) -> dict[str, Any]:
     return _agreement(float(np.mean(steps == 0)), int(steps.max()) if steps.size else 0)
 
 
-EXPORTERS = {"tflite": export_tflite, "kqat": export_kqat}
+def export_onnx(q: Any, x: np.ndarray, directory: Path) -> dict[str, Any]:
+    from keras_qat.export import compare, to_onnx
+
+    stage = "export"
+    try:
+        path = to_onnx(q, directory / "model.onnx")
+        stage = "compare"
+        reports = [compare(q, path, x, kernels=kernels) for kernels in ("reference", "default")]
+    except Exception as error:  # noqa: BLE001
+        return classify(error, stage)
+    # The worse of ONNX Runtime without and with its graph optimizations.
+    return _agreement(min(r.identical_fraction for r in reports), max(r.max_step_difference for r in reports))
+
+
+EXPORTERS = {"tflite": export_tflite, "kqat": export_kqat, "onnx": export_onnx}
 
 
 def run_unit(row: Row, config: Config, targets: Sequence[str], graph: bool = True) -> list[dict[str, Any]]:
@@ -820,7 +837,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only the rows {', '.join(QUICK_ROWS)}")
     parser.add_argument("--only", metavar="SUBSTRING", help="rows whose name contains SUBSTRING (case-insensitive)")
-    parser.add_argument("--targets", type=_targets, default=TARGETS, help="comma-separated: tflite,kqat (default both)")
+    parser.add_argument("--targets", type=_targets, default=TARGETS, help="comma-separated: tflite,kqat,onnx (default all three)")
     parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
     parser.add_argument(
         "--eager",

@@ -23,9 +23,9 @@ def _run(folder, seed):
 def test_the_demo_measures_every_deployed_form_and_writes_its_report(tmp_path):
     report, stages = _run(tmp_path / "seed0", seed=0)
     (result,) = report.schemes
-    assert [d.format for d in result.deployed] == ["kqat", "tflite"]
+    assert [d.format for d in result.deployed] == ["kqat", "tflite", "onnx"]
     for deployed in result.deployed:
-        # Oracles: the integer runtime and LiteRT's reference kernels, run on the held-out digits.
+        # Oracles: the integer runtime, LiteRT's reference kernels and ONNX Runtime, on the held-out digits.
         assert deployed.identical_fraction == 1.0 and deployed.max_step_difference == 0, deployed
         assert deployed.accuracy == result.qat_accuracy
         assert deployed.size_bytes == (tmp_path / "seed0" / "models" / f"w4a8.{deployed.format}").stat().st_size

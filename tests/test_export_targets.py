@@ -1,6 +1,6 @@
 """keras_qat.export.targets: every layer deploys exactly to a target, or is refused up front.
 
-Oracles: the LiteRT interpreter's reference kernels (``compare``) and the NumPy integer runtime
+Oracles: the LiteRT interpreter's reference kernels and ONNX Runtime (``compare``) and the NumPy integer runtime
 against the QAT model's inference, element for element; the export itself for the verdicts
 (``diagnose`` and ``quantize_model(target=...)`` must say what the export does).
 """
@@ -14,7 +14,7 @@ import pytest
 import keras_qat as kq
 from keras_qat import runtime
 from keras_qat.errors import NotDeployableError
-from keras_qat.export import compare, diagnose, save_artifact, to_tflite
+from keras_qat.export import compare, diagnose, save_artifact, to_onnx, to_tflite
 from keras_qat.export.targets import refusals
 
 L = keras.layers
@@ -76,20 +76,22 @@ BUILDS = [_conv1d_bn_relu, _separable_1d, _mlp, _leaky, _separable_bn_upsampled]
 
 @pytest.mark.parametrize("build", BUILDS, ids=lambda f: f.__name__.strip("_"))
 @pytest.mark.parametrize("per_axis", [True, False], ids=["per_channel", "per_tensor"])
-def test_layers_beyond_2d_cnns_deploy_exactly_to_both_targets(tmp_path, build, per_axis):
+def test_layers_beyond_2d_cnns_deploy_exactly_to_every_target(tmp_path, build, per_axis):
     q, x = _trained(build, kq.NBitScheme(8, 8, per_axis=per_axis))
     assert refusals(q, "tflite") == {}
     check = to_tflite(q, tmp_path / "m.tflite")
     assert check.ok, str(check)
     report = compare(q, check.path, x)
     assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)
-    if build is _separable_bn_upsampled:  # the .kqat format has no upsampling op: refused, naming it
-        assert set(refusals(q, "kqat")) == {"quant_upsample"}
+    if build is _separable_bn_upsampled:  # the integer form has no upsampling op: refused, naming it
+        assert set(refusals(q, "kqat")) == set(refusals(q, "onnx")) == {"quant_upsample"}
         return
-    assert refusals(q, "kqat") == {}
+    assert refusals(q, "kqat") == refusals(q, "onnx") == {}
     integer_model = runtime.load(save_artifact(q, tmp_path / "m.kqat"))
     want = keras.ops.convert_to_numpy(q(x, training=False))
     np.testing.assert_array_equal(integer_model.run(x), want)
+    onnx_report = compare(q, to_onnx(q, tmp_path / "m.onnx"), x)  # ONNX Runtime, optimizations off
+    assert onnx_report.identical_fraction == 1.0 and onnx_report.max_step_difference == 0, str(onnx_report)
 
 
 def _unsupported_for_tflite():
@@ -124,9 +126,15 @@ def test_diagnose_and_the_export_give_the_same_verdict(tmp_path):
         save_artifact(q, tmp_path / "m.kqat")
     assert error.value.reasons == kqat.refused and "quant_conv3d" in kqat.refused
     assert list(tmp_path.iterdir()) == []
+    # ONNX is written from the same integer form: the same layers, with the target named.
+    onnx = diagnose(q, target="onnx")
+    with pytest.raises(NotDeployableError, match="^onnx: ") as error:
+        to_onnx(q, tmp_path / "m.onnx")
+    assert error.value.reasons == onnx.refused and set(onnx.refused) == set(kqat.refused)
+    assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("target", ["tflite", "kqat"])
+@pytest.mark.parametrize("target", ["tflite", "kqat", "onnx"])
 @pytest.mark.parametrize("variable", ["kernel", "activation_min"])
 def test_non_finite_weights_and_ranges_are_refused_naming_layer_and_tensor(tmp_path, target, variable):
     q, _ = _trained(_mlp, kq.NBitScheme(8, 8))
@@ -135,13 +143,13 @@ def test_non_finite_weights_and_ranges_are_refused_naming_layer_and_tensor(tmp_p
     found.assign(np.full(found.shape, np.inf if variable == "kernel" else np.nan, "float32"))
     path = tmp_path / f"m.{target}"
     with pytest.raises(NotDeployableError, match=rf"layer 'quant_head'.*'{variable}' holds NaN or Inf"):
-        to_tflite(q, path) if target == "tflite" else save_artifact(q, path)
+        {"tflite": to_tflite, "kqat": save_artifact, "onnx": to_onnx}[target](q, path)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_target_is_refused():
     q = kq.quantize_model(_mlp())
-    with pytest.raises(ValueError, match="target must be one of tflite, kqat"):
-        diagnose(q, target="onnx")
+    with pytest.raises(ValueError, match="target must be one of tflite, kqat, onnx"):
+        diagnose(q, target="coreml")
     with pytest.raises(ValueError, match="unknown deployment target 'coreml'"):
         kq.quantize_model(_mlp(), target="coreml")

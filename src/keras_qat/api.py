@@ -243,7 +243,7 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None, target: str
     Args:
         model: a Sequential or functional model with annotated layers.
         scheme: default :class:`~keras_qat.schemes.Default8BitScheme`.
-        target: ``"tflite"`` or ``"kqat"``: refuse the model now, before any training, if that
+        target: ``"tflite"``, ``"kqat"`` or ``"onnx"``: refuse the model now, before any training, if that
             target cannot compute it exactly (one :class:`~keras_qat.errors.NotDeployableError`
             naming every such layer and why); the same verdict as the export and
             ``diagnose(model, target=...)``.

@@ -51,17 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--epochs", type=int, default=3, help="QAT epochs (default 3)")
     quantize.add_argument("--batch-size", type=int, default=32)
     quantize.add_argument("--learning-rate", type=float, default=1e-3)
-    quantize.add_argument("--target", choices=("tflite", "kqat", "any"), default="any", help="refuse up front what this target cannot deploy exactly")
+    quantize.add_argument("--target", choices=("tflite", "kqat", "onnx", "any"), default="any", help="refuse up front what this target cannot deploy exactly")
     quantize.add_argument("--out", required=True, help="the QAT model to write, a .keras file")
 
-    export = commands.add_parser("export", help="export a QAT model to .kqat or LiteRT (.tflite)")
+    export = commands.add_parser("export", help="export a QAT model to .kqat, LiteRT (.tflite) or ONNX (.onnx)")
     export.add_argument("model", help="the QAT model, a .keras file")
-    export.add_argument("--format", choices=("kqat", "tflite"), default="kqat")
+    export.add_argument("--format", choices=("kqat", "tflite", "onnx"), default="kqat")
     export.add_argument("--out", help="the file to write (default: the model's name with the format's suffix)")
     export.add_argument("--data", help=".npz to check the deployed model against the QAT model on")
 
-    run = commands.add_parser("run", help="run a deployed model (.kqat or .tflite) on data")
-    run.add_argument("artifact", help="a .kqat or .tflite file")
+    run = commands.add_parser("run", help="run a deployed model (.kqat, .tflite or .onnx) on data")
+    run.add_argument("artifact", help="a .kqat, .tflite or .onnx file")
     run.add_argument("--data", required=True, help=".npz with x_val (or x_train), and labels for accuracy")
     run.add_argument("--out", help="write the predictions to this .npy (always, when there are no labels)")
 
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="a deployed model against its QAT model, in output steps")
     compare.add_argument("model", help="the QAT model, a .keras file")
-    compare.add_argument("deployed", help="the deployed model, a .kqat or .tflite file")
+    compare.add_argument("deployed", help="the deployed model, a .kqat, .tflite or .onnx file")
     compare.add_argument("--data", required=True, help=".npz with x_val (or x_train)")
     return parser
 

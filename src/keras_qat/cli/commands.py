@@ -152,7 +152,7 @@ def _print_agreement(console, model, path: Path, x, y) -> None:
 
 def run(args: argparse.Namespace, console) -> None:
     """Run a deployed model on data: accuracy with labels, else predictions to .npy."""
-    path = _existing(args.artifact, "deployed model", (".kqat", ".tflite"))
+    path = _existing(args.artifact, "deployed model", deployed.SUFFIXES)
     dataset = datasets.load(args.data)
     x, y = dataset.evaluation()
     outputs, _ = deployed.deployed_outputs(path, x)
@@ -170,7 +170,7 @@ def run(args: argparse.Namespace, console) -> None:
 
 def compare(args: argparse.Namespace, console) -> None:
     """The deployed model against the QAT model, in output steps."""
-    path = _existing(args.deployed, "deployed model", (".kqat", ".tflite"))
+    path = _existing(args.deployed, "deployed model", deployed.SUFFIXES)
     dataset = datasets.load(args.data)
     model = load_keras_model(args.model)
     x, y = dataset.evaluation()

@@ -2,7 +2,7 @@
 
 It trains a small CNN on the offline 8x8 digits (scikit-learn's copy of the UCI set, no
 download), fine-tunes a copy with QAT for each scheme (W8A8, W4A8, W4A4 by default), exports
-each to ``.kqat`` and LiteRT, runs every deployed form on the held-out digits, and writes the
+each to ``.kqat``, LiteRT and ONNX, runs every deployed form on the held-out digits, and writes the
 report folder (:mod:`keras_qat.cli.report`). Every number is measured in the run: another
 ``--seed`` draws another split, other initial weights and other results.
 """

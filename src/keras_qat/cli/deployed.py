@@ -2,7 +2,8 @@
 
 Agreement is counted as :func:`keras_qat.export.compare` counts it: each output element's
 difference from the QAT model's inference in the output's quantization steps. The LiteRT model
-runs on the interpreter's reference kernels, whose arithmetic the QAT model reproduces.
+runs on the interpreter's reference kernels, whose arithmetic the QAT model reproduces; the ONNX
+model in ONNX Runtime without graph optimizations.
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import numpy as np
 from keras_qat.cli.data import accuracy
 
 #: The deployed formats the command line writes and runs.
-FORMATS = ("kqat", "tflite")
+FORMATS = ("kqat", "tflite", "onnx")
+
+#: Their file suffixes.
+SUFFIXES = tuple(f".{fmt}" for fmt in FORMATS)
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ def qat_outputs(model, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
 
 
 def deployed_outputs(path: str | Path, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """The float outputs of the deployed model at ``path`` (``.kqat`` or ``.tflite``) on ``x``,
-    and its output quantization step."""
+    """The float outputs of the deployed model at ``path`` (``.kqat``, ``.tflite`` or ``.onnx``)
+    on ``x``, and its output quantization step."""
     path = Path(path)
     if path.suffix == ".kqat":
         from keras_qat import runtime
@@ -55,13 +59,18 @@ def deployed_outputs(path: str | Path, x: np.ndarray) -> tuple[np.ndarray, float
 
         (values, scale), *_ = tflite_outputs(path, x)
         return np.asarray(values), float(scale)
-    raise ValueError(f"{path}: a deployed model is a .kqat or .tflite file.")
+    if path.suffix == ".onnx":
+        from keras_qat.export.onnx.run import onnx_outputs
+
+        (values, scale), *_ = onnx_outputs(path, [np.asarray(x, np.float32)], [], "reference")
+        return np.asarray(values), float(scale)
+    raise ValueError(f"{path}: a deployed model is a .kqat, .tflite or .onnx file.")
 
 
 def evaluate(path: str | Path, x: np.ndarray, y: np.ndarray | None, expected: np.ndarray) -> DeployedResult:
     """Run the deployed model at ``path`` on ``x``; its accuracy against ``y`` and its agreement
     with ``expected`` (the QAT model's outputs on ``x``)."""
-    from keras_qat.export.tflite.compare import steps_apart
+    from keras_qat.export.compare import steps_apart
 
     path = Path(path)
     outputs, scale = deployed_outputs(path, x)
@@ -84,6 +93,8 @@ def export(model, fmt: str, path: str | Path) -> Path:
         return Path(exporters.save_artifact(model, path))
     if fmt == "tflite":
         return Path(exporters.to_tflite(model, path).path)
+    if fmt == "onnx":
+        return Path(exporters.to_onnx(model, path))
     raise ValueError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}.")
 
 
@@ -92,4 +103,4 @@ def float_weight_bytes(model) -> int:
     return int(sum(int(np.prod(w.shape)) for w in model.weights) * 4)
 
 
-__all__ = ["DeployedResult", "FORMATS", "qat_outputs", "deployed_outputs", "evaluate", "export", "float_weight_bytes"]
+__all__ = ["DeployedResult", "FORMATS", "SUFFIXES", "qat_outputs", "deployed_outputs", "evaluate", "export", "float_weight_bytes"]

@@ -179,9 +179,9 @@ def build(model: keras.Model) -> tuple[dict[str, Any], bytes]:
 
 def _unsupported(layer, what: str) -> _Refusal:
     return _Refusal(
-        f"layer '{layer.name}' ({what}) has no integer op in the .kqat format "
-        f"(version {container.FORMAT_VERSION}; ops: {', '.join(OPS)}). Keep it outside the "
-        "exported model, or export to TFLite or ONNX instead."
+        f"layer '{layer.name}' ({what}) has no integer op in keras-qat's integer form, which the "
+        f".kqat format (version {container.FORMAT_VERSION}; ops: {', '.join(OPS)}) and the ONNX export "
+        "hold. Keep it outside the exported model, or export to TFLite where it is supported."
     )
 
 

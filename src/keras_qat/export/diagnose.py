@@ -150,7 +150,7 @@ def diagnose(model: keras.Model, target: str | None = None) -> Diagnosis:
     ranges, and what a deployment would still need in float.
 
     Args:
-        target: ``"tflite"`` or ``"kqat"``: also give that exporter's verdict
+        target: ``"tflite"``, ``"kqat"`` or ``"onnx"``: also give that exporter's verdict
             (:attr:`Diagnosis.refused`, the same as the export's: every layer it would refuse,
             and why), without converting or writing anything.
     """

@@ -9,6 +9,9 @@ table, ``bench/conformance.py``) or refuses the model up front with one
 
 * ``"kqat"``: the integer artifact; its verdict is the artifact writer's own walk over the
   graph (:func:`keras_qat.export.artifact.refusals`), so it cannot disagree with the export.
+* ``"onnx"``: the ONNX QDQ graph, written from the same integer form as the artifact
+  (:func:`keras_qat.export.onnx.to_onnx`): it takes what the artifact takes, within the
+  integer types of its opset.
 * ``"tflite"``: LiteRT int8 through the TFLite converter. The converter cannot be asked what it
   will do, so the rules below say which layer kinds and settings deploy exactly (measured by
   the conformance table against LiteRT's reference kernels); each rule names the layer and
@@ -28,7 +31,7 @@ from keras_qat.layers import QuantizeLayer, QuantizeSameScale, QuantizeWrapper
 from keras_qat.registry import activation_name, kind_of
 
 #: The deployment targets, by the names the exporters and ``diagnose`` use.
-TARGETS = ("tflite", "kqat")
+TARGETS = ("tflite", "kqat", "onnx")
 
 #: The widest integers an int8 TFLite model holds, for weights and activations alike.
 TFLITE_MAX_BITS = 8
@@ -72,7 +75,7 @@ def _too_wide(layer) -> str | None:
     return (
         f"layer '{layer.name}' quantizes {', '.join(wide)}, but TFLite int8 models hold at most "
         f"{TFLITE_MAX_BITS}-bit weights and activations; export wider bit widths with save_artifact "
-        "(.kqat; ONNX QDQ is planned), or quantize that layer at 8 bits (e.g. NBitScheme overrides)."
+        "(.kqat) or to_onnx, or quantize that layer at 8 bits (e.g. NBitScheme overrides)."
     )
 
 
@@ -228,6 +231,10 @@ def refusals(model, target: str) -> dict[str, str]:
         from keras_qat.export.artifact import refusals as artifact_refusals
 
         return artifact_refusals(model)
+    if target == "onnx":
+        from keras_qat.export.onnx.convert import refusals as onnx_refusals
+
+        return onnx_refusals(model)
     raise ValueError(f"unknown deployment target {target!r}; the targets are {', '.join(TARGETS)}.")
 
 

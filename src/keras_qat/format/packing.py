@@ -44,4 +44,17 @@ def unpack(data: bytes, bits: int, count: int, dtype=np.int32) -> np.ndarray:
     return (codes.astype(np.int64) - 2 ** (bits - 1)).astype(dtype)
 
 
-__all__ = ["pack", "unpack", "packed_size"]
+def read_weight(entry: dict, payload: bytes) -> np.ndarray:
+    """A manifest weight (``{"offset", "nbytes", "shape", "bits", "encoding"}``, see
+    :mod:`keras_qat.format.manifest`) read from the payload: int64 values in its shape."""
+    data = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
+    count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+    if entry["encoding"] in ("int32", "int64"):
+        dtype = "<i4" if entry["encoding"] == "int32" else "<i8"
+        values = np.frombuffer(data, dtype=dtype, count=count).astype(np.int64)
+    else:
+        values = unpack(data, entry["bits"], count, dtype=np.int64)
+    return values.reshape(entry["shape"])
+
+
+__all__ = ["pack", "unpack", "packed_size", "read_weight"]

@@ -24,6 +24,7 @@ from keras_qat.integer.lowering import (
     MultiplyOp,
     average_codes,
     requantize_between,
+    softmax_codes,
 )
 from keras_qat.integer.requantize import Requantize
 
@@ -36,4 +37,5 @@ __all__ = [
     "MeanOp",
     "average_codes",
     "requantize_between",
+    "softmax_codes",
 ]

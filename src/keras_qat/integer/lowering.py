@@ -170,6 +170,16 @@ def average_codes(total, count, xp=np):
     return xp.sign(total) * ((xp.abs(total) + half) // count)
 
 
+def softmax_codes(codes, exp_table, levels: int, xp=np):
+    """A softmax over the last axis in integers: ``e = exp_table[max - codes]`` (the
+    exponentials in fixed point, :data:`keras_qat.format.manifest.SOFTMAX_BITS`), then
+    ``round(e * levels / sum(e))`` half up, from the integer codes of one grid."""
+    distance = xp.max(codes, axis=-1, keepdims=True) - codes
+    e = xp.take(exp_table, distance)
+    total = xp.sum(e, axis=-1, keepdims=True)
+    return (2 * e * levels + total) // (2 * total)
+
+
 def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
     """NumPy codes moved from ``grid`` to ``out`` (the identity when equal), rounded once, half
     up, in fixed point, as the converter's REQUANTIZE between two grids."""
@@ -178,4 +188,4 @@ def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
     return Requantize.between(grid, out, single_rounding=True)(codes - grid.zero_point)
 
 
-__all__ = ["KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "requantize_between"]
+__all__ = ["KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "softmax_codes", "requantize_between"]

@@ -66,15 +66,7 @@ class IntegerModel:
     # ---- preparing each op once -------------------------------------------------------------
 
     def _weight(self, op: dict, name: str, payload: bytes) -> np.ndarray:
-        entry = op["weights"][name]
-        data = payload[entry["offset"] : entry["offset"] + entry["nbytes"]]
-        count = int(np.prod(entry["shape"])) if entry["shape"] else 1
-        if entry["encoding"] in ("int32", "int64"):
-            dtype = "<i4" if entry["encoding"] == "int32" else "<i8"
-            values = np.frombuffer(data, dtype=dtype, count=count).astype(np.int64)
-        else:
-            values = packing.unpack(data, entry["bits"], count, dtype=np.int64)
-        return values.reshape(entry["shape"])
+        return packing.read_weight(op["weights"][name], payload)
 
     def _prepare(self, op: dict, payload: bytes) -> Callable:
         kind, attributes = op["op"], op["attributes"]

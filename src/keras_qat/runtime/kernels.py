@@ -19,7 +19,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from keras_qat.grid import IntegerGrid as Grid
-from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize, average_codes, requantize_between
+from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize, average_codes, requantize_between, softmax_codes
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------
@@ -172,10 +172,7 @@ def softmax(x, exp_table: np.ndarray, output: SoftmaxOutput):
     """Softmax over the last axis from a fixed-point exponential table: ``e = table[max - x]``,
     ``round(e * levels / sum(e))``, all in integers; placed on the output grid (see
     :class:`SoftmaxOutput`)."""
-    distance = x.max(axis=-1, keepdims=True) - x
-    e = exp_table[distance]
-    total = e.sum(axis=-1, keepdims=True)
-    codes = (2 * e * output.levels + total) // (2 * total)
+    codes = softmax_codes(x, exp_table, output.levels)
     if output.requantize is None:
         return np.clip(codes + output.out.zero_point, output.out.qmin, output.out.qmax)
     int8_codes = np.clip(codes + SoftmaxOutput.INT8_ZERO_POINT, -128, 127)

@@ -20,6 +20,7 @@ import keras
 from keras_qat import ops as qops
 from keras_qat.errors import NotDeployableError
 from keras_qat.export.targets import require_deployable
+from keras_qat.export.compare import structured_inputs
 from keras_qat.export.tflite.int4 import pack_int4_filters
 from keras_qat.export.tflite.inspect import TFLiteCheck, analyse_flatbuffer, layer_names
 from keras_qat.export.tflite.trace import linear_for_converter, upsample_for_converter
@@ -101,19 +102,10 @@ def _inference_function(model, batch: int | None):
     ]
 
     def inference(*inputs):
-        outputs = model(_structured(model, list(inputs)), training=False)
+        outputs = model(structured_inputs(model, list(inputs)), training=False)
         return tuple(keras.tree.flatten(outputs))
 
     return tf.function(inference, input_signature=specs, autograph=False).get_concrete_function()
-
-
-def _structured(model, flat: list):
-    """``flat`` (in ``model.inputs`` order) in the structure the model was built with: one
-    tensor, a list or a dict."""
-    structure = getattr(model, "input", None)
-    if structure is None:
-        return flat if len(flat) > 1 else flat[0]
-    return keras.tree.pack_sequence_as(structure, flat)
 
 
 def _input_name(tensor, index: int) -> str:
