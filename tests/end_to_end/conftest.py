@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import keras
@@ -48,3 +50,26 @@ def trained_application(request) -> TrainedApplication:
     history = quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
     held_out = (rng.random((32,) + shape) * 255).astype("float32")
     return TrainedApplication(name, model, quantized, x, history, held_out)
+
+
+class AgreementRecorder:
+    """Writes agreement figures (JSON) to ``$KERAS_QAT_REPORT_DIR/<name>.json`` when that
+    variable is set, for the closing notes to quote; :attr:`enabled` says whether it is."""
+
+    def __init__(self, directory: str | None):
+        self.directory = directory
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.directory)
+
+    def __call__(self, name: str, figures: dict) -> None:
+        if self.enabled:
+            os.makedirs(self.directory, exist_ok=True)
+            with open(os.path.join(self.directory, f"{name}.json"), "w") as f:
+                json.dump(figures, f)
+
+
+@pytest.fixture
+def record_agreement() -> AgreementRecorder:
+    return AgreementRecorder(os.environ.get("KERAS_QAT_REPORT_DIR"))

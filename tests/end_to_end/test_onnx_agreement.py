@@ -7,9 +7,6 @@ inference, so every output element must be 0 steps apart either way.
 
 from __future__ import annotations
 
-import json
-import os
-
 import onnx
 import pytest
 
@@ -19,19 +16,13 @@ pytestmark = pytest.mark.slow
 
 CASES = ["MobileNetV2", "ResNet50", "MobileNetV3Small"]
 
-#: Where the agreement figures go when set (the closing notes quote them).
-REPORT_DIR = os.environ.get("KERAS_QAT_REPORT_DIR")
-
 
 @pytest.mark.parametrize("trained_application", CASES, indirect=True)
-def test_onnx_runtime_computes_what_the_qat_model_computes(trained_application, tmp_path):
+def test_onnx_runtime_computes_what_the_qat_model_computes(trained_application, tmp_path, record_agreement):
     name, quantized, held_out = trained_application.name, trained_application.quantized, trained_application.held_out
     path = to_onnx(quantized, tmp_path / f"{name}.onnx")
     onnx.checker.check_model(str(path), full_check=True)
     reports = {kernels: compare(quantized, path, held_out, kernels=kernels) for kernels in ("reference", "default")}
-    if REPORT_DIR:
-        os.makedirs(REPORT_DIR, exist_ok=True)
-        with open(os.path.join(REPORT_DIR, f"onnx_{name}.json"), "w") as f:
-            json.dump({k: {"identical_fraction": r.identical_fraction, "max_step_difference": r.max_step_difference} for k, r in reports.items()}, f)
+    record_agreement(f"onnx_{name}", {k: {"identical_fraction": r.identical_fraction, "max_step_difference": r.max_step_difference} for k, r in reports.items()})
     for report in reports.values():
         assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)

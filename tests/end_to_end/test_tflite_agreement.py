@@ -8,9 +8,6 @@ arithmetic the QAT model's inference reproduces; see ``keras_qat.emulation``).
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 
 from keras_qat.export import compare, to_tflite
@@ -19,36 +16,30 @@ pytestmark = pytest.mark.slow
 
 CASES = ["MobileNetV2", "ResNet50", "MobileNetV3Small"]
 
-#: Where the agreement figures go when set (the closing notes quote them).
-REPORT_DIR = os.environ.get("KERAS_QAT_REPORT_DIR")
-
 
 @pytest.mark.parametrize("trained_application", CASES, indirect=True)
-def test_litert_int8_model_agrees_with_the_qat_model(trained_application, tmp_path):
+def test_litert_int8_model_agrees_with_the_qat_model(trained_application, tmp_path, record_agreement):
     name, quantized, held_out = trained_application.name, trained_application.quantized, trained_application.held_out
     check = to_tflite(quantized, tmp_path / f"{name}.tflite")
     assert check.float_ops == [], str(check)
     assert check.redundant_quantize_pairs == [], str(check)
 
     report = compare(quantized, check.path, held_out)
-    if REPORT_DIR:
-        os.makedirs(REPORT_DIR, exist_ok=True)
-        with open(os.path.join(REPORT_DIR, f"tflite_{name}.json"), "w") as f:
-            json.dump(
-                {
-                    kernels: {
-                        "identical_fraction": r.identical_fraction,
-                        "max_step_difference": r.max_step_difference,
-                        "argmax_agreement": r.argmax_agreement,
-                    }
-                    # The optimized kernels round some ties differently: recorded, not asserted.
-                    for kernels, r in [
-                        ("reference", report),
-                        ("builtin", compare(quantized, check.path, held_out, kernels="builtin")),
-                        ("default", compare(quantized, check.path, held_out, kernels="default")),
-                    ]
-                },
-                f,
-            )
+    if record_agreement.enabled:  # the optimized kernels round some ties differently: recorded, not asserted
+        record_agreement(
+            f"tflite_{name}",
+            {
+                kernels: {
+                    "identical_fraction": r.identical_fraction,
+                    "max_step_difference": r.max_step_difference,
+                    "argmax_agreement": r.argmax_agreement,
+                }
+                for kernels, r in [
+                    ("reference", report),
+                    ("builtin", compare(quantized, check.path, held_out, kernels="builtin")),
+                    ("default", compare(quantized, check.path, held_out, kernels="default")),
+                ]
+            },
+        )
     assert report.identical_fraction >= 0.999, str(report)
     assert report.max_step_difference <= 1, str(report)

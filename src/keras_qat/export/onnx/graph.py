@@ -32,11 +32,6 @@ class OnnxType:
     low: int
     high: int
 
-    @property
-    def numpy(self) -> type:
-        """The NumPy type its initializers are built from (int4 values are packed by ``onnx``)."""
-        return np.int16 if self.proto == TensorProto.INT16 else np.int8
-
 
 def onnx_type(bits: int, opset: int) -> OnnxType | None:
     """The narrowest signed ONNX type that holds ``bits``-bit codes at ``opset``; None if none does
