@@ -913,7 +913,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _md_header(generated: str, command: str) -> str:
     return (
         f"Conformance of keras-qat ({generated}; `{command}`): QAT model in inference vs the deployed model, "
-        "in output quantization steps (tflite: LiteRT reference kernels; kqat: keras_qat.runtime)."
+        "in output quantization steps (tflite: LiteRT reference kernels; kqat: keras_qat.runtime; onnx: ONNX Runtime, graph optimizations off and on)."
     )
 
 
