@@ -165,3 +165,43 @@ def test_compare_names_the_formats_it_runs(tmp_path):
     model = kq.quantize_model(_small_cnn())
     with pytest.raises(ValueError, match="neither a .tflite nor an .onnx file"):
         compare(model, tmp_path / "m.pb", np.zeros((1, 8, 8, 1), "float32"))
+
+
+def _dilated_same():
+    inputs = keras.Input((9, 9, 2))
+    x = L.Conv2D(3, 3, dilation_rate=2, padding="same", name="dilated")(inputs)
+    y = L.Reshape((81, 3))(x)
+    y = L.Conv1D(2, 3, dilation_rate=3, padding="same", name="dilated_1d")(y)
+    return keras.Model(inputs, L.Dense(2, name="head")(L.Flatten()(y)))
+
+
+def _pools_and_branches():
+    """Two inputs, two outputs; an average pool whose `same` windows are cut at the border; an
+    uneven zero padding; a concatenation of branches on different grids."""
+    a, b = keras.Input((7, 7, 2), name="a"), keras.Input((7, 7, 2), name="b")
+    x = L.AveragePooling2D(3, strides=2, padding="same", name="avg")(L.Conv2D(4, 3, padding="same", name="conv_a")(a))
+    y = L.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(L.Conv2D(4, 3, strides=2, name="conv_b")(b))
+    merged = L.Concatenate(name="concat")([x, y])
+    return keras.Model([a, b], [L.Dense(3, name="head")(L.GlobalAveragePooling2D()(merged)), L.Dense(2, name="side")(L.Flatten()(y))])
+
+
+@pytest.mark.parametrize("build", [_dilated_same, _pools_and_branches], ids=lambda f: f.__name__.strip("_"))
+def test_layouts_beyond_the_digits_cnn_run_exactly(tmp_path, build):
+    keras.utils.set_random_seed(3)
+    model = kq.quantize_model(build())
+    rng = np.random.default_rng(3)
+    x = [rng.normal(size=(16,) + tuple(t.shape[1:])).astype("float32") for t in model.inputs]
+    model.compile("adam", "mse")
+    model.fit(x if len(x) > 1 else x[0], [rng.normal(size=(16,) + tuple(t.shape[1:])) for t in model.outputs], epochs=1, verbose=0)
+    path = to_onnx(model, tmp_path / "m.onnx")
+    for kernels in ("reference", "default"):
+        report = compare(model, path, x if len(x) > 1 else x[0], kernels=kernels)
+        assert report.identical_fraction == 1.0 and report.max_step_difference == 0, str(report)
+
+
+def test_a_file_without_a_suffix_is_run_by_what_it_holds(tmp_path):
+    model = kq.quantize_model(_small_cnn())
+    x = np.random.default_rng(4).random((8, 8, 8, 1)).astype("float32")
+    model(x, training=True)
+    path = to_onnx(model, tmp_path / "model")
+    assert compare(model, path, x).deployed == "ONNX"

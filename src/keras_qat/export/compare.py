@@ -25,8 +25,8 @@ from keras_qat.layers import QuantizeLayer
 #: arithmetic of TFLite's quantization spec, which the QAT model's inference reproduces: two
 #: roundings, gemmlowp), its built-in optimized kernels (the x86 ones round negative halves up in
 #: their second rounding), or its default (XNNPACK where it applies, as deployed on CPU; rounds
-#: once). For ONNX Runtime: graph optimizations off (every QuantizeLinear, DequantizeLinear and
-#: float op run as written), basic, or all (its default: QDQ groups fused into integer kernels).
+#: once). For ONNX Runtime: graph optimizations off (every node run as written), basic, or all
+#: (its default).
 KERNELS = ("reference", "builtin", "default")
 
 
@@ -36,7 +36,7 @@ class OutputAgreement:
 
     Attributes:
         name: the Keras output name.
-        scale: the output's quantization step in the TFLite model.
+        scale: the output's quantization step in the deployed model.
         identical_fraction: fraction of elements that are equal (0 steps apart).
         max_step_difference: the largest difference, in steps.
         argmax_agreement: fraction of rows (all axes but the last) whose argmax over the last
@@ -145,11 +145,14 @@ Runner = Callable[[str | os.PathLike, list, list, str], list]
 def _runner(path) -> tuple[str, Runner]:
     """``(format name, runner)`` for the deployed file at ``path``, by its suffix."""
     suffix = Path(path).suffix.lower()
+    if suffix not in (".onnx", ".tflite", ".lite") and Path(path).is_file():
+        with open(path, "rb") as stream:  # no telling suffix: a flatbuffer says TFL3 at byte 4
+            suffix = ".tflite" if stream.read(8)[4:8] == b"TFL3" else ".onnx"
     if suffix == ".onnx":
         from keras_qat.export.onnx.run import onnx_outputs
 
         return "ONNX", onnx_outputs
-    if suffix in (".tflite", ".lite", ""):
+    if suffix in (".tflite", ".lite"):
         from keras_qat.export.tflite.compare import run_tflite
 
         return "TFLite", run_tflite

@@ -10,8 +10,8 @@ table, ``bench/conformance.py``) or refuses the model up front with one
 * ``"kqat"``: the integer artifact; its verdict is the artifact writer's own walk over the
   graph (:func:`keras_qat.export.artifact.refusals`), so it cannot disagree with the export.
 * ``"onnx"``: the ONNX QDQ graph, written from the same integer form as the artifact
-  (:func:`keras_qat.export.onnx.to_onnx`): it takes what the artifact takes, within the
-  integer types of its opset.
+  (:func:`keras_qat.export.onnx.to_onnx`): it refuses what the artifact refuses, widths its
+  opset has no integer type for, and 16-bit kernels whose sums float32 cannot hold exactly.
 * ``"tflite"``: LiteRT int8 through the TFLite converter. The converter cannot be asked what it
   will do, so the rules below say which layer kinds and settings deploy exactly (measured by
   the conformance table against LiteRT's reference kernels); each rule names the layer and

@@ -13,6 +13,8 @@ def write_atomically(path: str | os.PathLike, content: bytes) -> Path:
     gets the permissions the umask gives a new file (``mkstemp`` would leave it 0600)."""
     path = Path(path)
     directory = path.parent if str(path.parent) else Path(".")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"cannot write {path}: the folder {directory} does not exist.")
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(handle, "wb") as stream:

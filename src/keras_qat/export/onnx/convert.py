@@ -28,7 +28,7 @@ from onnx import TensorProto, helper
 
 from keras_qat.errors import NotDeployableError
 from keras_qat.export.onnx.graph import GraphBuilder, onnx_type
-from keras_qat.export.onnx.lowering import LOWERINGS, OpContext, grid_of
+from keras_qat.export.onnx.lowering import LOWERINGS, LoweringRefusal, OpContext, grid_of
 from keras_qat.export.onnx.symbolic import OnnxOps, Value
 from keras_qat.export.validate import non_finite_variables, require_finite
 from keras_qat.format.atomic import write_atomically
@@ -134,7 +134,7 @@ def build_graph(
         else:
             try:
                 out_codes = LOWERINGS[op["op"]](g, context, xp, [codes_of(t, xp) for t in op["inputs"]])
-            except ValueError as refusal:  # an op whose integers ONNX cannot hold exactly
+            except LoweringRefusal as refusal:
                 reasons[op["layer"]] = f"layer '{op['layer']}' ({op['op']}): {refusal}."
                 out_codes = xp.value(dequantized[op["inputs"][0]], "float32")  # a stand-in; the next ops are checked too
         real = (xp.cast(out_codes, "float32") - float(entry["zero_point"])) * np.float32(entry["scale"])
@@ -224,7 +224,9 @@ def _ir_version(opset: int) -> int:
 
 
 def _dims(shape: list) -> list:
-    return ["N" if i == 0 else (d if d is not None else f"d{i}") for i, d in enumerate(shape)]
+    """A tensor's declared shape: the batch named ``N`` (one batch in, one out), every other
+    unknown size left unnamed (a name would claim it equal to another tensor's)."""
+    return ["N" if i == 0 else d for i, d in enumerate(shape)]
 
 
 def _output_name(model: keras.Model, index: int) -> str:
