@@ -25,6 +25,8 @@ _EXPORTS = {
     "quantize_apply": "keras_qat.api",
     "quantize_model": "keras_qat.api",
     "quantize_scope": "keras_qat.api",
+    "calibrate": "keras_qat.calibration",
+    "CalibrationReport": "keras_qat.calibration",
     "QuantizeConfig": "keras_qat.config",
     "LayerQuantizeConfig": "keras_qat.config",
     "NoOpQuantizeConfig": "keras_qat.config",

@@ -238,7 +238,9 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None, target: str
     Each annotated layer becomes a :class:`QuantizeWrapper` with its annotation's config, or
     the scheme's config for its type. Model inputs that feed quantized layers get a
     :class:`QuantizeLayer`. Layers without annotation stay float. The new model has fresh
-    layers holding copies of the weights.
+    layers holding copies of the weights, and each weight quantizer's range is already its
+    weight's (BatchNorm folded); activation ranges hold their initial values until training
+    observes data, or :func:`keras_qat.calibrate` sets them.
 
     Args:
         model: a Sequential or functional model with annotated layers.
@@ -263,6 +265,10 @@ def quantize_apply(model: keras.Model, scheme: Scheme | None = None, target: str
     _check_annotations_not_quantized(model)
     _check_supported(model, scheme)
     quantized = _apply(model, scheme)
+    # Weight grids are the weights' own from the start (activations need data: calibrate).
+    from keras_qat.calibration import weight_ranges_from_weights
+
+    weight_ranges_from_weights(quantized)
     if target is not None:
         # The exporters' verdict; imported here because the exporters build on this module.
         from keras_qat.export.targets import require_deployable

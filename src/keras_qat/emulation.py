@@ -80,7 +80,7 @@ def exported_grid(source: Source) -> IntegerGrid:
 
 def enabled(training: bool) -> bool:
     """Whether inference reproduces the integer kernels in this call."""
-    return not training and not qops.is_exporting() and qops.exact_integer_arithmetic()
+    return not training and not qops.plain_fake_quant() and qops.exact_integer_arithmetic()
 
 
 # ---- the arithmetic (lowered and executed by keras_qat.integer) ------------------------------

@@ -596,7 +596,7 @@ class QuantizeSameScale(keras.layers.Wrapper):
         source = self._source()
         learns = training and source.variables is self.quantizer_vars
         quantized = source.quantizer(inputs, learns, source.variables)
-        if not training and not qops.is_exporting() and is_kind(self.layer, "average_pool"):
+        if not training and not qops.plain_fake_quant() and is_kind(self.layer, "average_pool"):
             return emulation.average_pool_inference(self.layer, quantized, source)
         outputs = self.layer(quantized)
         # The range was just updated from the input (training) or is the stored one: read it.

@@ -79,6 +79,33 @@ def is_exporting() -> bool:
     return _EXPORTING.get() is not None
 
 
+_OBSERVER = contextvars.ContextVar("keras_qat_observer", default=None)
+
+
+@contextlib.contextmanager
+def observing(observer) -> Iterator[None]:
+    """While a model is calibrated (:func:`keras_qat.calibrate`): every range quantizer hands
+    its input to ``observer(quantizer, inputs, weights, axes)`` and returns what it returns
+    (the float input), and layers run their plain float path in inference, so that each
+    quantizer sees the tensor it quantizes."""
+    token = _OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _OBSERVER.reset(token)
+
+
+def current_observer():
+    """The observer of :func:`observing`, or None."""
+    return _OBSERVER.get()
+
+
+def plain_fake_quant() -> bool:
+    """Whether layers compute plain fake quantization in inference instead of emulating the
+    integer kernels: while exporting (:func:`exporting`) or calibrating (:func:`observing`)."""
+    return _EXPORTING.get() is not None or _OBSERVER.get() is not None
+
+
 def export_hook(name: str):
     """The exporter's hook ``name`` while exporting (see :func:`exporting`), else None."""
     hooks = _EXPORTING.get()

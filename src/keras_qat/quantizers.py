@@ -226,6 +226,9 @@ class _RangeQuantizer(Quantizer):
                 "integer tensors (ids, masks) should be left unquantized."
             )
         axes = self._call_axes(inputs, weights)
+        observer = qops.current_observer()
+        if observer is not None:  # calibrating: the observer records the tensor
+            return observer(self, inputs, weights, axes)
         if training:
             range_min, range_max = self._training_range(inputs, axes, weights)
         else:
