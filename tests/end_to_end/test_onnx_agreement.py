@@ -14,7 +14,9 @@ from keras_qat.export import compare, to_onnx
 
 pytestmark = pytest.mark.slow
 
-CASES = ["MobileNetV2", "ResNet50", "MobileNetV3Small"]
+# MobileNetV3Small's Rescaling and hard-swish Multiply have no op in the integer form the ONNX
+# graph is written from: refused by name, as .kqat refuses them (tests/test_export_targets.py).
+CASES = ["MobileNetV2", "ResNet50"]
 
 
 @pytest.mark.parametrize("trained_application", CASES, indirect=True)
