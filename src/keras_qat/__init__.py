@@ -42,6 +42,8 @@ _EXPORTS = {
     "MovingAverageQuantizer": "keras_qat.quantizers",
     "AllValuesQuantizer": "keras_qat.quantizers",
     "FixedQuantizer": "keras_qat.quantizers",
+    "LSQQuantizer": "keras_qat.learned",
+    "PACTQuantizer": "keras_qat.learned",
     "Default8BitScheme": "keras_qat.schemes",
     "NBitScheme": "keras_qat.schemes",
 }

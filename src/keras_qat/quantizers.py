@@ -197,13 +197,13 @@ class _RangeQuantizer(Quantizer):
                 name=f"{name}_min",
                 shape=shape,
                 initializer=keras.initializers.Constant(initial_min),
-                trainable=False,
+                trainable=self.learns("min_var"),
             ),
             "max_var": layer.add_weight(
                 name=f"{name}_max",
                 shape=shape,
                 initializer=keras.initializers.Constant(initial_max),
-                trainable=False,
+                trainable=self.learns("max_var"),
             ),
         }
         weights.update(self._build_state(name, layer))
@@ -211,6 +211,11 @@ class _RangeQuantizer(Quantizer):
 
     def _initial_range(self, shape, name, layer):
         return INITIAL_RANGE
+
+    def learns(self, key: str) -> bool:
+        """Whether the range variable ``key`` (``"min_var"``, ``"max_var"``) is trained by
+        gradient descent (:mod:`keras_qat.learned`) rather than set from observed data."""
+        return False
 
     def _build_state(self, name: str, layer) -> dict[str, Any]:
         return {}

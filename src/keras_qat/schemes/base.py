@@ -9,7 +9,11 @@ import numpy as np
 
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
+from keras_qat.learned import LSQQuantizer, PACTQuantizer
 from keras_qat.quantizers import FixedQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
+
+#: The ways a scheme sets ranges (``method``).
+METHODS = ("minmax", "lsq", "pact")
 from keras_qat.registry import (
     SIGNED_UNIT_RANGE_ACTIVATIONS,
     UNIT_RANGE_ACTIVATIONS,
@@ -117,6 +121,12 @@ class RegistryScheme(Scheme):
             that follows it, and let a Concatenate quantize its inputs with one range.
         freeze_bn_after_steps: stop using batch statistics in folded layers after this
             many training steps; None never freezes.
+        method: how ranges are set (:data:`METHODS`): ``"minmax"`` observes them (weights:
+            their current min/max; activations: a moving average of batch ranges), ``"lsq"``
+            learns weights' and activations' step sizes (:class:`keras_qat.learned.LSQQuantizer`),
+            ``"pact"`` learns activations' clipping bounds (:class:`keras_qat.learned.PACTQuantizer`)
+            with min/max weights. Learned ranges start from the weights, from
+            :func:`keras_qat.calibrate`, or from the first batch.
     """
 
     def __init__(
@@ -129,8 +139,12 @@ class RegistryScheme(Scheme):
         fold_batch_norm: bool = True,
         fuse_activations: bool = True,
         freeze_bn_after_steps: int | None = None,
+        method: str = "minmax",
     ):
         owner = type(self).__name__
+        if method not in METHODS:
+            raise ValueError(f"{owner}: method must be one of {', '.join(METHODS)}, got {method!r}.")
+        self.method = method
         for arg, value in (
             ("per_axis_conv", per_axis_conv),
             ("per_axis_dense", per_axis_dense),
@@ -208,7 +222,8 @@ class RegistryScheme(Scheme):
     def weight_quantizer(self, layer, bits: int, per_axis: bool) -> Quantizer:
         kind = kind_of(layer)
         axis = kind.kernel_axis if kind is not None else -1
-        return LastValueQuantizer(num_bits=bits, per_axis=per_axis, symmetric=True, narrow_range=True, axis=axis)
+        quantizer = LSQQuantizer if self.method == "lsq" else LastValueQuantizer
+        return quantizer(num_bits=bits, per_axis=per_axis, symmetric=True, narrow_range=True, axis=axis)
 
     def activation_quantizer(self, activation, bits: int) -> Quantizer:
         name = activation_name(activation)
@@ -217,7 +232,12 @@ class RegistryScheme(Scheme):
         if name in SIGNED_UNIT_RANGE_ACTIVATIONS:
             half = 2 ** (bits - 1)
             return FixedQuantizer(num_bits=bits, init_min=-1.0, init_max=(half - 1) / half)
-        return MovingAverageQuantizer(num_bits=bits, per_axis=False, symmetric=False, narrow_range=False)
+        return self._observed_range_quantizer(bits)
+
+    def _observed_range_quantizer(self, bits: int) -> Quantizer:
+        """An activation quantizer whose range comes from data, by :attr:`method`."""
+        quantizer = {"lsq": LSQQuantizer, "pact": PACTQuantizer}.get(self.method, MovingAverageQuantizer)
+        return quantizer(num_bits=bits, per_axis=False, symmetric=False, narrow_range=False)
 
     # ---- the registry -----------------------------------------------------------------
 
@@ -252,7 +272,7 @@ class RegistryScheme(Scheme):
         quantizer = (
             self.activation_quantizer(activation, activation_bits)
             if activation is not None
-            else MovingAverageQuantizer(num_bits=activation_bits)
+            else self._observed_range_quantizer(activation_bits)
         )
         return LayerQuantizeConfig(output_quantizer=quantizer)
 

@@ -18,6 +18,8 @@ class NBitScheme(RegistryScheme):
             to use instead, or None to keep the layer in float.
         fold_batch_norm, fuse_activations, freeze_bn_after_steps: the graph transforms, as
             in :class:`~keras_qat.schemes.base.RegistryScheme`.
+        method: ``"minmax"`` (the default), ``"lsq"`` or ``"pact"``: how ranges are set (see
+            :class:`~keras_qat.schemes.base.RegistryScheme`).
     """
 
     def __init__(
@@ -29,6 +31,7 @@ class NBitScheme(RegistryScheme):
         fold_batch_norm: bool = True,
         fuse_activations: bool = True,
         freeze_bn_after_steps: int | None = None,
+        method: str = "minmax",
     ):
         check_bool(per_axis, f"{type(self).__name__}: per_axis")
         super().__init__(
@@ -40,4 +43,5 @@ class NBitScheme(RegistryScheme):
             fold_batch_norm=fold_batch_norm,
             fuse_activations=fuse_activations,
             freeze_bn_after_steps=freeze_bn_after_steps,
+            method=method,
         )

@@ -14,7 +14,7 @@ import keras
 
 from keras_qat.config import LayerQuantizeConfig
 from keras_qat.layers import QuantizeAnnotate
-from keras_qat.quantizers import MovingAverageQuantizer
+from keras_qat.quantizers import FixedQuantizer, _RangeQuantizer
 from keras_qat.registry import ARITHMETIC_OPERATIONS, activation_name, is_fusable_relu, kind_of
 
 L = keras.layers
@@ -195,7 +195,7 @@ def _observed_output_range(layer, scheme) -> bool:
     quantizer = config.output_quantizer
     if quantizer is None and config.activation_attrs:
         quantizer = config.activation_quantizer
-    return isinstance(quantizer, MovingAverageQuantizer)
+    return isinstance(quantizer, _RangeQuantizer) and not isinstance(quantizer, FixedQuantizer)
 
 
 def is_plain_arithmetic(operation) -> bool:
