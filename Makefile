@@ -10,7 +10,7 @@ export PYTHONHASHSEED ?= 0
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: demo test test-jax bench install clean
+.PHONY: demo test test-jax bench bench-env install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -36,10 +36,21 @@ test: $(STAMP)
 test-jax: $(STAMP)
 	KERAS_BACKEND=jax $(PY) -m pytest -m "numerics or api" $(PYTEST_ARGS)
 
+# tfmot, for the side-by-side benchmarks only: it needs tf-keras, which pulls the full
+# tensorflow wheel, so it lives in its own environment, never in the package's.
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet "tensorflow==2.21.*" "tf-keras==2.21.*" "tensorflow-model-optimization==0.8.1" mnist1d scikit-learn
+	touch $(BENCH_STAMP)
+
+bench-env: $(BENCH_STAMP)
+
 bench: $(STAMP)
 	$(PY) bench/fake_quant.py
 	$(PY) bench/qat_overhead.py
 	$(PY) bench/runtime.py
 
 clean:
-	rm -rf $(VENV) build .pytest_cache .hypothesis src/*.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) build .pytest_cache .hypothesis src/*.egg-info

@@ -1,0 +1,194 @@
+"""Held-out accuracy of low-bit QAT: keras-qat's methods against float and against tfmot.
+
+For each data set (mnist1d's Conv1D CNN, the digits CNN) and seed: the float model is trained
+(``accuracy_setup.FLOAT_EPOCHS``), then for each scheme (W8A8 ... W2A2; the first and last
+layers at 8 bits) and method (minmax, lsq, pact) a copy is quantized, calibrated
+(``keras_qat.calibrate``: min/max at 8 bits, MSE clipping below) and fine-tuned
+(``QAT_EPOCHS``, never more than the float epochs). Accuracy is the QAT model's inference
+(what deploys) on the held-out set, after calibration and after fine-tuning. tfmot 0.8.1
+(its 8-bit ``quantize_model`` and its experimental n-bit scheme at W4A4 and W4A8) runs the same
+protocol in the environment ``make bench-env`` creates (``.venv-bench``, with tf-keras), through
+``bench/tfmot_accuracy.py``; without that environment its rows say so.
+
+Run ``.venv/bin/python bench/accuracy.py`` (``--seeds 0,1,2``, ``--datasets mnist1d,digits``,
+``--methods minmax,lsq,pact``, ``--schemes w8a8,w4a4``, ``--no-tfmot``). It prints the table
+(mean and spread over seeds) and writes ``bench/results/accuracy.json`` and the accuracy
+section of ``bench/RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import accuracy_setup as setup  # noqa: E402
+from common import machine_info, print_table, write_json_atomic  # noqa: E402
+
+BENCH_PYTHON = HERE.parent / ".venv-bench" / "bin" / "python"
+RESULTS_MD = HERE / "RESULTS.md"
+START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
+
+
+def _scheme_name(weight_bits: int, activation_bits: int) -> str:
+    return f"W{weight_bits}A{activation_bits}"
+
+
+def run_keras_qat(dataset, seed: int, schemes, methods, log) -> list[dict]:
+    import keras
+
+    import keras_qat as kq
+
+    rows = []
+    started = time.time()
+    float_model = setup.train_float(keras, dataset, seed)
+    float_accuracy = setup.accuracy(keras.ops.convert_to_numpy(float_model(dataset.x_test, training=False)), dataset.y_test)
+    rows.append({"system": "float", "scheme": "float", "method": "-", "dataset": dataset.name, "seed": seed, "accuracy": float_accuracy})
+    log(f"{dataset.name} seed {seed}: float {float_accuracy:.2%} ({time.time() - started:.0f} s)")
+    eight_bit = {name: {"weight_bits": 8, "activation_bits": 8} for name in setup.EIGHT_BIT_LAYERS}
+    for weight_bits, activation_bits in schemes:
+        for method in methods:
+            started = time.time()
+            keras.utils.set_random_seed(seed)
+            scheme = kq.NBitScheme(weight_bits, activation_bits, method=method, overrides=eight_bit)
+            quantized = kq.quantize_model(float_model, scheme)
+            calibration = "minmax" if min(weight_bits, activation_bits) >= 8 else "mse"
+            kq.calibrate(quantized, dataset.x_train, steps=20, method=calibration, batch_size=setup.BATCH_SIZE)
+            calibrated = setup.accuracy(keras.ops.convert_to_numpy(quantized(dataset.x_test, training=False)), dataset.y_test)
+            setup.compile_for_training(keras, quantized, setup.QAT_LEARNING_RATE)
+            quantized.fit(dataset.x_train, dataset.y_train, epochs=setup.QAT_EPOCHS, batch_size=setup.BATCH_SIZE, verbose=0)
+            tuned = setup.accuracy(keras.ops.convert_to_numpy(quantized(dataset.x_test, training=False)), dataset.y_test)
+            name = _scheme_name(weight_bits, activation_bits)
+            rows.append(
+                {"system": "keras-qat", "scheme": name, "method": method, "dataset": dataset.name, "seed": seed,
+                 "calibrated": calibrated, "accuracy": tuned}
+            )
+            log(f"{dataset.name} seed {seed}: keras-qat {name} {method}: calibrated {calibrated:.2%}, fine-tuned {tuned:.2%} ({time.time() - started:.0f} s)")
+    return rows
+
+
+def run_tfmot(datasets: list[str], seeds: list[int], log) -> tuple[list[dict], str | None]:
+    """tfmot's rows from the bench environment, or why there are none."""
+    if not BENCH_PYTHON.exists():
+        return [], "not run: `make bench-env` creates .venv-bench (tfmot needs tf-keras)"
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "tfmot.json"
+        command = [str(BENCH_PYTHON), str(HERE / "tfmot_accuracy.py"), "--datasets", ",".join(datasets),
+                   "--seeds", ",".join(map(str, seeds)), "--output", str(output)]
+        log("tfmot: " + " ".join(command))
+        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONPATH": str(HERE)}
+        done = subprocess.run(command, env=env, text=True, capture_output=True)
+        if done.returncode != 0 or not output.exists():
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return [], f"failed: {last[:200]}"
+        return json.loads(output.read_text())["rows"], None
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Mean and spread (min..max) over seeds, per (dataset, system, scheme, method)."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["dataset"], row["system"], row["scheme"], row["method"]), []).append(row)
+    summary = []
+    for (dataset, system, scheme, method), members in groups.items():
+        values = np.array([m["accuracy"] for m in members])
+        entry = {"dataset": dataset, "system": system, "scheme": scheme, "method": method, "seeds": len(members),
+                 "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
+        calibrated = [m["calibrated"] for m in members if "calibrated" in m]
+        if calibrated:
+            entry["calibrated_mean"] = float(np.mean(calibrated))
+        summary.append(entry)
+    return summary
+
+
+def table_cells(summary: list[dict]) -> list[list[str]]:
+    floats = {s["dataset"]: s["mean"] for s in summary if s["system"] == "float"}
+    cells = []
+    for s in summary:
+        delta = s["mean"] - floats.get(s["dataset"], s["mean"])
+        calibrated = f"{s['calibrated_mean']:.1%}" if "calibrated_mean" in s else "-"
+        cells.append([s["dataset"], s["system"], s["scheme"], s["method"], calibrated, f"{s['mean']:.1%}",
+                      f"{s['min']:.1%}..{s['max']:.1%}", f"{delta * 100:+.1f}", str(s["seeds"])])
+    return cells
+
+
+HEADERS = ["data", "system", "scheme", "method", "calibrated", "accuracy", "spread", "vs float (pts)", "seeds"]
+
+
+def markdown(cells: list[list[str]], note: str) -> str:
+    lines = [START, "## Accuracy (bench/accuracy.py)", "", note, "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    return "\n".join(lines + [END])
+
+
+def write_results_md(section: str) -> None:
+    from keras_qat.format.atomic import write_atomically
+
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nWritten by the scripts in bench/; each section says which and when.\n\n"
+    if START in text and END in text:
+        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_atomically(RESULTS_MD, text.encode("utf-8"))
+
+
+def _schemes(text: str) -> list[tuple[int, int]]:
+    wanted = {name.strip().upper() for name in text.split(",")}
+    chosen = [s for s in setup.SCHEMES if _scheme_name(*s) in wanted]
+    if len(chosen) != len(wanted):
+        raise SystemExit(f"--schemes: choose among {', '.join(_scheme_name(*s).lower() for s in setup.SCHEMES)}")
+    return chosen
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--datasets", default="mnist1d,digits")
+    parser.add_argument("--methods", default="minmax,lsq,pact")
+    parser.add_argument("--schemes", default=",".join(_scheme_name(*s).lower() for s in setup.SCHEMES))
+    parser.add_argument("--no-tfmot", action="store_true", help="skip tfmot even where .venv-bench exists")
+    parser.add_argument("--output", default=str(HERE / "results" / "accuracy.json"))
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    datasets = [d.strip() for d in args.datasets.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    schemes = _schemes(args.schemes)
+    log = lambda message: print(message, flush=True)  # noqa: E731
+    started = time.time()
+    rows = []
+    for name in datasets:
+        dataset = setup.DATASETS[name]()
+        for seed in seeds:
+            rows += run_keras_qat(dataset, seed, schemes, methods, log)
+    tfmot_rows, tfmot_note = ([], "skipped (--no-tfmot)") if args.no_tfmot else run_tfmot(datasets, seeds, log)
+    rows += tfmot_rows
+    summary = summarize(rows)
+    cells = table_cells(summary)
+    print_table(HEADERS, {4, 5, 6, 7, 8}, cells, "Held-out accuracy: QAT model inference (what deploys)")
+    note = (
+        f"Measured {time.strftime('%Y-%m-%d')} by `bench/accuracy.py --seeds {args.seeds} --datasets {args.datasets} "
+        f"--methods {args.methods} --schemes {args.schemes}` in {time.time() - started:.0f} s on {os.cpu_count()} cores. "
+        f"Float {setup.FLOAT_EPOCHS} epochs (Adam {setup.FLOAT_LEARNING_RATE}), QAT {setup.QAT_EPOCHS} epochs (Adam "
+        f"{setup.QAT_LEARNING_RATE}), batch {setup.BATCH_SIZE}; first and last layers at 8 bits; calibrated by min/max at "
+        "8 bits, MSE below. tfmot: " + (tfmot_note or "0.8.1 in .venv-bench, the same protocol") + "."
+    )
+    payload = {"machine": machine_info(), "rows": rows, "summary": summary, "note": note}
+    write_json_atomic(Path(args.output), payload)
+    write_results_md(markdown(cells, note))
+    print(f"wrote {args.output} and {RESULTS_MD}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
