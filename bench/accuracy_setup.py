@@ -58,14 +58,17 @@ DATASETS = {"mnist1d": mnist1d, "digits": digits}
 
 
 def mnist1d_cnn(keras):
-    """Three Conv1D+BN+ReLU blocks and a Dense head."""
+    """Three convolution+BN+ReLU blocks over the 40 samples and a Dense head. The
+    convolutions are Conv2D with 1xk kernels on a 1x40 image, not Conv1D: tfmot 0.8.1 refuses
+    Conv1D ("is not supported"), and both systems must train the same network."""
     L = keras.layers
     inputs = keras.Input((40, 1), name="signal")
-    x = L.Conv1D(32, 5, padding="same", name="conv_first")(inputs)
+    x = L.Reshape((1, 40, 1), name="as_image")(inputs)
+    x = L.Conv2D(32, (1, 5), padding="same", name="conv_first")(x)
     x = L.ReLU(name="relu_first")(L.BatchNormalization(name="bn_first")(x))
-    x = L.Conv1D(32, 3, strides=2, padding="same", name="conv2")(x)
+    x = L.Conv2D(32, (1, 3), strides=(1, 2), padding="same", name="conv2")(x)
     x = L.ReLU(name="relu2")(L.BatchNormalization(name="bn2")(x))
-    x = L.Conv1D(32, 3, strides=2, padding="same", name="conv3")(x)
+    x = L.Conv2D(32, (1, 3), strides=(1, 2), padding="same", name="conv3")(x)
     x = L.ReLU(name="relu3")(L.BatchNormalization(name="bn3")(x))
     x = L.Flatten(name="flatten")(x)
     return keras.Model(inputs, L.Dense(10, name="dense_last")(x), name="mnist1d_cnn")

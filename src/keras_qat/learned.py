@@ -72,21 +72,36 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
         weights["steps"].assign(weights["steps"] + 1.0)
         return range_min, range_max
 
+    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
+        if not training or qops.current_observer() is not None:
+            return super().__call__(inputs, training, weights, **kwargs)
+        inputs = ops.convert_to_tensor(inputs)
+        axes = self._call_axes(inputs, weights)
+        range_min, range_max = self._learned_range(inputs, axes, weights)
+        # What inference and every export read: the range this step quantized on.
+        weights["min_var"].assign(ops.stop_gradient(range_min))
+        weights["max_var"].assign(ops.stop_gradient(range_max))
+        return self._quantize(inputs, axes, range_min, range_max)
+
+    def _learned_range(self, inputs, axes, weights):
+        """The range this training step quantizes on, differentiable in the range variables."""
+        return self._training_range(inputs, axes, weights)
+
+    def _quantize(self, inputs, axes, range_min, range_max):
+        raise NotImplementedError
+
 
 @keras.saving.register_keras_serializable(package="keras_qat")
 class LSQQuantizer(_LearnedRangeQuantizer):
     """Learned step size (LSQ). Symmetric (weights): learns the largest value, the range
     ``[-max, max]`` (narrow) giving the step ``max / qmax``; asymmetric (activations): learns
     both ends, the step ``(max - min) / (qmax - qmin)`` and the zero point rounded from ``min``
-    as the deployed grid rounds it. The forward pass is that grid's fake quantization."""
+    as the deployed grid rounds it. The forward pass is that grid's fake quantization; its
+    gradient with respect to the step is LSQ's, scaled by ``1 / sqrt(N * Q_P)``."""
 
     observer = "lsq"
 
-    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
-        if not training or qops.current_observer() is not None:
-            return super().__call__(inputs, training, weights, **kwargs)
-        inputs = ops.convert_to_tensor(inputs)
-        axes = self._call_axes(inputs, weights)
+    def _learned_range(self, inputs, axes, weights):
         range_min, range_max = self._training_range(inputs, axes, weights)
         if self.symmetric:
             range_min, range_max = qops.symmetric_range(-ops.abs(range_max), ops.abs(range_max), self.num_bits, self.narrow_range)
@@ -94,10 +109,10 @@ class LSQQuantizer(_LearnedRangeQuantizer):
         # The paper's Q_P: the positive levels (2**(b-1) - 1 signed and narrow; 2**b - 1 unsigned).
         positive_levels = (qmax - qmin) // 2 if self.symmetric else qmax - qmin
         gradient_scale = 1.0 / float(np.sqrt(self._elements_per_step(inputs, axes) * positive_levels))
-        range_min = _scaled_gradient(range_min, gradient_scale)
-        range_max = _scaled_gradient(range_max, gradient_scale)
-        weights["min_var"].assign(ops.stop_gradient(range_min))
-        weights["max_var"].assign(ops.stop_gradient(range_max))
+        return _scaled_gradient(range_min, gradient_scale), _scaled_gradient(range_max, gradient_scale)
+
+    def _quantize(self, inputs, axes, range_min, range_max):
+        qmin, qmax = qops.quant_range(self.num_bits, self.narrow_range)
         range_min, range_max = _broadcast(range_min, inputs, axes), _broadcast(range_max, inputs, axes)
         scale = ops.maximum((range_max - range_min) / float(qmax - qmin), 1e-12)
         zero_point = ops.stop_gradient(ops.clip(ops.floor(qmin - range_min / scale + 0.5), qmin, qmax))
@@ -122,14 +137,7 @@ class PACTQuantizer(_LearnedRangeQuantizer):
 
     observer = "pact"
 
-    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
-        if not training or qops.current_observer() is not None:
-            return super().__call__(inputs, training, weights, **kwargs)
-        inputs = ops.convert_to_tensor(inputs)
-        axes = self._call_axes(inputs, weights)
-        range_min, range_max = self._training_range(inputs, axes, weights)
-        weights["min_var"].assign(ops.stop_gradient(range_min))
-        weights["max_var"].assign(ops.stop_gradient(range_max))
+    def _quantize(self, inputs, axes, range_min, range_max):
         return qops.fake_quant(inputs, range_min, range_max, num_bits=self.num_bits, narrow_range=self.narrow_range, axis=axes or None)
 
 
