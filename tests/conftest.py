@@ -8,6 +8,8 @@ against the same kernels.
 from __future__ import annotations
 
 import os
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -171,3 +173,37 @@ def digits_cnn() -> keras.Model:
     x = L.ReLU(name="relu_fc")(x)
     outputs = L.Dense(10, activation="softmax", name="classifier")(x)
     return keras.Model(inputs, outputs, name="digits_cnn")
+
+
+@pytest.fixture(scope="session")
+def digits_qat_8bit() -> keras.Model:
+    """The digits CNN quantized with the default 8-bit scheme (per-tensor Dense, which the
+    TFLite converter requires) and fine-tuned 2 epochs on the first 1400 digits, seed 1:
+    trained once for the export and runtime tests, which only read it."""
+    import keras_qat as kq
+
+    keras.utils.set_random_seed(1)
+    images, labels = digits_data()
+    model = kq.quantize_model(digits_cnn())
+    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
+    return model
+
+
+# ---- fresh Python processes ----
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (os.cpu_count() counts the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def run_side_by_side(commands, **kwargs) -> list[subprocess.CompletedProcess]:
+    """``subprocess.run(command, **kwargs)`` for each command, as many at a time as there are
+    CPUs (at most 4), in order. Each fresh Python that imports TensorFlow spends seconds of one
+    core on the import alone; independent ones need not wait for each other."""
+    commands = list(commands)
+    with ThreadPoolExecutor(max_workers=max(1, min(4, cpu_count(), len(commands)))) as pool:
+        return list(pool.map(lambda command: subprocess.run(command, **kwargs), commands))

@@ -134,10 +134,19 @@ def test_diagnose_and_the_export_give_the_same_verdict(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.fixture(scope="module")
+def trained_mlp_weights() -> list[np.ndarray]:
+    """The weights (ranges included) of ``_mlp`` trained at W8A8, trained once for the tests
+    that spoil a copy."""
+    q, _ = _trained(_mlp, kq.NBitScheme(8, 8))
+    return q.get_weights()
+
+
 @pytest.mark.parametrize("target", ["tflite", "kqat", "onnx"])
 @pytest.mark.parametrize("variable", ["kernel", "activation_min"])
-def test_non_finite_weights_and_ranges_are_refused_naming_layer_and_tensor(tmp_path, target, variable):
-    q, _ = _trained(_mlp, kq.NBitScheme(8, 8))
+def test_non_finite_weights_and_ranges_are_refused_naming_layer_and_tensor(tmp_path, target, variable, trained_mlp_weights):
+    q = kq.quantize_model(_mlp(), kq.NBitScheme(8, 8))
+    q.set_weights(trained_mlp_weights)  # the trained model, before one of its tensors is spoilt
     layer = q.get_layer("quant_head")
     (found,) = [v for v in layer.weights if v.name == variable]
     found.assign(np.full(found.shape, np.inf if variable == "kernel" else np.nan, "float32"))

@@ -57,12 +57,10 @@ def _quantize_int8(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def digits_export(tmp_path_factory):
+def digits_export(tmp_path_factory, digits_qat_8bit):
     """The digits CNN, quantized and fine-tuned 2 epochs, converted with float and int8 I/O."""
-    keras.utils.set_random_seed(1)
-    images, labels = digits_data()
-    model = kq.quantize_model(digits_cnn())
-    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
+    images, _ = digits_data()
+    model = digits_qat_8bit
     directory = tmp_path_factory.mktemp("digits")
     float_check = to_tflite(model, directory / "digits.tflite")
     int8_check = to_tflite(model, str(directory / "digits_int8.tflite"), int8_io=True)

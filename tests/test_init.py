@@ -5,6 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
+from tests.conftest import run_side_by_side
+
 _CODE = """
 import sys
 import keras_qat
@@ -45,26 +49,43 @@ else:
 """
 
 
+def _command(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return subprocess.run(_command(code), capture_output=True, text=True, timeout=300)
 
 
-def test_a_saved_qat_model_loads_after_import_keras_qat_before_or_after_keras(tmp_path):
-    """Importing keras_qat first, then Keras (or TensorFlow, which imports Keras), registers the
-    classes as soon as Keras is there: no keras-qat name needs to be used before loading."""
-    path = str(tmp_path / "q.keras")
+#: What a fresh Python imports before loading the saved model: keras_qat first, then Keras (or
+#: TensorFlow, which imports Keras); Keras first; and Keras alone, without keras_qat.
+IMPORTS = ("import keras_qat\n", "import keras_qat\nimport tensorflow\n", "import keras\nimport keras_qat\n", "")
+
+
+@pytest.fixture(scope="module")
+def loads(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """A QAT model saved by one fresh Python, then loaded by one fresh Python per ``IMPORTS``
+    (side by side): each run's output, by its imports."""
+    path = str(tmp_path_factory.mktemp("init") / "q.keras")
     made = _run(_MAKE.format(path=path))
     assert made.returncode == 0, made.stderr[-3000:]
-    for imports in ("import keras_qat\n", "import keras_qat\nimport tensorflow\n", "import keras\nimport keras_qat\n"):
-        done = _run(imports + _LOAD.format(path=path))
+    done = run_side_by_side(
+        [_command(imports + _LOAD.format(path=path)) for imports in IMPORTS], capture_output=True, text=True, timeout=300
+    )
+    return dict(zip(IMPORTS, done))
+
+
+def test_a_saved_qat_model_loads_after_import_keras_qat_before_or_after_keras(loads):
+    """Importing keras_qat first, then Keras (or TensorFlow, which imports Keras), registers the
+    classes as soon as Keras is there: no keras-qat name needs to be used before loading."""
+    for imports in IMPORTS[:3]:
+        done = loads[imports]
         assert done.stdout.strip() == "LOADED QuantizeLayer", imports + done.stdout + done.stderr[-3000:]
 
 
-def test_loading_without_keras_qat_gives_keras_error_naming_the_package(tmp_path):
+def test_loading_without_keras_qat_gives_keras_error_naming_the_package(loads):
     """Keras imports no package while loading but its own (documented in keras_qat.errors): its
     error names the class and the registered name ``keras_qat>...``, the package to import."""
-    path = str(tmp_path / "q.keras")
-    assert _run(_MAKE.format(path=path)).returncode == 0
-    done = _run(_LOAD.format(path=path))
+    done = loads[""]
     assert "Could not locate class 'QuantizeLayer'" in done.stdout, done.stdout + done.stderr[-3000:]
     assert "'registered_name': 'keras_qat>QuantizeLayer'" in done.stdout

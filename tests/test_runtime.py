@@ -76,12 +76,9 @@ def test_runtime_computes_what_the_qat_model_computes(digits, tmp_path, weight_b
 
 
 @pytest.fixture(scope="module")
-def eight_bit(digits, tmp_path_factory):
+def eight_bit(digits_qat_8bit, tmp_path_factory):
     """The default 8-bit scheme (per-tensor Dense, which the TFLite converter requires)."""
-    images, labels = digits
-    keras.utils.set_random_seed(1)
-    model = kq.quantize_model(digits_cnn())
-    fit_briefly(model, images[:1400], labels[:1400], epochs=2)
+    model = digits_qat_8bit
     directory = tmp_path_factory.mktemp("artifact")
     return model, save_artifact(model, directory / "digits.kqat"), directory
 
