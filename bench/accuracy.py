@@ -37,6 +37,13 @@ from common import machine_info, print_table, write_json_atomic  # noqa: E402
 
 BENCH_PYTHON = HERE.parent / ".venv-bench" / "bin" / "python"
 RESULTS_MD = HERE / "RESULTS.md"
+
+#: How tfmot's rows were made, for the note under the table.
+TFMOT_PROTOCOL = (
+    "0.8.1 in .venv-bench, the same data, model, seeds and budget with no calibration step (it has none); its n-bit "
+    "scheme quantizes every layer at the width named, the first and last included, and its float row is tf-keras's "
+    "own training of the same network"
+)
 START, END = "<!-- accuracy:start -->", "<!-- accuracy:end -->"
 
 
@@ -181,7 +188,7 @@ def main(argv=None) -> int:
         f"--methods {args.methods} --schemes {args.schemes}` in {time.time() - started:.0f} s on {os.cpu_count()} cores. "
         f"Float {setup.FLOAT_EPOCHS} epochs (Adam {setup.FLOAT_LEARNING_RATE}), QAT {setup.QAT_EPOCHS} epochs (Adam "
         f"{setup.QAT_LEARNING_RATE}), batch {setup.BATCH_SIZE}; first and last layers at 8 bits; calibrated by min/max at "
-        "8 bits, MSE below. tfmot: " + (tfmot_note or "0.8.1 in .venv-bench, the same protocol") + "."
+        "8 bits, MSE below. tfmot: " + (tfmot_note or TFMOT_PROTOCOL) + "."
     )
     payload = {"machine": machine_info(), "rows": rows, "summary": summary, "note": note}
     write_json_atomic(Path(args.output), payload)
