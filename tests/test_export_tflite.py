@@ -189,7 +189,7 @@ def test_more_than_8_bits_is_refused_naming_the_layer_and_the_way_out(tmp_path, 
     with pytest.raises(ValueError, match="quant_hidden") as error:
         to_tflite(model, path)
     assert "16 bits" in str(error.value)
-    assert "save_artifact" in str(error.value) and "ONNX" in str(error.value)
+    assert "save_artifact" in str(error.value) and "to_onnx" in str(error.value)
     assert list(tmp_path.iterdir()) == []
 
 

@@ -14,9 +14,11 @@ from keras_qat.export import compare, to_onnx
 
 pytestmark = pytest.mark.slow
 
-# MobileNetV3Small's Rescaling and hard-swish Multiply have no op in the integer form the ONNX
-# graph is written from: refused by name, as .kqat refuses them (tests/test_export_targets.py).
-CASES = ["MobileNetV2", "ResNet50"]
+# MobileNetV2, the architecture the ONNX export is accepted on. ResNet50 was measured exact the
+# same way (2026-11-28) and is left out to keep CI under 25 minutes; MobileNetV3Small's
+# Rescaling and hard-swish Multiply have no op in the integer form: refused by name, as .kqat
+# refuses them.
+CASES = ["MobileNetV2"]
 
 
 @pytest.mark.parametrize("trained_application", CASES, indirect=True)
