@@ -15,7 +15,7 @@ import keras_qat as kq
 from keras_qat import runtime
 from keras_qat.export import compare, save_artifact, to_onnx, to_tflite
 from keras_qat.learned import LSQQuantizer, PACTQuantizer
-from tests.conftest import digits_data, tf_gradients
+from tests.conftest import tf_fake_quant, digits_data, tf_gradients
 
 L = keras.layers
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="gradients are taken with tf.GradientTape")
@@ -55,6 +55,27 @@ def test_lsq_step_gradient_is_the_papers():
     np.testing.assert_allclose(out, np.clip(np.floor(v + 0.5), -7, 7) * s, rtol=1e-6)
 
 
+def test_a_symmetric_learned_range_stays_symmetric_after_the_optimizer_moves_its_maximum():
+    """The optimizer updates ``{name}_max`` after the step that stored ``{name}_min``; what
+    inference and every export read is the range of the maximum alone (TF's fake quant on
+    ``[-max, max]``), so the codes stay in ``[-qmax, qmax]``."""
+    quantizer = LSQQuantizer(num_bits=8, symmetric=True, narrow_range=True)
+    _, variables = _variables(quantizer, (64,))
+    x = np.random.default_rng(2).normal(size=64).astype(np.float32)
+    variables["max_var"].assign(np.float32(np.abs(x).max()))
+    variables["min_var"].assign(-np.float32(np.abs(x).max()))
+    variables["steps"].assign(1.0)
+    quantizer(x, True, variables)
+    variables["max_var"].assign(variables["max_var"] * 0.97)  # as an optimizer step would
+    m = float(keras.ops.convert_to_numpy(variables["max_var"]))
+    out = keras.ops.convert_to_numpy(quantizer(x, False, variables))
+    np.testing.assert_array_equal(out, tf_fake_quant(x, -m, m, 8, narrow_range=True))
+    low, high = (float(keras.ops.convert_to_numpy(end)) for end in quantizer.range_of(variables))
+    assert (low, high) == (-m, m)
+    codes = np.rint(out / (2 * m / 254))
+    assert codes.min() >= -127 and codes.max() <= 127
+
+
 def test_pact_bounds_get_the_gradient_of_the_values_they_clip():
     quantizer = PACTQuantizer(num_bits=3)
     _, variables = _variables(quantizer, (None, 16), "activation")
@@ -85,7 +106,7 @@ def test_schemes_choose_the_quantizers_by_method():
         ((_, weight_quantizer, _),) = layer.quantized_weights()
         assert type(weight_quantizer) is weights
         assert type(layer.output_target().source.quantizer) is activations
-    with pytest.raises(ValueError, match="method must be one of minmax, lsq, pact, got 'kl'"):
+    with pytest.raises(ValueError, match="method must be one of auto, minmax, lsq, pact, got 'kl'"):
         kq.NBitScheme(4, 4, method="kl")
 
 

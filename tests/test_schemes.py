@@ -51,3 +51,22 @@ def test_valid_arguments_are_kept_as_given():
     assert (scheme.weight_bits, scheme.activation_bits, scheme.per_axis_conv, scheme.per_axis_dense) == (4, 6, False, False)
     quantizer = scheme.config_for(keras.layers.Dense(3)).weight_quantizer
     assert quantizer.per_axis is True and quantizer.num_bits == 4
+
+
+@pytest.mark.parametrize(
+    "weight_bits, activation_bits, method",
+    [(8, 8, "minmax"), (4, 8, "minmax"), (4, 4, "minmax"), (3, 3, "lsq"), (2, 8, "lsq"), (8, 3, "lsq"), (2, 2, "lsq")],
+)
+def test_the_default_method_is_chosen_by_bit_width(weight_bits, activation_bits, method):
+    """NBitScheme's "auto": learned step sizes at 3 bits or fewer, min/max above; the chosen
+    quantizers are the ones that method names."""
+    scheme = kq.NBitScheme(weight_bits, activation_bits)
+    assert scheme.method == method
+    weight_quantizer = scheme.config_for(keras.layers.Dense(3)).weight_quantizer
+    expected = kq.LSQQuantizer if method == "lsq" else kq.LastValueQuantizer
+    assert type(weight_quantizer) is expected
+
+
+def test_an_explicit_method_is_kept_at_any_width():
+    assert kq.NBitScheme(2, 2, method="minmax").method == "minmax"
+    assert kq.NBitScheme(8, 8, method="lsq").method == "lsq"

@@ -170,10 +170,11 @@ def kernel_quantize(quantizer: Quantizer, variables: dict):
     in another layout than the layer's."""
 
     def quantize(weight, axes):
+        range_min, range_max = quantizer.range_of(variables)
         return qops.fake_quant(
             weight,
-            variables["min_var"],
-            variables["max_var"],
+            range_min,
+            range_max,
             num_bits=quantizer.num_bits,
             narrow_range=quantizer.narrow_range,
             axis=axes if quantizer.per_axis else None,

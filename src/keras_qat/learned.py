@@ -54,6 +54,19 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
         """Both ends of an asymmetric range; the largest value of a symmetric one."""
         return key == "max_var" or not self.symmetric
 
+    def range_of(self, weights: dict[str, Any]):
+        """A symmetric range is its learned maximum's: ``{name}_min`` holds the minimum of the
+        last training step, which the optimizer's update of the maximum leaves behind."""
+        if not self.symmetric:
+            return super().range_of(weights)
+
+        def symmetric():
+            magnitude = ops.abs(weights["max_var"])
+            return qops.symmetric_range(-magnitude, magnitude, self.num_bits, self.narrow_range)
+
+        # Exporters read a range as a constant (a converter folds nothing computed in its graph).
+        return tuple(qops.evaluated_now(symmetric)) if qops.plain_fake_quant() else symmetric()
+
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 

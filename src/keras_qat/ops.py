@@ -494,6 +494,18 @@ def _concrete(value) -> np.ndarray:
         return np.asarray(keras.ops.convert_to_numpy(value), np.float32)
 
 
+def evaluated_now(compute):
+    """``compute()``'s tensors as float32 NumPy arrays, computed eagerly even while a converter
+    traces the model (as :func:`_concrete` reads a range): for a range derived from variables,
+    which an exporter needs as a constant."""
+    if keras.backend.backend() != "tensorflow":
+        return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t), np.float32), compute())
+    import tensorflow as tf
+
+    with tf.init_scope():
+        return keras.tree.map_structure(lambda t: np.asarray(keras.ops.convert_to_numpy(t), np.float32), compute())
+
+
 def _low_bit_for_export(x, min, max, num_bits, narrow_range, axes):
     """What a converter traces for a quantizer below 8 bits: int8 tensors on the trained grid.
 

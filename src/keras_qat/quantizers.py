@@ -66,6 +66,12 @@ class Quantizer:
         """Return ``inputs`` fake-quantized; update ``weights`` from the data if training."""
         raise NotImplementedError(f"{type(self).__name__} must implement __call__().")
 
+    def range_of(self, weights: dict[str, Any]):
+        """``(min, max)``: the range the tensor is quantized on outside training, which
+        inference and every export read: the range variables (a learned symmetric range
+        derives its minimum from its maximum, see :mod:`keras_qat.learned`)."""
+        return weights["min_var"], weights["max_var"]
+
     def get_config(self) -> dict[str, Any]:
         raise NotImplementedError(f"{type(self).__name__} must implement get_config().")
 
@@ -237,7 +243,7 @@ class _RangeQuantizer(Quantizer):
         if training:
             range_min, range_max = self._training_range(inputs, axes, weights)
         else:
-            range_min, range_max = weights["min_var"], weights["max_var"]
+            range_min, range_max = self.range_of(weights)
         return qops.fake_quant(
             inputs,
             range_min,

@@ -80,8 +80,7 @@ class Diagnosis:
 
 
 def _tensor(name: str, quantizer, variables) -> TensorQuantization:
-    lo = np.asarray(keras.ops.convert_to_numpy(variables["min_var"]), np.float64)
-    hi = np.asarray(keras.ops.convert_to_numpy(variables["max_var"]), np.float64)
+    lo, hi = (np.asarray(keras.ops.convert_to_numpy(end), np.float64) for end in quantizer.range_of(variables))
     return TensorQuantization(name, quantizer.num_bits, lo.size if lo.ndim else None, float(lo.min()), float(hi.max()))
 
 

@@ -12,8 +12,6 @@ from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeCo
 from keras_qat.learned import LSQQuantizer, PACTQuantizer
 from keras_qat.quantizers import FixedQuantizer, LastValueQuantizer, MovingAverageQuantizer, Quantizer
 
-#: The ways a scheme sets ranges (``method``).
-METHODS = ("minmax", "lsq", "pact")
 from keras_qat.registry import (
     SIGNED_UNIT_RANGE_ACTIVATIONS,
     UNIT_RANGE_ACTIVATIONS,
@@ -21,6 +19,24 @@ from keras_qat.registry import (
     kind_of,
     supported_type_names,
 )
+
+#: The ways a scheme sets ranges (``method``); "auto" picks one by bit width (:func:`resolve_method`).
+METHODS = ("auto", "minmax", "lsq", "pact")
+
+#: At this width and below, "auto" learns step sizes (LSQ); above, it observes min/max.
+LEARNED_STEP_MAX_BITS = 3
+
+
+def resolve_method(method: str, weight_bits: int, activation_bits: int) -> str:
+    """The method a scheme of these widths uses: ``method`` itself, or for ``"auto"`` the one
+    that measured best on bench/accuracy.py: LSQ when either width is at most
+    :data:`LEARNED_STEP_MAX_BITS` (min/max ranges waste most of a 2- or 3-bit grid), min/max
+    otherwise (at 4 bits and more the methods are within their spread, and min/max is the
+    cheapest and needs no learning rate of its own)."""
+    if method != "auto":
+        return method
+    return "lsq" if min(weight_bits, activation_bits) <= LEARNED_STEP_MAX_BITS else "minmax"
+
 
 OverrideValue = Any  # a dict of scheme settings, a QuantizeConfig, or None (keep the layer float)
 _OVERRIDE_KEYS = {"weight_bits", "activation_bits", "per_axis"}
@@ -121,7 +137,8 @@ class RegistryScheme(Scheme):
             that follows it, and let a Concatenate quantize its inputs with one range.
         freeze_bn_after_steps: stop using batch statistics in folded layers after this
             many training steps; None never freezes.
-        method: how ranges are set (:data:`METHODS`): ``"minmax"`` observes them (weights:
+        method: how ranges are set (:data:`METHODS`): ``"auto"`` picks by bit width
+            (:func:`resolve_method`: LSQ at 3 bits or fewer, else min/max), ``"minmax"`` observes them (weights:
             their current min/max; activations: a moving average of batch ranges), ``"lsq"``
             learns weights' and activations' step sizes (:class:`keras_qat.learned.LSQQuantizer`),
             ``"pact"`` learns activations' clipping bounds (:class:`keras_qat.learned.PACTQuantizer`)
@@ -144,7 +161,6 @@ class RegistryScheme(Scheme):
         owner = type(self).__name__
         if method not in METHODS:
             raise ValueError(f"{owner}: method must be one of {', '.join(METHODS)}, got {method!r}.")
-        self.method = method
         for arg, value in (
             ("per_axis_conv", per_axis_conv),
             ("per_axis_dense", per_axis_dense),
@@ -163,6 +179,8 @@ class RegistryScheme(Scheme):
         self.freeze_bn_after_steps = freeze_bn_after_steps
         self.weight_bits = qops.validate_num_bits(weight_bits, f"{owner}: weight_bits")
         self.activation_bits = qops.validate_num_bits(activation_bits, f"{owner}: activation_bits")
+        #: The method in use ("auto" resolved by the scheme's widths).
+        self.method = resolve_method(method, self.weight_bits, self.activation_bits)
         self.per_axis_conv = bool(per_axis_conv)
         self.per_axis_dense = bool(per_axis_dense)
         self.overrides = _checked_overrides(overrides, owner)

@@ -18,8 +18,10 @@ class NBitScheme(RegistryScheme):
             to use instead, or None to keep the layer in float.
         fold_batch_norm, fuse_activations, freeze_bn_after_steps: the graph transforms, as
             in :class:`~keras_qat.schemes.base.RegistryScheme`.
-        method: ``"minmax"`` (the default), ``"lsq"`` or ``"pact"``: how ranges are set (see
-            :class:`~keras_qat.schemes.base.RegistryScheme`).
+        method: ``"auto"`` (the default), ``"minmax"``, ``"lsq"`` or ``"pact"``: how ranges
+            are set (see :class:`~keras_qat.schemes.base.RegistryScheme`). ``"auto"`` uses LSQ
+            when ``weight_bits`` or ``activation_bits`` is 3 or less, min/max otherwise: the
+            best measured for the width (bench/accuracy.py; the README's accuracy table).
     """
 
     def __init__(
@@ -31,7 +33,7 @@ class NBitScheme(RegistryScheme):
         fold_batch_norm: bool = True,
         fuse_activations: bool = True,
         freeze_bn_after_steps: int | None = None,
-        method: str = "minmax",
+        method: str = "auto",
     ):
         check_bool(per_axis, f"{type(self).__name__}: per_axis")
         super().__init__(
