@@ -91,12 +91,12 @@ def test_a_moving_average_continues_from_the_calibrated_range():
 @pytest.mark.slow
 def test_a_calibrated_model_is_a_sound_post_training_quantized_model():
     """The digits CNN, trained in float: before any QAT step, W8A8 is within a point of float
-    and W4A8 far above chance."""
+    and W4A8 (MSE clipping, bias correction) within three, the issue's bar for calibration."""
     keras.utils.set_random_seed(0)
     images, labels = digits_data()
     model = digits_cnn()
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
-    model.fit(images[:1400], labels[:1400], epochs=10, batch_size=32, verbose=0)
+    model.fit(images[:1400], labels[:1400], epochs=20, batch_size=32, verbose=0)
 
     def accuracy(m):
         return float(np.mean(np.argmax(keras.ops.convert_to_numpy(m(images[1400:], training=False)), -1) == labels[1400:]))
@@ -106,14 +106,16 @@ def test_a_calibrated_model_is_a_sound_post_training_quantized_model():
     kq.calibrate(w8a8, images[:1400], steps=10)
     w4a8 = kq.quantize_model(model, kq.NBitScheme(4, 8))
     kq.calibrate(w4a8, images[:1400], steps=10, method="mse")
+    assert float_accuracy >= 0.8  # a model worth quantizing
     assert accuracy(w8a8) >= float_accuracy - 0.01
-    assert accuracy(w4a8) >= 0.5
+    assert accuracy(w4a8) >= float_accuracy - 0.03
 
 
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"method": "kl"}, "method must be one of minmax, percentile, mse"),
+        ({"bias_correction": 1}, "bias_correction must be True or False"),
         ({"method": "percentile", "percentile": 40}, r"percentile must be a number in \(50, 100\]"),
         ({"steps": 0}, "steps must be a positive integer"),
     ],

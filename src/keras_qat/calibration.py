@@ -13,7 +13,9 @@ each range quantizer the tensor it quantizes, and sets the range from what it sa
   wastes most levels on rare values.
 
 The quantizer's own rules then apply (zero in the range, symmetric where it is symmetric).
-Weights are quantized as deployed (BatchNorm folded). Moving-average quantizers count the
+Weights are quantized as deployed (BatchNorm folded). Then, by default, the mean shift that
+weight quantization adds to each Conv/Dense output is measured on the first batches and taken
+out of its bias (:mod:`keras_qat.bias_correction`): at 4 bits it is worth points of accuracy. Moving-average quantizers count the
 calibration as the batches it saw, so training continues from it; fixed-range quantizers keep
 their range. :func:`weight_ranges_from_weights` sets weight ranges alone, without data;
 ``quantize_apply`` calls it, so that a model's weight grids are its weights' from the start.
@@ -28,7 +30,9 @@ import keras
 import numpy as np
 
 from keras_qat import ops as qops
+from keras_qat.bias_correction import correct_biases
 from keras_qat.grid import from_range
+from keras_qat.schemes.base import check_bool
 from keras_qat.quantizers import FixedQuantizer
 
 #: The ways :func:`calibrate` turns observed values into a range.
@@ -40,6 +44,9 @@ SAMPLES_PER_TENSOR = 65536
 
 #: The clipping fractions of the min/max range that the MSE method tries.
 MSE_FRACTIONS = np.linspace(0.05, 1.0, 96)
+
+#: The batches bias correction measures each layer's shift on (the first ones observed).
+BIAS_CORRECTION_BATCHES = 16
 
 
 @dataclass
@@ -64,14 +71,18 @@ class CalibrationReport:
         ranges: ``{variable path of the range's min: (min, max)}`` as set (NumPy arrays).
         batches: the batches observed.
         method: the method used.
+        bias_shifts: ``{layer name: the per-channel shift added to its bias}`` by bias
+            correction (empty when it was off).
     """
 
     ranges: dict[str, tuple[np.ndarray, np.ndarray]]
     batches: int
     method: str
+    bias_shifts: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        return f"calibrated {len(self.ranges)} range(s) by {self.method} on {self.batches} batch(es)"
+        corrected = f", {len(self.bias_shifts)} bias(es) corrected" if self.bias_shifts else ""
+        return f"calibrated {len(self.ranges)} range(s) by {self.method} on {self.batches} batch(es){corrected}"
 
 
 def _by_channel(values: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
@@ -214,6 +225,7 @@ def calibrate(
     percentile: float = 99.99,
     batch_size: int = 32,
     seed: int = 0,
+    bias_correction: bool = True,
 ) -> CalibrationReport:
     """Set every range of ``model`` (a QAT model) from ``data``, before training.
 
@@ -227,6 +239,11 @@ def calibrate(
         percentile: for ``"percentile"``, in ``(50, 100]``.
         batch_size: the batch size when ``data`` is an array.
         seed: the subsample of values the percentile and MSE methods keep.
+        bias_correction: after setting the ranges, take the mean shift that weight
+            quantization adds to each Conv/Dense output out of its bias (or its folded
+            BatchNormalization's ``beta``), measured on the first
+            :data:`BIAS_CORRECTION_BATCHES` batches, layer by layer
+            (:mod:`keras_qat.bias_correction`). It changes those biases in ``model``.
 
     Returns:
         A :class:`CalibrationReport`.
@@ -241,15 +258,20 @@ def calibrate(
         raise ValueError(f"calibrate: percentile must be a number in (50, 100], got {percentile!r}.")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"calibrate: steps must be a positive integer or None, got {steps!r}.")
+    check_bool(bias_correction, "calibrate: bias_correction")
     recorder = _Recorder(method, np.random.default_rng(seed))
-    batches = 0
+    batches, kept = 0, []
     with qops.observing(recorder):
         for x in _batches(data, steps, batch_size):
             model(x, training=False)
             batches += 1
+            if len(kept) < BIAS_CORRECTION_BATCHES:
+                kept.append(x)
     if batches == 0:
         raise ValueError(f"calibrate: data gave no batch to observe for model '{model.name}'.")
-    return CalibrationReport(_set_ranges(recorder, method, float(percentile), batches), batches, method)
+    ranges = _set_ranges(recorder, method, float(percentile), batches)
+    shifts = correct_biases(model, kept) if bias_correction else {}
+    return CalibrationReport(ranges, batches, method, shifts)
 
 
 __all__ = ["calibrate", "weight_ranges_from_weights", "CalibrationReport", "METHODS"]

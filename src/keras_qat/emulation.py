@@ -68,13 +68,12 @@ def spec_of(source: Source) -> TensorSpec:
 def grid(source: Source) -> IntegerGrid:
     """The deployed grid of ``source``'s tensor from its range now (:func:`keras_qat.grid.from_range`,
     the converter's arithmetic), as tensors of the inference graph."""
-    return spec_of(source).grid(source.variables["min_var"], source.variables["max_var"], ops)
+    return spec_of(source).grid(*source.quantizer.range_of(source.variables), ops)
 
 
 def exported_grid(source: Source) -> IntegerGrid:
     """:func:`grid` in NumPy (float32 scales, int64 zero points), as exporters write it."""
-    lo = ops.convert_to_numpy(source.variables["min_var"])
-    hi = ops.convert_to_numpy(source.variables["max_var"])
+    lo, hi = (ops.convert_to_numpy(end) for end in source.quantizer.range_of(source.variables))
     return spec_of(source).grid(lo, hi, np)
 
 
@@ -98,8 +97,9 @@ def _real(codes, out: IntegerGrid):
     return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
 
 
-def _linear(layer, x, w):
-    """The layer's linear map (no bias, no activation) on ``x`` with kernel ``w``."""
+def linear_map(layer, x, w):
+    """The layer's linear map (no bias, no activation) on ``x`` with kernel ``w``: what its
+    integer kernel accumulates (:data:`KERNEL_OPS` kinds)."""
     op = kind_of(layer).integer_op
     if op == "dense":
         return ops.matmul(x, w)
@@ -127,14 +127,14 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
     """
     weight_bound = terms * 2 ** (weight_bits - 1)
     if weight_bound * 2**input_bits < _FLOAT32_EXACT:
-        return ops.cast(_linear(layer, x, w), "float64")
+        return ops.cast(linear_map(layer, x, w), "float64")
     low_bits = (input_bits + 1) // 2
     if weight_bound * 2 ** max(low_bits, input_bits - low_bits) < _FLOAT32_EXACT:
         base = float(2**low_bits)
         high = ops.floor(x / base)
         low = x - high * base
-        return ops.cast(_linear(layer, high, w), "float64") * base + ops.cast(_linear(layer, low, w), "float64")
-    return _linear(layer, ops.cast(x, "float64"), ops.cast(w, "float64"))
+        return ops.cast(linear_map(layer, high, w), "float64") * base + ops.cast(linear_map(layer, low, w), "float64")
+    return linear_map(layer, ops.cast(x, "float64"), ops.cast(w, "float64"))
 
 
 def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
