@@ -3,8 +3,8 @@
 For each data set (mnist1d's Conv1D CNN, the digits CNN) and seed: the float model is trained
 (``accuracy_setup.FLOAT_EPOCHS``), then for each scheme (W8A8 ... W2A2; the first and last
 layers at 8 bits) and method (minmax, lsq, pact) a copy is quantized, calibrated
-(``keras_qat.calibrate``: min/max at 8 bits, MSE clipping below) and fine-tuned
-(``QAT_EPOCHS``, never more than the float epochs). Accuracy is the QAT model's inference
+(``keras_qat.calibrate``: min/max at 8 bits, MSE clipping below, bias correction) and
+fine-tuned (``QAT_EPOCHS``, never more than the float epochs; see ``accuracy_setup``). Accuracy is the QAT model's inference
 (what deploys) on the held-out set, after calibration and after fine-tuning. tfmot 0.8.1
 (its 8-bit ``quantize_model`` and its experimental n-bit scheme at W4A4 and W4A8) runs the same
 protocol in the environment ``make bench-env`` creates (``.venv-bench``, with tf-keras), through
@@ -55,6 +55,7 @@ def run_keras_qat(dataset, seed: int, schemes, methods, log) -> list[dict]:
     import keras
 
     import keras_qat as kq
+    from keras_qat.schemes.base import resolve_method
 
     rows = []
     started = time.time()
@@ -63,21 +64,25 @@ def run_keras_qat(dataset, seed: int, schemes, methods, log) -> list[dict]:
     rows.append({"system": "float", "scheme": "float", "method": "-", "dataset": dataset.name, "seed": seed, "accuracy": float_accuracy})
     log(f"{dataset.name} seed {seed}: float {float_accuracy:.2%} ({time.time() - started:.0f} s)")
     eight_bit = {name: {"weight_bits": 8, "activation_bits": 8} for name in setup.EIGHT_BIT_LAYERS}
+    freeze_after = int(setup.FREEZE_BN_AFTER * setup.QAT_EPOCHS * setup.steps_per_epoch(dataset))
     for weight_bits, activation_bits in schemes:
         for method in methods:
             started = time.time()
             keras.utils.set_random_seed(seed)
-            scheme = kq.NBitScheme(weight_bits, activation_bits, method=method, overrides=eight_bit)
+            scheme = kq.NBitScheme(
+                weight_bits, activation_bits, method=method, overrides=eight_bit, freeze_bn_after_steps=freeze_after
+            )
             quantized = kq.quantize_model(float_model, scheme)
             calibration = "minmax" if min(weight_bits, activation_bits) >= 8 else "mse"
             kq.calibrate(quantized, dataset.x_train, steps=20, method=calibration, batch_size=setup.BATCH_SIZE)
             calibrated = setup.accuracy(keras.ops.convert_to_numpy(quantized(dataset.x_test, training=False)), dataset.y_test)
-            setup.compile_for_training(keras, quantized, setup.QAT_LEARNING_RATE)
+            setup.compile_for_qat(keras, quantized, dataset)
             quantized.fit(dataset.x_train, dataset.y_train, epochs=setup.QAT_EPOCHS, batch_size=setup.BATCH_SIZE, verbose=0)
             tuned = setup.accuracy(keras.ops.convert_to_numpy(quantized(dataset.x_test, training=False)), dataset.y_test)
             name = _scheme_name(weight_bits, activation_bits)
             rows.append(
                 {"system": "keras-qat", "scheme": name, "method": method, "dataset": dataset.name, "seed": seed,
+                 "default": resolve_method("auto", weight_bits, activation_bits) == method,
                  "calibrated": calibrated, "accuracy": tuned}
             )
             log(f"{dataset.name} seed {seed}: keras-qat {name} {method}: calibrated {calibrated:.2%}, fine-tuned {tuned:.2%} ({time.time() - started:.0f} s)")
@@ -110,6 +115,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     for (dataset, system, scheme, method), members in groups.items():
         values = np.array([m["accuracy"] for m in members])
         entry = {"dataset": dataset, "system": system, "scheme": scheme, "method": method, "seeds": len(members),
+                 "default": bool(members[0].get("default", False)),
                  "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max())}
         calibrated = [m["calibrated"] for m in members if "calibrated" in m]
         if calibrated:
@@ -124,7 +130,8 @@ def table_cells(summary: list[dict]) -> list[list[str]]:
     for s in summary:
         delta = s["mean"] - floats.get(s["dataset"], s["mean"])
         calibrated = f"{s['calibrated_mean']:.1%}" if "calibrated_mean" in s else "-"
-        cells.append([s["dataset"], s["system"], s["scheme"], s["method"], calibrated, f"{s['mean']:.1%}",
+        method = f"{s['method']} (default)" if s.get("default") else s["method"]
+        cells.append([s["dataset"], s["system"], s["scheme"], method, calibrated, f"{s['mean']:.1%}",
                       f"{s['min']:.1%}..{s['max']:.1%}", f"{delta * 100:+.1f}", str(s["seeds"])])
     return cells
 
@@ -187,8 +194,9 @@ def main(argv=None) -> int:
         f"Measured {time.strftime('%Y-%m-%d')} by `bench/accuracy.py --seeds {args.seeds} --datasets {args.datasets} "
         f"--methods {args.methods} --schemes {args.schemes}` in {time.time() - started:.0f} s on {os.cpu_count()} cores. "
         f"Float {setup.FLOAT_EPOCHS} epochs (Adam {setup.FLOAT_LEARNING_RATE}), QAT {setup.QAT_EPOCHS} epochs (Adam "
-        f"{setup.QAT_LEARNING_RATE}), batch {setup.BATCH_SIZE}; first and last layers at 8 bits; calibrated by min/max at "
-        "8 bits, MSE below. tfmot: " + (tfmot_note or TFMOT_PROTOCOL) + "."
+        f"{setup.QAT_LEARNING_RATE} decayed to 0 on a cosine; keras-qat freezes folded BatchNorm for the second half), "
+        f"batch {setup.BATCH_SIZE}; first and last layers at 8 bits; calibrated (keras-qat only) by min/max at 8 bits, "
+        "MSE below, with bias correction; the default method of `NBitScheme` for each width is marked. tfmot: " + (tfmot_note or TFMOT_PROTOCOL) + "."
     )
     payload = {"machine": machine_info(), "rows": rows, "summary": summary, "note": note}
     write_json_atomic(Path(args.output), payload)

@@ -66,7 +66,7 @@ def main(argv=None) -> int:
                     rows.append({"system": "tfmot", "scheme": scheme, "method": "tfmot", "dataset": name, "seed": seed,
                                  "error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"})
                     continue
-                setup.compile_for_training(keras, quantized, setup.QAT_LEARNING_RATE)
+                setup.compile_for_qat(keras, quantized, dataset)
                 quantized.fit(dataset.x_train, dataset.y_train, epochs=setup.QAT_EPOCHS, batch_size=setup.BATCH_SIZE, verbose=0)
                 tuned = setup.accuracy(quantized.predict(dataset.x_test, verbose=0), dataset.y_test)
                 rows.append({"system": "tfmot", "scheme": scheme, "method": "tfmot", "dataset": name, "seed": seed, "accuracy": tuned})
