@@ -50,26 +50,74 @@ def test_a_dense_bias_takes_the_mean_shift_of_its_quantized_kernel():
     assert np.array_equal(_values(float_model.get_layer("dense").bias), np.zeros(5))
 
 
-def test_a_folded_batch_norm_takes_the_shift_in_its_beta():
+def _conv_bn(momentum: float = 0.99):
+    inputs = keras.Input((6, 6, 2), name="image")
+    x = L.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs)
+    x = L.BatchNormalization(momentum=momentum, name="bn")(x)
+    return keras.Model(inputs, L.ReLU(name="relu")(x))
+
+
+def test_a_folded_batch_norm_takes_the_shift_in_its_moving_mean():
     import tensorflow as tf
 
     keras.utils.set_random_seed(1)
-    inputs = keras.Input((6, 6, 2), name="image")
-    x = L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", use_bias=False, name="conv")(inputs))
-    model = kq.quantize_model(keras.Model(inputs, L.ReLU(name="relu")(x)), kq.NBitScheme(4, 8, method="minmax"))
+    model = kq.quantize_model(_conv_bn(), kq.NBitScheme(3, 8, method="minmax"))
     data = np.random.default_rng(1).uniform(0.0, 1.0, (64, 6, 6, 2)).astype("float32")
     layer = model.get_layer("quant_conv")
+    folded_before = _values(layer.folded_bias())
     beta_before = _values(layer.batch_norm.beta)
 
     kq.calibrate(model, data, batch_size=32)
 
     w = _values(layer.unquantized_kernel())
     variables = layer.kernel_vars
-    w_q = tf_fake_quant(w, _values(variables["min_var"]), _values(variables["max_var"]), 4, narrow_range=True, axis=-1)
+    w_q = tf_fake_quant(w, _values(variables["min_var"]), _values(variables["max_var"]), 3, narrow_range=True, axis=-1)
     real_inputs = np.asarray(keras.ops.convert_to_numpy(_upstream(model, "quant_conv")(data)), np.float32)
     shifted = tf.nn.conv2d(real_inputs, (w - w_q).astype(np.float32), strides=1, padding="SAME").numpy()
     expected = shifted.reshape(-1, 4).mean(axis=0)
-    np.testing.assert_allclose(_values(layer.batch_norm.beta) - beta_before, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(expected).max() > 1e-3  # a 3-bit kernel does shift the mean
+    np.testing.assert_allclose(_values(layer.folded_bias()) - folded_before, expected, rtol=1e-4, atol=1e-6)
+    assert np.array_equal(_values(layer.batch_norm.beta), beta_before)
+
+
+def test_a_folded_correction_is_what_batch_statistics_then_converge_to():
+    """Training normalizes with batch statistics and moves the moving mean to the mean of the
+    quantized kernel's output: with momentum 0 and the calibration's data, one step leaves the
+    corrected moving mean where it is (up to what the 8-bit input grid moves), instead of
+    counting the shift twice as a shift put in ``beta`` would."""
+    keras.utils.set_random_seed(2)
+    data = np.random.default_rng(2).uniform(0.0, 1.0, (64, 6, 6, 2)).astype("float32")
+    float_model = _conv_bn(momentum=0.0)
+    float_model(data, training=True)  # moving statistics = the data's
+    model = kq.quantize_model(float_model, kq.NBitScheme(3, 8, method="minmax"))
+    bn = model.get_layer("quant_conv").batch_norm
+    before = _values(bn.moving_mean)
+    kq.calibrate(model, data, batch_size=64)
+    corrected = _values(bn.moving_mean)
+    moved = np.abs(corrected - before).max()
+    assert moved > 1e-2
+
+    model(data, training=True)  # one step of batch statistics (no weight update)
+
+    assert np.abs(_values(bn.moving_mean) - corrected).max() < 0.1 * moved
+
+
+def test_layers_are_corrected_in_order_each_on_the_inputs_the_corrected_ones_give():
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((12,), name="x")
+    hidden = L.Dense(8, name="first")(inputs)
+    model = kq.quantize_model(keras.Model(inputs, L.Dense(3, name="second")(hidden)), kq.NBitScheme(3, 8, method="minmax", per_axis=False))
+    x = np.random.default_rng(3).uniform(0.0, 2.0, (128, 12)).astype("float32")
+
+    report = kq.calibrate(model, x, batch_size=64)
+
+    for name in ("quant_first", "quant_second"):
+        layer = model.get_layer(name)
+        ((kernel, _, variables),) = layer.quantized_weights()
+        w = _values(kernel)
+        w_q = tf_fake_quant(w, _values(variables["min_var"]), _values(variables["max_var"]), 3, narrow_range=True)
+        real_inputs = _values(keras.ops.convert_to_numpy(_upstream(model, name)(x)))  # after the correction before it
+        np.testing.assert_allclose(report.bias_shifts[name], (real_inputs @ (w - w_q)).mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_bias_correction_can_be_left_off():

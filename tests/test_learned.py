@@ -76,6 +76,23 @@ def test_a_symmetric_learned_range_stays_symmetric_after_the_optimizer_moves_its
     assert codes.min() >= -127 and codes.max() <= 127
 
 
+@pytest.mark.parametrize("stored, deployed", [((-0.01, 0.5), (-0.01, 0.5)), ((0.03, 0.2), (0.0, 0.2)), ((0.03, -0.0007), (0.0, 1e-6))])
+def test_a_learned_range_an_optimizer_step_carried_past_zero_keeps_a_grid(stored, deployed):
+    """Adam at 1e-2 on an activation range of 0.04 can move a bound past zero or past the other
+    bound (seen: [0.038, -0.0007] after one epoch); what trains, infers and deploys is the range
+    with zero inside and at least MIN_LEARNED_WIDTH wide."""
+    quantizer = LSQQuantizer(num_bits=4)
+    _, variables = _variables(quantizer, (None, 8), "activation")
+    variables["min_var"].assign(stored[0])
+    variables["max_var"].assign(stored[1])
+    variables["steps"].assign(1.0)
+    low, high = (float(keras.ops.convert_to_numpy(end)) for end in quantizer.range_of(variables))
+    assert (low, high) == (float(np.float32(deployed[0])), float(np.float32(deployed[1])))
+    x = np.random.default_rng(3).uniform(-0.1, 0.6, (4, 8)).astype(np.float32)
+    out = keras.ops.convert_to_numpy(quantizer(x, False, variables))
+    np.testing.assert_array_equal(out, tf_fake_quant(x, low, high, 4, narrow_range=False))
+
+
 def test_pact_bounds_get_the_gradient_of_the_values_they_clip():
     quantizer = PACTQuantizer(num_bits=3)
     _, variables = _variables(quantizer, (None, 16), "activation")

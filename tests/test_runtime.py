@@ -31,12 +31,16 @@ needs_exact_inference = pytest.mark.skipif(
 )
 
 #: (weight bits, activation bits); the first convolution and the classifier stay at 8 bits.
+#: W4A4 and W3A8 take NBitScheme's default method there (LSQ); W4A8 and W2A8 min/max ranges,
+#: so that both are covered below 8 bits.
 BIT_WIDTHS = [(8, 8), (4, 8), (4, 4), (3, 8), (2, 8)]
+METHODS = {(4, 8): "minmax", (2, 8): "minmax"}
 
 
 def _scheme(weight_bits: int, activation_bits: int):
     eight = {"weight_bits": 8, "activation_bits": 8}
-    return kq.schemes.NBitScheme(weight_bits, activation_bits, overrides={"conv1": eight, "classifier": eight})
+    method = METHODS.get((weight_bits, activation_bits), "auto")
+    return kq.schemes.NBitScheme(weight_bits, activation_bits, overrides={"conv1": eight, "classifier": eight}, method=method)
 
 
 @pytest.fixture(scope="module")

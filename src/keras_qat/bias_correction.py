@@ -9,10 +9,17 @@ Through Weight Equalization and Bias Correction", ICCV 2019) measures the shift 
 calibration data and subtracts it from the bias, layer after layer, each on the inputs the
 corrected layers before it give.
 
-The corrected bias is an ordinary weight of the QAT model (the Conv/Dense bias, or a folded
-BatchNormalization's ``beta``): training goes on from it, and every export reads it as it
-reads any bias. Layers correct where :func:`keras_qat.emulation.linear_map` knows their
-linear map (Dense, Conv, DepthwiseConv) and they have a bias (or a folded ``beta``).
+The correction lands in an ordinary weight of the QAT model, which training goes on from and
+every export reads as it reads any bias: a Conv/Dense layer's bias, or, where a
+BatchNormalization is folded in, its moving mean (lowered by ``shift / factor``). The moving
+mean, not ``beta``: training normalizes with batch statistics, which remove any shift, and
+the moving mean follows ``E[conv(x, w_q)]``, so a shift put in ``beta`` would be counted
+twice once BatchNorm has trained a while. Layers correct where
+:func:`keras_qat.emulation.linear_map` knows their linear map (Dense, Conv, DepthwiseConv)
+and, without a folded BatchNorm, they have a bias.
+
+Each call adds the shift it measures: correct a freshly quantized model once (``calibrate``
+does by default); to calibrate its ranges again, pass ``bias_correction=False``.
 """
 
 from __future__ import annotations
@@ -42,15 +49,13 @@ class _Correctable:
     shift_output: Callable[[np.ndarray], None]
 
 
-def _folded(layer: QuantizeFoldedBatchNorm) -> _Correctable | None:
-    inner, bn = layer.layer, layer.batch_norm
-    if bn.beta is not None:
-        shift = lambda delta: bn.beta.assign(bn.beta + delta)  # noqa: E731
-    elif getattr(inner, "use_bias", False):  # the folded bias holds bias * factor
-        shift = lambda delta: inner.bias.assign(inner.bias + delta / layer._factor())  # noqa: E731
-    else:
-        return None
-    return _Correctable(layer, inner, layer.unquantized_kernel, lambda: layer.folded_kernel(False), shift)
+def _folded(layer: QuantizeFoldedBatchNorm) -> _Correctable:
+    bn = layer.batch_norm
+
+    def shift(delta):  # the folded bias is beta + (bias - moving_mean) * factor
+        bn.moving_mean.assign(bn.moving_mean - delta / layer._factor())
+
+    return _Correctable(layer, layer.layer, layer.unquantized_kernel, lambda: layer.folded_kernel(False), shift)
 
 
 def _wrapped(layer: QuantizeWrapper) -> _Correctable | None:
@@ -82,24 +87,19 @@ def _correctable(layer) -> _Correctable | None:
 
 def _layer_inputs(model: keras.Model, layer) -> keras.Model | None:
     """A model from ``model``'s inputs to ``layer``'s input, or None where ``layer`` has no
-    single place in ``model``'s graph (a shared layer, a layer of a nested model)."""
+    single place in ``model``'s graph (a layer called more than once: its calls see different
+    inputs; only the top model's layers are walked, not a nested model's)."""
+    if len(getattr(layer, "_inbound_nodes", ())) != 1:
+        return None
     try:
         return keras.Model(model.input, layer.input)
     except (AttributeError, ValueError):
         return None
 
 
-def _joined(batches: Sequence) -> list:
-    """NumPy batches as one (fewer calls per layer); anything else as it is."""
-    if len(batches) > 1 and all(isinstance(b, np.ndarray) for b in batches):
-        return [np.concatenate(batches)]
-    return list(batches)
-
-
 def correct_biases(model: keras.Model, batches: Sequence) -> dict[str, np.ndarray]:
     """Correct the bias of every correctable layer of ``model`` (a QAT model) on ``batches``
     of its inputs, in the graph's order. Returns ``{layer name: the shift added}``."""
-    batches = _joined(batches)
     shifts = {}
     for layer in model.layers:
         correctable = _correctable(layer)
@@ -111,7 +111,8 @@ def correct_biases(model: keras.Model, batches: Sequence) -> dict[str, np.ndarra
         error = ops.convert_to_tensor(correctable.float_kernel()) - ops.convert_to_tensor(correctable.quantized_kernel())
         total, count = None, 0
         for batch in batches:
-            shifted = emulation.linear_map(correctable.linear, upstream(batch, training=False), error)
+            inputs = ops.cast(upstream(batch, training=False), error.dtype)
+            shifted = emulation.linear_map(correctable.linear, inputs, error)
             channels = int(shifted.shape[-1])
             flat = np.asarray(ops.convert_to_numpy(ops.reshape(shifted, (-1, channels))), np.float64)
             total = flat.sum(axis=0) if total is None else total + flat.sum(axis=0)

@@ -241,9 +241,10 @@ def calibrate(
         seed: the subsample of values the percentile and MSE methods keep.
         bias_correction: after setting the ranges, take the mean shift that weight
             quantization adds to each Conv/Dense output out of its bias (or its folded
-            BatchNormalization's ``beta``), measured on the first
+            BatchNormalization's moving mean), measured on the first
             :data:`BIAS_CORRECTION_BATCHES` batches, layer by layer
-            (:mod:`keras_qat.bias_correction`). It changes those biases in ``model``.
+            (:mod:`keras_qat.bias_correction`). It changes those weights in ``model``, and
+            adds again on each call: to calibrate a corrected model again, pass False.
 
     Returns:
         A :class:`CalibrationReport`.

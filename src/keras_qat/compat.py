@@ -31,7 +31,8 @@ _quantizers = SimpleNamespace(
 def _default_n_bit_scheme(disable_per_axis: bool = False, num_bits_weight: int = 8, num_bits_activation: int = 8):
     """tfmot's ``DefaultNBitQuantizeScheme`` signature, building an :class:`NBitScheme`."""
     check_bool(disable_per_axis, "DefaultNBitQuantizeScheme: disable_per_axis")
-    return schemes.NBitScheme(num_bits_weight, num_bits_activation, per_axis=not disable_per_axis)
+    # tfmot's n-bit scheme observes min/max ranges at every width: so does its stand-in.
+    return schemes.NBitScheme(num_bits_weight, num_bits_activation, per_axis=not disable_per_axis, method="minmax")
 
 
 _default_8bit = SimpleNamespace(

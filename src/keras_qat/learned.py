@@ -30,6 +30,9 @@ from keras import ops
 from keras_qat import ops as qops
 from keras_qat.quantizers import INITIAL_RANGE, _RangeQuantizer, _steps_variable
 
+#: The narrowest range a learned quantizer keeps (see :meth:`_LearnedRangeQuantizer.valid_range`).
+MIN_LEARNED_WIDTH = 1e-6
+
 
 def _scaled_gradient(x, factor: float):
     """``x`` in the forward pass; its gradient times ``factor`` in the backward pass."""
@@ -55,17 +58,28 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
         return key == "max_var" or not self.symmetric
 
     def range_of(self, weights: dict[str, Any]):
-        """A symmetric range is its learned maximum's: ``{name}_min`` holds the minimum of the
-        last training step, which the optimizer's update of the maximum leaves behind."""
-        if not self.symmetric:
-            return super().range_of(weights)
+        """The learned range as a grid can hold it (:meth:`valid_range`); a symmetric one from
+        its maximum alone (``{name}_min`` keeps the minimum of the last training step, which the
+        optimizer's update of the maximum leaves behind)."""
 
-        def symmetric():
-            magnitude = ops.abs(weights["max_var"])
-            return qops.symmetric_range(-magnitude, magnitude, self.num_bits, self.narrow_range)
+        def deployed():
+            if self.symmetric:
+                magnitude = ops.abs(weights["max_var"])
+                return qops.symmetric_range(-magnitude, magnitude, self.num_bits, self.narrow_range)
+            return self.valid_range(weights["min_var"], weights["max_var"])
 
         # Exporters read a range as a constant (a converter folds nothing computed in its graph).
-        return tuple(qops.evaluated_now(symmetric)) if qops.plain_fake_quant() else symmetric()
+        return tuple(qops.evaluated_now(deployed)) if qops.plain_fake_quant() else deployed()
+
+    @staticmethod
+    def valid_range(range_min, range_max):
+        """``[min, max]`` with zero inside, as observed ranges have it, and at least
+        :data:`MIN_LEARNED_WIDTH` wide: a gradient step larger than the range (a tiny
+        activation range under Adam at 1e-2) can carry one bound past zero or past the
+        other, and a range that inverts or collapses has no grid left to deploy."""
+        range_min = ops.minimum(range_min, 0.0)
+        range_max = ops.maximum(ops.maximum(range_max, 0.0), range_min + MIN_LEARNED_WIDTH)
+        return range_min, range_max
 
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
@@ -83,7 +97,7 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
         range_min = ops.where(first, ops.stop_gradient(observed_min), weights["min_var"])
         range_max = ops.where(first, ops.stop_gradient(observed_max), weights["max_var"])
         weights["steps"].assign(weights["steps"] + 1.0)
-        return range_min, range_max
+        return self.valid_range(range_min, range_max)
 
     def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
         if not training or qops.current_observer() is not None:

@@ -21,7 +21,10 @@ from typing import Any
 from keras_qat.cli.errors import UsageError
 
 _NAME = re.compile(r"^w(\d+)a(\d+)$")
-_FILE_KEYS = {"weight_bits", "activation_bits", "per_axis", "overrides", "fold_batch_norm", "fuse_activations"}
+_FILE_KEYS = {
+    "weight_bits", "activation_bits", "per_axis", "overrides", "fold_batch_norm", "fuse_activations", "method",
+    "freeze_bn_after_steps",
+}
 
 #: The schemes the demo trains when none are named.
 DEMO_SCHEMES = ("w8a8", "w4a8", "w4a4")

@@ -24,15 +24,15 @@ from keras_qat.registry import (
 METHODS = ("auto", "minmax", "lsq", "pact")
 
 #: At this width and below, "auto" learns step sizes (LSQ); above, it observes min/max.
-LEARNED_STEP_MAX_BITS = 3
+LEARNED_STEP_MAX_BITS = 4
 
 
 def resolve_method(method: str, weight_bits: int, activation_bits: int) -> str:
     """The method a scheme of these widths uses: ``method`` itself, or for ``"auto"`` the one
     that measured best on bench/accuracy.py: LSQ when either width is at most
-    :data:`LEARNED_STEP_MAX_BITS` (min/max ranges waste most of a 2- or 3-bit grid), min/max
-    otherwise (at 4 bits and more the methods are within their spread, and min/max is the
-    cheapest and needs no learning rate of its own)."""
+    :data:`LEARNED_STEP_MAX_BITS` (min/max ranges waste most of a 2- to 4-bit grid), min/max
+    otherwise (at 8 bits the methods are within their spread, and min/max, tfmot's and the
+    TFLite converter's own way, adds no trainable variable)."""
     if method != "auto":
         return method
     return "lsq" if min(weight_bits, activation_bits) <= LEARNED_STEP_MAX_BITS else "minmax"
@@ -138,7 +138,7 @@ class RegistryScheme(Scheme):
         freeze_bn_after_steps: stop using batch statistics in folded layers after this
             many training steps; None never freezes.
         method: how ranges are set (:data:`METHODS`): ``"auto"`` picks by bit width
-            (:func:`resolve_method`: LSQ at 3 bits or fewer, else min/max), ``"minmax"`` observes them (weights:
+            (:func:`resolve_method`: LSQ at 4 bits or fewer, else min/max), ``"minmax"`` observes them (weights:
             their current min/max; activations: a moving average of batch ranges), ``"lsq"``
             learns weights' and activations' step sizes (:class:`keras_qat.learned.LSQQuantizer`),
             ``"pact"`` learns activations' clipping bounds (:class:`keras_qat.learned.PACTQuantizer`)

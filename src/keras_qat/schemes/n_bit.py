@@ -20,8 +20,10 @@ class NBitScheme(RegistryScheme):
             in :class:`~keras_qat.schemes.base.RegistryScheme`.
         method: ``"auto"`` (the default), ``"minmax"``, ``"lsq"`` or ``"pact"``: how ranges
             are set (see :class:`~keras_qat.schemes.base.RegistryScheme`). ``"auto"`` uses LSQ
-            when ``weight_bits`` or ``activation_bits`` is 3 or less, min/max otherwise: the
-            best measured for the width (bench/accuracy.py; the README's accuracy table).
+            when the scheme's ``weight_bits`` or ``activation_bits`` is 4 or less, min/max
+            otherwise, for every layer (overrides change a layer's widths, not its method):
+            the best measured for the width (bench/accuracy.py; the README's accuracy table).
+            LSQ's range variables are trainable: an optimizer's weight decay reaches them.
     """
 
     def __init__(
