@@ -84,12 +84,13 @@ def _compile(model, learning_rate: float) -> None:
     )
 
 
-def _weights(qat_model) -> tuple[dict, dict]:
-    """Per deployed weight: per-channel ranges of its values and its rounding error in steps."""
+def _weights(qat_model) -> tuple[dict, dict, dict]:
+    """Per deployed weight: per-channel ranges of its values, its rounding error in steps, and
+    which weights lie outside the grid's range (clipped)."""
     from keras_qat.export import quantized_weights, real_weights
 
     quantized, real = quantized_weights(qat_model), real_weights(qat_model)
-    ranges, errors = {}, {}
+    ranges, errors, clipped = {}, {}, {}
     for name, tensor in quantized.items():
         if not name.endswith("kernel"):
             continue
@@ -102,7 +103,9 @@ def _weights(qat_model) -> tuple[dict, dict]:
         step = tensor.grid.along(np.asarray(tensor.scale, np.float32), values.shape)
         step = np.where(step == 0, 1.0, step)
         errors[name] = (real[name] - values) / step
-    return ranges, errors
+        codes = real[name] / step + tensor.grid.along(np.asarray(tensor.zero_point), values.shape)
+        clipped[name] = (codes < tensor.grid.qmin - 0.5) | (codes > tensor.grid.qmax + 0.5)
+    return ranges, errors, clipped
 
 
 Progress = Callable[[str, float], None]
@@ -148,7 +151,7 @@ def run(settings: DemoSettings, progress: Progress = lambda message, done: None)
         expected = deployed.qat_outputs(qat_model, x_test)
         bits = bits_of(name) or (None, None)
         result = report.SchemeResult(label(name), bits[0], bits[1], accuracy(expected, y_test))
-        result.weight_ranges, result.weight_errors = _weights(qat_model)
+        result.weight_ranges, result.weight_errors, result.weight_clipped = _weights(qat_model)
         advance(f"{result.scheme}: QAT model {result.qat_accuracy:.2%}")
         for fmt in settings.formats:
             path = deployed.export(qat_model, fmt, models_dir / f"{result.scheme.lower()}.{fmt}")

@@ -28,6 +28,9 @@ class SchemeResult:
     weight_ranges: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     #: ``{layer/weight: (real - deployed) / step}``: each weight's rounding error, in steps.
     weight_errors: dict[str, np.ndarray] = field(default_factory=dict)
+    #: ``{layer/weight: mask}``: the weights outside their grid's range (clipped, as a learned
+    #: range clips on purpose), whose error passes half a step.
+    weight_clipped: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass
