@@ -11,7 +11,9 @@ protocol in the environment ``make bench-env`` creates (``.venv-bench``, with tf
 ``bench/tfmot_accuracy.py``; without that environment its rows say so.
 
 Run ``.venv/bin/python bench/accuracy.py`` (``--seeds 0,1,2``, ``--datasets mnist1d,digits``,
-``--methods minmax,lsq,pact``, ``--schemes w8a8,w4a4``, ``--no-tfmot``). It prints the table
+``--methods minmax,lsq,pact``, ``--schemes w8a8,w4a4``, ``--no-tfmot``; ``--render A.json
+B.json`` combines the rows of runs made side by side, e.g. keras-qat's and tfmot's on the two
+cores). It prints the table
 (mean and spread over seeds) and writes ``bench/results/accuracy.json`` and the accuracy
 section of ``bench/RESULTS.md``.
 """
@@ -173,7 +175,14 @@ def main(argv=None) -> int:
     parser.add_argument("--schemes", default=",".join(_scheme_name(*s).lower() for s in setup.SCHEMES))
     parser.add_argument("--no-tfmot", action="store_true", help="skip tfmot even where .venv-bench exists")
     parser.add_argument("--output", default=str(HERE / "results" / "accuracy.json"))
+    parser.add_argument(
+        "--render", nargs="+", metavar="JSON",
+        help="measure nothing: combine the rows of earlier runs (this script's JSON, or bench/tfmot_accuracy.py's, "
+        "e.g. run side by side on the two cores) into the table, --output and bench/RESULTS.md",
+    )
     args = parser.parse_args(argv)
+    if args.render:
+        return render(args.render, Path(args.output))
     seeds = [int(s) for s in args.seeds.split(",")]
     datasets = [d.strip() for d in args.datasets.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
@@ -190,18 +199,48 @@ def main(argv=None) -> int:
     summary = summarize(rows)
     cells = table_cells(summary)
     print_table(HEADERS, {4, 5, 6, 7, 8}, cells, "Held-out accuracy: QAT model inference (what deploys)")
-    note = (
+    measured = (
         f"Measured {time.strftime('%Y-%m-%d')} by `bench/accuracy.py --seeds {args.seeds} --datasets {args.datasets} "
-        f"--methods {args.methods} --schemes {args.schemes}` in {time.time() - started:.0f} s on {os.cpu_count()} cores. "
+        f"--methods {args.methods} --schemes {args.schemes}` in {time.time() - started:.0f} s on {os.cpu_count()} cores."
+    )
+    note = f"{measured} {protocol_note(tfmot_note or TFMOT_PROTOCOL)}"
+    _write(rows, summary, cells, note, Path(args.output))
+    return 0
+
+
+def protocol_note(tfmot: str) -> str:
+    return (
         f"Float {setup.FLOAT_EPOCHS} epochs (Adam {setup.FLOAT_LEARNING_RATE}), QAT {setup.QAT_EPOCHS} epochs (Adam "
         f"{setup.QAT_LEARNING_RATE} decayed to 0 on a cosine; keras-qat freezes folded BatchNorm for the second half), "
         f"batch {setup.BATCH_SIZE}; first and last layers at 8 bits; calibrated (keras-qat only) by min/max at 8 bits, "
-        "MSE below, with bias correction; the default method of `NBitScheme` for each width is marked. tfmot: " + (tfmot_note or TFMOT_PROTOCOL) + "."
+        "MSE below, with bias correction; the default method of `NBitScheme` for each width is marked. tfmot: " + tfmot + "."
     )
+
+
+def _write(rows, summary, cells, note: str, output: Path) -> None:
     payload = {"machine": machine_info(), "rows": rows, "summary": summary, "note": note}
-    write_json_atomic(Path(args.output), payload)
+    write_json_atomic(output, payload)
     write_results_md(markdown(cells, note))
-    print(f"wrote {args.output} and {RESULTS_MD}")
+    print(f"wrote {output} and {RESULTS_MD}")
+
+
+def render(paths: list[str], output: Path) -> int:
+    """The table of the rows of earlier runs together (``--render``)."""
+    rows, sources = [], []
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        rows += [row for row in data["rows"] if "accuracy" in row]
+        sources.append(data.get("note", f"{Path(path).name}: rows of bench/tfmot_accuracy.py"))
+    has_tfmot = any(row["system"] == "tfmot" for row in rows)
+    summary = summarize(rows)
+    cells = table_cells(summary)
+    print_table(HEADERS, {4, 5, 6, 7, 8}, cells, "Held-out accuracy: QAT model inference (what deploys)")
+    combined = " ".join(source.split(" Float ")[0] for source in sources)
+    note = (
+        f"Combined by `bench/accuracy.py --render` from runs side by side: {combined} "
+        + protocol_note(TFMOT_PROTOCOL if has_tfmot else "not run")
+    )
+    _write(rows, summary, cells, note, output)
     return 0
 
 
