@@ -64,9 +64,9 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
 
         def deployed():
             if self.symmetric:
-                magnitude = ops.abs(weights["max_var"])
+                magnitude = ops.abs(ops.convert_to_tensor(weights["max_var"]))
                 return qops.symmetric_range(-magnitude, magnitude, self.num_bits, self.narrow_range)
-            return self.valid_range(weights["min_var"], weights["max_var"])
+            return self.valid_range(ops.convert_to_tensor(weights["min_var"]), ops.convert_to_tensor(weights["max_var"]))
 
         # Exporters read a range as a constant (a converter folds nothing computed in its graph).
         return tuple(qops.evaluated_now(deployed)) if qops.plain_fake_quant() else deployed()
@@ -87,15 +87,15 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
     def _training_range(self, inputs, axes, weights):
         """The range this batch quantizes on: the learned one, or the batch's own on the
         first step of a range that nothing set yet (then stored)."""
+        # Tensors, not the variables: JAX no longer converts a Keras variable inside its ops.
+        stored_min, stored_max = ops.convert_to_tensor(weights["min_var"]), ops.convert_to_tensor(weights["max_var"])
         first = ops.logical_and(
-            ops.equal(weights["steps"], 0.0),
-            ops.logical_and(
-                ops.all(ops.equal(weights["min_var"], INITIAL_RANGE[0])), ops.all(ops.equal(weights["max_var"], INITIAL_RANGE[1]))
-            ),
+            ops.equal(ops.convert_to_tensor(weights["steps"]), 0.0),
+            ops.logical_and(ops.all(ops.equal(stored_min, INITIAL_RANGE[0])), ops.all(ops.equal(stored_max, INITIAL_RANGE[1]))),
         )
         observed_min, observed_max = self.observed_range(inputs, axes)
-        range_min = ops.where(first, ops.stop_gradient(observed_min), weights["min_var"])
-        range_max = ops.where(first, ops.stop_gradient(observed_max), weights["max_var"])
+        range_min = ops.where(first, ops.stop_gradient(observed_min), stored_min)
+        range_max = ops.where(first, ops.stop_gradient(observed_max), stored_max)
         weights["steps"].assign(weights["steps"] + 1.0)
         return self.valid_range(range_min, range_max)
 
