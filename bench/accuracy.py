@@ -226,10 +226,14 @@ def _write(rows, summary, cells, note: str, output: Path) -> None:
 
 def render(paths: list[str], output: Path) -> int:
     """The table of the rows of earlier runs together (``--render``)."""
-    rows, sources = [], []
+    rows, sources, seen = [], [], set()
     for path in paths:
         data = json.loads(Path(path).read_text())
-        rows += [row for row in data["rows"] if "accuracy" in row]
+        for row in data["rows"]:
+            key = (row["dataset"], row["system"], row["scheme"], row["method"], row["seed"])
+            if "accuracy" in row and key not in seen:  # a seed's float model, trained by each run, counts once
+                seen.add(key)
+                rows.append(row)
         sources.append(data.get("note", f"{Path(path).name}: rows of bench/tfmot_accuracy.py"))
     has_tfmot = any(row["system"] == "tfmot" for row in rows)
     summary = summarize(rows)
