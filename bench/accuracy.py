@@ -234,7 +234,7 @@ def render(paths: list[str], output: Path) -> int:
             if "accuracy" in row and key not in seen:  # a seed's float model, trained by each run, counts once
                 seen.add(key)
                 rows.append(row)
-        sources.append(data.get("note", f"{Path(path).name}: rows of bench/tfmot_accuracy.py"))
+        sources.append(data.get("note", f"{Path(path).name}: rows of bench/tfmot_accuracy.py."))
     has_tfmot = any(row["system"] == "tfmot" for row in rows)
     summary = summarize(rows)
     cells = table_cells(summary)
