@@ -39,11 +39,13 @@ from keras_qat.registry import kind_of
 
 @dataclass(frozen=True)
 class _Correctable:
-    """One layer whose bias can take the shift: its linear map's layer, its float and
-    quantized kernels, and how to add a per-channel shift to its output."""
+    """One layer whose bias can take the shift: its linear map's layer, its kernel's
+    quantizer, its float and quantized kernels, and how to add a per-channel shift to its
+    output."""
 
     layer: keras.layers.Layer
     linear: keras.layers.Layer
+    quantizer: object
     float_kernel: Callable
     quantized_kernel: Callable
     shift_output: Callable[[np.ndarray], None]
@@ -55,7 +57,9 @@ def _folded(layer: QuantizeFoldedBatchNorm) -> _Correctable:
     def shift(delta):  # the folded bias is beta + (bias - moving_mean) * factor
         bn.moving_mean.assign(bn.moving_mean - delta / layer._factor())
 
-    return _Correctable(layer, layer.layer, layer.unquantized_kernel, lambda: layer.folded_kernel(False), shift)
+    return _Correctable(
+        layer, layer.layer, layer.weight_quantizer, layer.unquantized_kernel, lambda: layer.folded_kernel(False), shift
+    )
 
 
 def _wrapped(layer: QuantizeWrapper) -> _Correctable | None:
@@ -65,7 +69,7 @@ def _wrapped(layer: QuantizeWrapper) -> _Correctable | None:
         return None
     kernel, quantizer, variables = weights[0]
     return _Correctable(
-        layer, inner, lambda: kernel, lambda: quantizer(kernel, False, variables),
+        layer, inner, quantizer, lambda: kernel, lambda: quantizer(kernel, False, variables),
         lambda delta: inner.bias.assign(inner.bias + delta),
     )
 
@@ -74,15 +78,11 @@ def _correctable(layer) -> _Correctable | None:
     """The correction of ``layer``, or None where it has no linear map known or no bias."""
     if isinstance(layer, QuantizeFoldedBatchNorm):
         found = _folded(layer)
-        quantizer = layer.weight_quantizer
     elif isinstance(layer, QuantizeWrapper) and kind_of(layer.layer) is not None and kind_of(layer.layer).role == "kernel":
         found = _wrapped(layer)
-        quantizer = layer.quantized_weights()[0][1] if layer.quantized_weights() else None
     else:
         return None
-    if found is None or quantizer is None or not emulation.supports_kernel(found.linear, quantizer):
-        return None
-    return found
+    return found if found is not None and emulation.supports_kernel(found.linear, found.quantizer) else None
 
 
 def _layer_inputs(model: keras.Model, layer) -> keras.Model | None:

@@ -15,9 +15,9 @@ each range quantizer the tensor it quantizes, and sets the range from what it sa
 The quantizer's own rules then apply (zero in the range, symmetric where it is symmetric).
 Weights are quantized as deployed (BatchNorm folded). Then, by default, the mean shift that
 weight quantization adds to each Conv/Dense output is measured on the first batches and taken
-out of its bias (:mod:`keras_qat.bias_correction`): at 4 bits it is worth points of accuracy. Moving-average quantizers count the
-calibration as the batches it saw, so training continues from it; fixed-range quantizers keep
-their range. :func:`weight_ranges_from_weights` sets weight ranges alone, without data;
+out of its bias (:mod:`keras_qat.bias_correction`): at 4 bits it is worth points of accuracy.
+Moving-average quantizers count the calibration as the batches it saw, so training continues
+from it; fixed-range quantizers keep their range. :func:`weight_ranges_from_weights` sets weight ranges alone, without data;
 ``quantize_apply`` calls it, so that a model's weight grids are its weights' from the start.
 """
 
