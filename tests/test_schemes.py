@@ -55,17 +55,19 @@ def test_valid_arguments_are_kept_as_given():
 
 @pytest.mark.parametrize(
     "weight_bits, activation_bits, method",
-    [(8, 8, "minmax"), (5, 8, "minmax"), (4, 8, "lsq"), (4, 4, "lsq"), (3, 3, "lsq"), (2, 8, "lsq"), (8, 3, "lsq"), (2, 2, "lsq")],
+    [(16, 16, "lsq"), (8, 8, "lsq"), (5, 8, "lsq"), (4, 4, "lsq"), (2, 8, "lsq"), (2, 2, "lsq")],
 )
 def test_the_default_method_is_chosen_by_bit_width(weight_bits, activation_bits, method):
-    """NBitScheme's "auto": learned step sizes at 4 bits or fewer, min/max above; the chosen
-    quantizers are the ones that method names, for weights and activations."""
+    """NBitScheme's "auto": learned step sizes, the measured best at every width; the chosen
+    quantizers are the ones that method names, for weights and activations, and tfmot's
+    stand-ins keep min/max."""
     scheme = kq.NBitScheme(weight_bits, activation_bits)
     assert scheme.method == method
     config = scheme.config_for(keras.layers.Dense(3, activation="relu"))
     learned = method == "lsq"
     assert type(config.weight_quantizer) is (kq.LSQQuantizer if learned else kq.LastValueQuantizer)
     assert type(config.activation_quantizer) is (kq.LSQQuantizer if learned else kq.MovingAverageQuantizer)
+    assert kq.Default8BitScheme().method == "minmax"
 
 
 def test_an_explicit_method_is_kept_at_any_width():

@@ -19,10 +19,10 @@ class NBitScheme(RegistryScheme):
         fold_batch_norm, fuse_activations, freeze_bn_after_steps: the graph transforms, as
             in :class:`~keras_qat.schemes.base.RegistryScheme`.
         method: ``"auto"`` (the default), ``"minmax"``, ``"lsq"`` or ``"pact"``: how ranges
-            are set (see :class:`~keras_qat.schemes.base.RegistryScheme`). ``"auto"`` uses LSQ
-            when the scheme's ``weight_bits`` or ``activation_bits`` is 4 or less, min/max
-            otherwise, for every layer (overrides change a layer's widths, not its method):
-            the best measured for the width (bench/accuracy.py; the README's accuracy table).
+            are set (see :class:`~keras_qat.schemes.base.RegistryScheme`). ``"auto"`` uses LSQ,
+            the best measured at every width from W8A8 to W2A2 (bench/accuracy.py; the
+            README's accuracy table), for every layer (overrides change a layer's widths, not
+            its method).
             LSQ's range variables are trainable: an optimizer's weight decay reaches them.
     """
 
