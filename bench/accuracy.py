@@ -35,10 +35,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import accuracy_setup as setup  # noqa: E402
-from common import machine_info, print_table, write_json_atomic  # noqa: E402
+from common import RESULTS_MD, machine_info, print_table, write_json_atomic, write_results_section  # noqa: E402
 
 BENCH_PYTHON = HERE.parent / ".venv-bench" / "bin" / "python"
-RESULTS_MD = HERE / "RESULTS.md"
 
 #: How tfmot's rows were made, for the note under the table.
 TFMOT_PROTOCOL = (
@@ -157,14 +156,7 @@ def markdown(cells: list[list[str]], note: str) -> str:
 
 
 def write_results_md(section: str) -> None:
-    from keras_qat.format.atomic import write_atomically
-
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nWritten by the scripts in bench/; each section says which and when.\n\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    write_atomically(RESULTS_MD, text.encode("utf-8"))
+    write_results_section(section, START, END)
 
 
 def _schemes(text: str) -> list[tuple[int, int]]:

@@ -115,3 +115,19 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def write_results_section(section: str, start: str, end: str) -> None:
+    """Put ``section`` (which begins with ``start`` and ends with ``end``) into bench/RESULTS.md,
+    replacing the one between those markers, atomically."""
+    from keras_qat.format.atomic import write_atomically
+
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n\nWritten by the scripts in bench/; each section says which and when.\n\n"
+    if start in text and end in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    write_atomically(RESULTS_MD, text.encode("utf-8"))

@@ -91,3 +91,59 @@ def test_graph_versions_equal_the_numpy_ones(multipliers, values):
     x = np.array(values[: len(m)], dtype=np.int64)
     in_graph = fp.multiply_by_quantized_multiplier(ops, ops.convert_to_tensor(x), m0_graph, shift_graph)
     np.testing.assert_array_equal(ops.convert_to_numpy(in_graph), fp.multiply_by_quantized_multiplier(np, x, m0, shift))
+
+
+def _near_ties(multiplier: float, limit: int, rng) -> np.ndarray:
+    """Accumulators within two of each point where ``x * multiplier`` is half an output step
+    from an integer (where the two roundings decide), and random ones."""
+    k = np.arange(-limit - 2, limit + 2) + 0.5
+    ties = np.round(k / multiplier).astype(np.int64)[:, None] + np.arange(-2, 3)[None, :]
+    spread = rng.integers(-(2**31) + 1, 2**31 - 1, size=64)
+    return np.clip(np.concatenate([ties.reshape(-1), spread]), -(2**31) + 1, 2**31 - 1)
+
+
+@settings(max_examples=80)
+@given(
+    multiplier=st.one_of(st.floats(2.0**-12, 8.0), st.integers(-12, 3).map(lambda e: 2.0**e)),
+    limit=st.sampled_from([1, 7, 127, 255]),
+    single_rounding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_float64_requantization_is_the_kernels_within_its_limit(multiplier, limit, single_rounding, seed):
+    """The float64 form equals the exact-integer oracle wherever the kernel's result is within
+    ``limit``, keeps sign and magnitude beyond it, and is exact for every 8-bit multiplier down
+    to 2**-12 (the int64 form is only a fallback)."""
+    x = _near_ties(multiplier, limit, np.random.default_rng(seed))
+    m0, shift = fp.quantize_multiplier(np.array([multiplier]))
+    got, exact = fp.multiply_by_quantized_multiplier_float64(np, x.astype(np.float64), m0, shift, float(limit), single_rounding)
+    assert bool(exact)
+    oracle = exact_multiply_single_rounding if single_rounding else exact_multiply_by_quantized_multiplier
+    expected = np.array([oracle(int(value), int(m0[0]), int(shift[0])) for value in x], dtype=np.float64)
+    inside = np.abs(expected) <= limit
+    np.testing.assert_array_equal(got[inside], expected[inside])
+    assert np.all(np.sign(got[~inside]) == np.sign(expected[~inside])) and np.all(np.abs(got[~inside]) > limit)
+
+
+@settings(max_examples=40)
+@given(multiplier=st.floats(2.0**-8, 0.5), seed=st.integers(0, 2**16), left_shift=st.sampled_from([15, 20]))
+def test_float64_rescaling_with_a_left_shift_is_adds(multiplier, seed, left_shift):
+    """ADD's input rescaling (codes shifted up ``left_shift`` bits first), bounded by the widest
+    8-bit codes, as the oracle computes it."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(-256, 256, size=200)
+    m0, shift = fp.quantize_multiplier(np.array([multiplier]))
+    limit = math.ceil(256 * 2**left_shift * multiplier * 1.01) + 1
+    got, exact = fp.multiply_by_quantized_multiplier_float64(
+        np, codes.astype(np.float64), m0, shift, float(limit), left_shift=left_shift
+    )
+    assert bool(exact)
+    expected = [exact_multiply_by_quantized_multiplier(int(c) << left_shift, int(m0[0]), int(shift[0])) for c in codes]
+    assert got.tolist() == [float(e) for e in expected]
+
+
+def test_float64_requantization_reports_multipliers_it_cannot_hold():
+    """A multiplier so small that the clipped accumulator times ``m0`` passes 2**52: not exact,
+    so the caller takes the int64 form."""
+    m0, shift = fp.quantize_multiplier(np.array([2.0**-30, 0.5]))
+    _, exact = fp.multiply_by_quantized_multiplier_float64(np, np.zeros(2), m0, shift, 255.0)
+    assert not bool(exact)

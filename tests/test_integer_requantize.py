@@ -5,6 +5,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import keras
+import tensorflow as tf
+
+from keras_qat import ops as qops
 from keras_qat.grid import IntegerGrid, from_range
 from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize
 from tests.conftest import exact_multiply_by_quantized_multiplier, exact_multiply_single_rounding
@@ -39,6 +43,36 @@ def test_requantize_is_tflites_fixed_point_then_zero_point_then_clamp(values, mu
     low, high = out.activation_bounds(activation)
     want = [min(max(exact(v, int(requantize.m0), int(requantize.shift)) + int(out.zero_point), low), high) for v in values]
     assert requantize(np.array(values, np.int64)).tolist() == want
+
+
+@pytest.mark.skipif(not qops.exact_integer_arithmetic(), reason="needs int64 and float64 on the backend")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize(
+    "multipliers", [[0.0123, 0.5, 1.9, 2.0**-7], [0.0123, 2.0**-30, 0.3]], ids=["float64 form", "int64 fallback"]
+)
+@pytest.mark.parametrize("single", [False, True])
+def test_requantize_in_a_graph_is_the_numpy_one(multipliers, single, compiled):
+    """The inference graph's requantization (``centered``: float64 where exact, int64 where a
+    channel's multiplier is too small for float64; compiled with XLA or not) gives NumPy's
+    codes, near ties included."""
+    ops = keras.ops
+    out = from_range(np.float32(-1.5), np.float32(7.0), 8).as_signed()
+    requantize = Requantize.lower(np.array(multipliers), out, "relu6", single_rounding=single)
+    rng = np.random.default_rng(0)
+    ties = np.round((np.arange(-140, 140)[:, None] + 0.5) / np.array(multipliers)[None, :]).astype(np.int64)
+    accumulator = np.concatenate([ties + d for d in (-1, 0, 1)] + [rng.integers(-(2**30), 2**30, (64, len(multipliers)))])
+    accumulator = np.clip(accumulator, -(2**31) + 1, 2**31 - 1)  # an int32 accumulator
+    graph = Requantize.lower(ops.convert_to_tensor(np.array(multipliers)), out, "relu6", single, xp=ops)
+
+    def centered(acc):
+        return graph.centered(acc, ops)
+
+    if compiled and keras.backend.backend() != "tensorflow":
+        pytest.skip("qops.compiled is XLA on TensorFlow only")
+    # ``compiled`` takes effect in graphs: traced here as Keras traces predict.
+    run = tf.function(qops.compiled(centered)) if compiled else centered
+    got = ops.convert_to_numpy(run(ops.convert_to_tensor(accumulator.astype(np.float64))))
+    np.testing.assert_array_equal(got, (requantize(accumulator) - out.zero_point).astype(np.float32))
 
 
 @pytest.mark.parametrize("multiplier", [np.float64(0.0123), np.array([0.5, 3e-5, 1.9])])

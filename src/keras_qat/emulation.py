@@ -27,7 +27,8 @@ from keras import ops
 
 from keras_qat import integer
 from keras_qat import ops as qops
-from keras_qat.grid import IntegerGrid, from_range
+from keras_qat import fixed_point as fp
+from keras_qat.grid import IntegerGrid, along_axes, codes_at_scale, from_range
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.spec import TensorSpec
 from keras_qat.quantizers import Quantizer
@@ -92,9 +93,8 @@ def centered_codes(x, g: IntegerGrid):
 
 def _real(codes, out: IntegerGrid):
     """Codes on ``out`` (float32 tensors holding integers) as the real values they stand for;
-    0 on an empty grid."""
-    real = (codes - out.zero_point) * out.scale
-    return ops.where(ops.equal(out.scale, 0.0), ops.zeros_like(real), real)
+    0 on an empty grid (scale 0)."""
+    return (codes - out.zero_point) * out.scale
 
 
 def linear_map(layer, x, w):
@@ -117,7 +117,8 @@ _FLOAT32_EXACT = 2**24
 
 
 def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
-    """The exact integer accumulator of ``layer`` on centered codes ``x`` and ``w``, as float64.
+    """The exact integer accumulator of ``layer`` on centered codes ``x`` and ``w``: float32 where
+    that holds it exactly, else float64.
 
     float32 convolutions are fast but exact only below 2**24. When the accumulator's bound
     (``terms`` products of at most ``2**input_bits`` by ``2**(weight_bits - 1)``) is too
@@ -127,7 +128,7 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
     """
     weight_bound = terms * 2 ** (weight_bits - 1)
     if weight_bound * 2**input_bits < _FLOAT32_EXACT:
-        return ops.cast(linear_map(layer, x, w), "float64")
+        return linear_map(layer, x, w)  # exact in float32; widened where the bias joins it
     low_bits = (input_bits + 1) // 2
     if weight_bound * 2 ** max(low_bits, input_bits - low_bits) < _FLOAT32_EXACT:
         base = float(2**low_bits)
@@ -194,28 +195,118 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         # A source built without its spec (a caller's own): resolved here from the layer's kernel.
         spec = kernel_source.quantizer.spec(tuple(layer.kernel.shape), "kernel", layer)
         kernel_source = kernel_source._replace(spec=spec)
-    in_grid = grid(in_source)
-    w_grid = grid(kernel_source)
-    out_grid = grid(out.source)
-    x = ops.cast(in_grid.centered_codes(inputs, ops), "float32")
-    w = ops.cast(w_grid.centered_codes(kernel, ops), "float32")
-    accumulator = _accumulate(
-        layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
-    )
     activation = activation_name(getattr(layer, "activation", "linear"))
     if activation == "linear":
         activation = out.activation
-    op = integer.KernelOp.lower(
-        in_grid, w_grid, out_grid, bias, activation, rounds_once(layer, kernel_source.quantizer), xp=ops
+    w_spec = spec_of(kernel_source)
+    in_scale, w_scale, bias_codes, m0, shift, zero_point, low, high, out_scale = _kernel_parameters(
+        *_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source),
+        bias,
+        _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
+        rounds_once(layer, kernel_source.quantizer),
     )
-    return _real(op(accumulator, ops), out_grid)
+    # A shared function's outputs come without static shapes; the convolution needs its
+    # input's channels known (Keras compiles a convolution of unknown channels with XLA).
+    x = codes_at_scale(inputs, ops.reshape(in_scale, ()), ops)
+    w = codes_at_scale(kernel, along_axes(w_scale, w_spec.axes, tuple(kernel.shape), ops), ops)
+    accumulator = _accumulate(
+        layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
+    )
+    output = _kernel_output(
+        accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer)
+    )
+    return qops.with_static_shape(output, accumulator.shape)
+
+
+def _static(spec: TensorSpec) -> tuple:
+    """``spec`` as plain values: a shared function (:func:`keras_qat.ops.shared`) is traced once
+    per distinct value of its non-tensor arguments, and TensorFlow compares other objects by
+    identity."""
+    return (int(spec.bits), bool(spec.narrow_range), bool(spec.symmetric), tuple(int(a) for a in spec.axes), str(spec.observer))
+
+
+def _range_tensors(source: Source) -> tuple:
+    """``source``'s range now (variables or tensors)."""
+    return tuple(source.quantizer.range_of(source.variables))
+
+
+def _kernel_parameters_fn(
+    in_min, in_max, w_min, w_max, out_min, out_max, bias, in_spec: tuple, w_spec: tuple, out_spec: tuple,
+    activation: str, single_rounding: bool,
+):
+    """A kernel's integer parameters from its three ranges (:meth:`keras_qat.integer.KernelOp.lower`;
+    the specs as :func:`_static` gives them): the input, weight and output scales, the bias
+    codes (0 without a bias), the multiplier, the output zero point and the clamp."""
+    in_grid = TensorSpec(*in_spec).grid(in_min, in_max, ops)
+    w_grid = TensorSpec(*w_spec).grid(w_min, w_max, ops)
+    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
+    op = integer.KernelOp.lower(in_grid, w_grid, out_grid, bias, activation, single_rounding, xp=ops)
+    requantize = op.requantize
+    bias_codes = op.bias if op.bias is not None else ops.zeros((), "float64")
+    return (
+        in_grid.scale, w_grid.scale, bias_codes, requantize.m0, requantize.shift,
+        ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+    )
+
+
+_kernel_parameters = qops.shared(_kernel_parameters_fn)
+
+
+def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high, scale, single_rounding):
+    """The real output of a kernel from its exact accumulator: bias, requantization, clamp,
+    scale (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
+    op = integer.KernelOp(bias_codes, integer.Requantize(m0, shift, zero_point, low, high, single_rounding))
+    return op.centered(accumulator, ops) * scale
+
+
+_kernel_output = qops.compiled(_kernel_output_fn)
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
     """TFLite's ADD of ``a`` and ``b`` (each on its source's grid): :class:`keras_qat.integer.AddOp`."""
-    grid_a, grid_b, out_grid = grid(source_a), grid(source_b), grid(out.source)
-    op = integer.AddOp.lower(grid_a, grid_b, out_grid, out.activation, xp=ops)
-    return _real(op(centered_codes(a, grid_a), centered_codes(b, grid_b), ops), out_grid)
+    spec_a, spec_b = spec_of(source_a), spec_of(source_b)
+    parameters = _add_parameters(
+        *_range_tensors(source_a), *_range_tensors(source_b), *_range_tensors(out.source),
+        _static(spec_a), _static(spec_b), _static(spec_of(out.source)), out.activation,
+    )
+    output = _add_output(a, b, *parameters, fp.add_left_shift(max(spec_a.bits, spec_b.bits)))
+    return qops.with_static_shape(output, _broadcast_shape(a.shape, b.shape))
+
+
+def _broadcast_shape(a, b) -> tuple:
+    """The static shape of ``a + b`` (None where a dimension is unknown)."""
+    a, b = tuple(a), tuple(b)
+    rank = max(len(a), len(b))
+    a, b = (1,) * (rank - len(a)) + a, (1,) * (rank - len(b)) + b
+    return tuple(y if x == 1 else x if y == 1 or x == y else None for x, y in zip(a, b))
+
+
+def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tuple, spec_b: tuple, out_spec: tuple, activation: str):
+    """An ADD's integer parameters from its three ranges (:meth:`keras_qat.integer.AddOp.lower`;
+    the specs as :func:`_static` gives them)."""
+    grid_a = TensorSpec(*spec_a).grid(a_min, a_max, ops)
+    grid_b = TensorSpec(*spec_b).grid(b_min, b_max, ops)
+    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
+    op = integer.AddOp.lower(grid_a, grid_b, out_grid, activation, xp=ops)
+    requantize = op.requantize
+    return (
+        grid_a.scale, grid_b.scale, *op.a, *op.b, requantize.m0, requantize.shift,
+        ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+    )
+
+
+_add_parameters = qops.shared(_add_parameters_fn)
+
+
+def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shift, zero_point, low, high, scale, left_shift):
+    """The real output of TFLite's ADD from its real inputs (:meth:`keras_qat.integer.AddOp.centered`
+    on their codes), as one compiled kernel."""
+    requantize = integer.Requantize(m0, shift, zero_point, low, high)
+    op = integer.AddOp(left_shift, (a_m0, a_shift), (b_m0, b_shift), requantize)
+    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops) * scale
+
+
+_add_output = qops.compiled(_add_output_fn)
 
 
 def multiply_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):

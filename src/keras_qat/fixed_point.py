@@ -104,6 +104,52 @@ def multiply_by_quantized_multiplier_single_rounding(xp, x, m0, shift):
     return xp.right_shift(x * m0 + rounding, total_shift)
 
 
+#: float64 holds every integer up to 2**53; the float path below stays under half of that.
+_FLOAT64_SAFE = float(2**52)
+
+
+def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, limit, single_rounding: bool = False, left_shift: int = 0):
+    """:func:`multiply_by_quantized_multiplier` of ``x * 2**left_shift`` (or its single rounding)
+    in float64 arithmetic, wherever its result lies within ``[-limit, limit]``: a handful of
+    elementwise float operations where the int64 form takes two dozen integer ones, for the
+    QAT model's inference. Beyond ``limit`` the result keeps its sign and stays beyond it, so
+    that clamping to any range inside ``[-limit, limit]`` gives the kernel's values.
+
+    Both roundings collapse into one. With ``r = -shift > 0``, the kernel computes
+    ``n = floor(q / 2**31 + 1/2)`` of the exact product ``q = x * 2**left_shift * m0`` and then
+    rounds ``n / 2**r`` half away from zero; nested floors of divisions by integers are one
+    floor, so the result is ``floor(z + 1/2 + d)`` for ``z = q / 2**(31 + r)`` with
+    ``d = 2**-(r+1)`` where ``q >= -2**30`` (where ``x >= 0``, up to a case that rounds alike)
+    and ``d = -2**-(r+1)`` below. A left shift (``shift >= 0``) and the single rounding are
+    ``floor(z + 1/2)``.
+
+    Every step is exact in float64 while ``x * m0`` and ``(|z| + 3) / 2**(shift + left_shift - 31)``
+    stay below 2**52; ``x`` is first clipped where the result is beyond ``limit`` anyway, which
+    bounds both. Returns ``(result, exact)``: float64 integers, and a scalar bool that is False
+    when some channel's multiplier is too small for that bound (the caller then takes the int64
+    form).
+
+    Args:
+        x: float64 integers (an accumulator, or codes); m0, shift: int64, broadcast against
+            ``x``'s last axis; limit: a float64 scalar.
+    """
+    m0 = _cast(xp, m0, "float64")
+    shift = _cast(xp, shift, "float64")
+    exponent = shift + float(left_shift - 31)
+    multiplier = m0 * xp.power(2.0, exponent)
+    positive = multiplier > 0.0
+    reach = xp.where(positive, xp.ceil((limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
+    clipped = xp.minimum(xp.maximum(x, -reach), reach)
+    z = clipped * multiplier
+    if single_rounding:
+        rounded = xp.floor(z + 0.5)
+    else:
+        half_step = xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
+        rounded = xp.floor((z + 0.5) + xp.sign(clipped) * half_step)
+    fits = (reach * m0 <= _FLOAT64_SAFE) & ((limit + 3.0) * xp.power(2.0, -exponent) <= _FLOAT64_SAFE)
+    return rounded, xp.all(fits)
+
+
 def divide_multiplier(xp, m0, shift, count: int):
     """The multiplier ``(m0, shift)`` divided by ``count`` as TFLite's integer MEAN does it:
     ``k = min(floor(log2(count)), 32, 31 + shift)``, ``m0 * 2**k // count``, ``shift - k``."""
@@ -125,6 +171,7 @@ __all__ = [
     "rounding_divide_by_pot",
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single_rounding",
+    "multiply_by_quantized_multiplier_float64",
     "divide_multiplier",
     "add_left_shift",
 ]

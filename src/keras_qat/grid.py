@@ -139,12 +139,7 @@ class IntegerGrid:
     def along(self, values, shape: Sequence[int], xp=np):
         """Per-channel ``values`` (one per channel, like ``scale``) shaped to broadcast against
         a tensor of ``shape``; a per-tensor value is returned as it is."""
-        if not self.axes:
-            return values
-        broadcast = [1] * len(shape)
-        for axis in self.axes:
-            broadcast[axis] = int(shape[axis])
-        return xp.reshape(values, tuple(broadcast))
+        return along_axes(values, self.axes, shape, xp)
 
     # ---- integers ------------------------------------------------------------------------
 
@@ -174,17 +169,17 @@ class IntegerGrid:
             return steps * np.asarray(scale, np.float32)
         return (_cast(xp, q, "float32") - zero_point) * scale
 
-    def centered_codes(self, on_grid, xp=np):
+    def centered_codes(self, on_grid, xp=np, dtype: str = "float64"):
         """``q - zero_point`` of values that already lie on this grid (fake-quantized values),
-        as exact integers: float64 in a graph, int64 in NumPy. Exact because each such value is
-        one float32 product ``k * scale`` with ``|k| < 2**16``, which division undoes."""
+        as exact integers: ``dtype`` (float64 or float32) in a graph, int64 in NumPy. Exact
+        because each such value is one float32 product ``k * scale`` with ``|k| < 2**16``,
+        which division undoes."""
         scale = self.along(self.scale, tuple(on_grid.shape), xp)
         if xp is np:
             scale = np.asarray(scale, np.float32)
             safe = np.where(scale == 0, np.float32(1.0), scale)
             return np.rint(np.asarray(on_grid, np.float32) / safe).astype(np.int64)
-        safe = xp.where(xp.equal(scale, 0.0), xp.ones_like(scale), scale)
-        return xp.cast(xp.round(on_grid / safe), "float64")
+        return xp.cast(codes_at_scale(on_grid, scale, xp), dtype)
 
     def activation_bounds(self, activation: str, xp=np):
         """TFLite's ``CalculateActivationRangeQuantized``: ``(low, high)``, the code range left
@@ -235,6 +230,24 @@ class IntegerGrid:
         )
 
 
+def along_axes(values, axes: Sequence[int], shape: Sequence[int], xp=np):
+    """Per-channel ``values`` of a tensor whose channel axes are ``axes`` (flattened row-major,
+    see :attr:`IntegerGrid.axes`) shaped to broadcast against it; ``values`` as they are when
+    ``axes`` is empty."""
+    if not axes:
+        return values
+    broadcast = [1] * len(shape)
+    for axis in axes:
+        broadcast[axis] = int(shape[axis])
+    return xp.reshape(values, tuple(broadcast))
+
+
+def codes_at_scale(on_grid, scale, xp):
+    """In a graph: the integers ``k`` of values ``k * scale`` (float32; 0 where the scale is 0),
+    as float32 (see :meth:`IntegerGrid.centered_codes`)."""
+    return xp.round(on_grid / xp.where(xp.equal(scale, 0.0), xp.ones_like(scale), scale))
+
+
 def sanitized_range(range_min, range_max, xp=np):
     """``(min, max)`` as float32 with degenerate ranges (narrower than :data:`MIN_RANGE_WIDTH`,
     or inverted) replaced by ``[0, 0]``, as fake quantization treats them."""
@@ -264,7 +277,14 @@ def from_range(
     qmin, qmax = quant_range(bits, narrow_range)
     lo, hi = sanitized_range(range_min, range_max, xp)
     lo, hi = _cast(xp, lo, "float64"), _cast(xp, hi, "float64")
-    scale = (hi - lo) / float(qmax - qmin)
+    if xp is np:
+        scale = (hi - lo) / float(qmax - qmin)
+    else:
+        from keras_qat.ops import exact_divide  # ops imports this module
+
+        # A graph optimizer would divide by the constant as a multiplication by its reciprocal,
+        # a last-bit difference that moves a zero point sitting on a half.
+        scale = exact_divide(hi - lo, xp.convert_to_tensor(float(qmax - qmin), "float64"))
     safe = xp.where(scale == 0, 1.0, scale)
     from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
     use_min = (abs(qmin) + xp.abs(lo / safe)) < (abs(qmax) + xp.abs(hi / safe))

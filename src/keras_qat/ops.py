@@ -126,6 +126,66 @@ def exact_integer_arithmetic() -> bool:
     return backend in ("tensorflow", "torch")
 
 
+def compiled(fn):
+    """``fn`` (keras.ops on tensors only) as one compiled kernel where the backend otherwise
+    runs a graph op by op: an XLA function on TensorFlow, whose elementwise chain becomes a
+    single loop instead of one full-size temporary per op; ``fn`` itself on JAX (whose
+    ``predict`` and ``fit`` compile the whole step) and PyTorch.
+
+    Every step of ``fn`` must be exact (integers in float arithmetic), so that XLA's freedom
+    to contract ``a * b + c`` into one FMA cannot change a result.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return _in_graphs_only(fn, tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True))
+
+
+def shared(fn):
+    """``fn`` (keras.ops on tensors; other arguments static) traced once per signature and
+    called as a single op wherever it is used, on TensorFlow: a tf.function that grappler
+    leaves un-inlined. A computation that every quantized layer repeats on small tensors
+    (its integer parameters from its ranges) then adds one op per layer to a traced model
+    instead of hundreds, which cuts the model's first call (tracing, then grappler) from tens
+    of seconds to a few. ``fn`` itself in eager execution and on other backends.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    return _in_graphs_only(
+        fn, tf.function(fn, autograph=False, reduce_retracing=True, experimental_attributes={"_noinline": True})
+    )
+
+
+def with_static_shape(x, shape):
+    """``x`` with its static shape set to ``shape`` in a TensorFlow graph, where the output of a
+    :func:`compiled` or :func:`shared` function (traced for any shape) has lost it; ``x`` as it
+    is elsewhere."""
+    if keras.backend.backend() == "tensorflow" and not isinstance(x, np.ndarray):
+        import tensorflow as tf
+
+        if not tf.executing_eagerly():
+            x.set_shape(shape)
+    return x
+
+
+def _in_graphs_only(fn, function):
+    """``function`` while a graph is traced, ``fn`` in eager execution: eagerly, ops run one by
+    one anyway, and each new signature would cost a trace (and an XLA compilation)."""
+    import tensorflow as tf
+
+    @functools.wraps(fn)
+    def call(*args):
+        if tf.executing_eagerly():
+            return fn(*args)
+        # A Keras variable is read here: the function takes its value, not the variable.
+        return function(*(tf.convert_to_tensor(a) if isinstance(a, keras.Variable) else a for a in args))
+
+    return call
+
+
 # --------------------------------------------------------------------------------------
 # Argument checking
 # --------------------------------------------------------------------------------------
@@ -250,8 +310,8 @@ class NudgedRange(NamedTuple):
     zero_point: object  # an integer value held in float32
 
 
-def _exact_divide(numerator, denominator):
-    """``numerator / denominator`` as an IEEE float32 division on every backend.
+def exact_divide(numerator, denominator):
+    """``numerator / denominator`` as an IEEE division (float32 or float64) on every backend.
 
     XLA rewrites a division by a constant, or by a broadcast scalar that it can see is
     constant, into a multiplication by the reciprocal, which differs from TF's division in
@@ -317,9 +377,9 @@ def _nudge(min, max, qmin_f, qmax_f) -> NudgedRange:
     """:func:`nudge` with the integer range given as float32 tensors (traceable)."""
     levels = qmax_f - qmin_f
     width = max - min
-    scale = _exact_divide(width, levels)
-    inv_scale = _exact_divide(levels, width)
-    zero_from_min = qmin_f - _exact_divide(min, scale)
+    scale = exact_divide(width, levels)
+    inv_scale = exact_divide(levels, width)
+    zero_from_min = qmin_f - exact_divide(min, scale)
     # std::round (half away from zero) of a value in [qmin, qmax], which is non-negative:
     # floor plus one where the exact fractional part reaches one half.
     floor = ops.floor(zero_from_min)
@@ -678,7 +738,7 @@ def _portable_kernel(per_channel: bool):
         if per_channel:
             steps = _rounded_product(shifted, grid.inv_scale)
         else:
-            steps = _exact_divide(shifted, grid.scale)
+            steps = exact_divide(shifted, grid.scale)
         out = ops.floor(steps - quant_zero + 0.5) * grid.scale
         out = ops.where(zero_range, 0.0, out)
 

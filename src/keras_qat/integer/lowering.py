@@ -63,6 +63,13 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
+    def centered(self, accumulator, xp):
+        """In a ``keras.ops`` graph: the output codes minus the zero point (:meth:`Requantize.centered`)."""
+        accumulator = xp.cast(accumulator, "float64")
+        if self.bias is not None:
+            accumulator = accumulator + self.bias
+        return self.requantize.centered(accumulator, xp)
+
 
 @dataclass(frozen=True)
 class AddOp:
@@ -89,10 +96,34 @@ class AddOp:
         )
 
     def __call__(self, a, b, xp=np):
+        return self.requantize(self._int64_sum(a, b, xp), xp)
+
+    def centered(self, a, b, xp):
+        """In a ``keras.ops`` graph: the output codes minus the zero point. Each input is rescaled in float64
+        (:func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`, bounded by
+        the widest codes of its width) where that is exact, else in int64."""
+        code_bound = float(2 ** (8 if self.left_shift == fp.add_left_shift(8) else 16))
+        rescaled, exact = [], []
+        for codes, (m0, shift) in ((a, self.a), (b, self.b)):
+            multiplier = xp.cast(m0, "float64") * xp.power(2.0, xp.cast(shift, "float64") + float(self.left_shift - 31))
+            limit = xp.ceil(code_bound * multiplier) + 1.0
+            value, fits = fp.multiply_by_quantized_multiplier_float64(
+                xp, xp.cast(codes, "float64"), m0, shift, limit, left_shift=self.left_shift
+            )
+            rescaled.append(value)
+            exact.append(fits)
+        total = xp.cond(
+            xp.logical_and(exact[0], exact[1]),
+            lambda: rescaled[0] + rescaled[1],
+            lambda: xp.cast(self._int64_sum(a, b, xp), "float64"),
+        )
+        return self.requantize.centered(total, xp)
+
+    def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift
         scaled_a = fp.multiply_by_quantized_multiplier(xp, _int64(xp, a) * shift, *self.a)
         scaled_b = fp.multiply_by_quantized_multiplier(xp, _int64(xp, b) * shift, *self.b)
-        return self.requantize(scaled_a + scaled_b, xp)
+        return scaled_a + scaled_b
 
     def to_manifest(self) -> dict:
         return {

@@ -90,6 +90,29 @@ class Requantize:
         codes = xp.cast(scaled, "float32") + self.zero_point
         return xp.minimum(xp.maximum(codes, self.low), self.high)
 
+    def centered(self, accumulator, xp):
+        """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
+        point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero point.
+
+        Computed in float64 (:func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`,
+        a few elementwise operations) whenever every channel's multiplier lets float64 hold the
+        arithmetic exactly, and in the int64 form otherwise; both give the kernel's integers.
+        """
+        zero_point = xp.cast(self.zero_point, "float32")
+        low, high = self.low - zero_point, self.high - zero_point
+        limit = xp.cast(xp.maximum(xp.abs(low), xp.abs(high)), "float64")
+        accumulator = xp.cast(accumulator, "float64")
+        fast, exact = fp.multiply_by_quantized_multiplier_float64(
+            xp, accumulator, self.m0, self.shift, limit, self.single_rounding
+        )
+        multiply = fp.multiply_by_quantized_multiplier_single_rounding if self.single_rounding else fp.multiply_by_quantized_multiplier
+
+        def in_int64():
+            return xp.cast(multiply(xp, xp.cast(accumulator, "int64"), self.m0, self.shift), "float64")
+
+        scaled = xp.cond(exact, lambda: fast, in_int64)
+        return xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
+
     # ---- the .kqat manifest ----------------------------------------------------------------
 
     def to_manifest(self) -> dict:
