@@ -19,6 +19,7 @@ functional graph. A layer without complete links keeps fake quantization in infe
 
 from __future__ import annotations
 
+import warnings
 from typing import NamedTuple
 
 import keras
@@ -28,6 +29,7 @@ from keras import ops
 from keras_qat import integer
 from keras_qat import ops as qops
 from keras_qat import fixed_point as fp
+from keras_qat.errors import InexactInferenceWarning
 from keras_qat.grid import IntegerGrid, along_axes, codes_at_scale, from_range
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.spec import TensorSpec
@@ -79,8 +81,21 @@ def exported_grid(source: Source) -> IntegerGrid:
 
 
 def enabled(training: bool) -> bool:
-    """Whether inference reproduces the integer kernels in this call."""
-    return not training and not qops.plain_fake_quant() and qops.exact_integer_arithmetic()
+    """Whether inference reproduces the integer kernels in this call. Where the backend cannot
+    (JAX without 64-bit types), says so once (:class:`keras_qat.errors.InexactInferenceWarning`)."""
+    if training or qops.plain_fake_quant():
+        return False
+    if qops.exact_integer_arithmetic():
+        return True
+    # One line issues it, so Python's default filter shows it once per process.
+    warnings.warn(
+        "keras_qat: on JAX without 64-bit types the QAT model's inference computes fake "
+        "quantization instead of the deployed integer kernels, and can differ from the exported "
+        "model by a step in some outputs. Enable them before JAX creates any array: "
+        "jax.config.update('jax_enable_x64', True), or JAX_ENABLE_X64=1 in the environment.",
+        InexactInferenceWarning,
+    )
+    return False
 
 
 # ---- the arithmetic (lowered and executed by keras_qat.integer) ------------------------------

@@ -68,4 +68,10 @@ class UnsupportedLayerError(ValueError):
         return type(self), (self.caller, self.scheme, self.layers)
 
 
-__all__ = ["NotDeployableError", "UnsupportedLayerError"]
+class InexactInferenceWarning(UserWarning):
+    """The QAT model's inference computes fake quantization, not the deployed integer kernels,
+    because the backend lacks int64 or float64 (JAX without ``jax_enable_x64``): it can differ
+    from the exported model by a quantization step in some outputs. Warned once per process."""
+
+
+__all__ = ["NotDeployableError", "UnsupportedLayerError", "InexactInferenceWarning"]
