@@ -274,7 +274,11 @@ def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high,
     return op.centered(accumulator, ops) * scale
 
 
-_kernel_output = qops.compiled(_kernel_output_fn)
+#: Outputs with fewer elements per example run op by op: an XLA compilation per shape costs
+#: more than it saves there (small layers, and the many small models of the tests).
+COMPILE_MIN_ELEMENTS = 2**12
+
+_kernel_output = qops.compiled(_kernel_output_fn, COMPILE_MIN_ELEMENTS)
 
 
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
@@ -321,7 +325,7 @@ def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shi
     return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops) * scale
 
 
-_add_output = qops.compiled(_add_output_fn)
+_add_output = qops.compiled(_add_output_fn, COMPILE_MIN_ELEMENTS)
 
 
 def multiply_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):

@@ -126,11 +126,13 @@ def exact_integer_arithmetic() -> bool:
     return backend in ("tensorflow", "torch")
 
 
-def compiled(fn):
+def compiled(fn, min_elements: int = 0):
     """``fn`` (keras.ops on tensors only) as one compiled kernel where the backend otherwise
-    runs a graph op by op: an XLA function on TensorFlow, whose elementwise chain becomes a
-    single loop instead of one full-size temporary per op; ``fn`` itself on JAX (whose
-    ``predict`` and ``fit`` compile the whole step) and PyTorch.
+    runs a graph op by op: an XLA function on TensorFlow graphs, whose elementwise chain becomes a
+    single loop instead of one full-size temporary per op. Where the first argument has fewer
+    than ``min_elements`` elements per example (its static shape after the batch axis), or in
+    eager execution, on JAX (whose ``predict`` and ``fit`` compile the whole step) and on
+    PyTorch, ``fn`` itself: XLA compiles once per shape, which only large tensors repay.
 
     Every step of ``fn`` must be exact (integers in float arithmetic), so that XLA's freedom
     to contract ``a * b + c`` into one FMA cannot change a result.
@@ -139,7 +141,25 @@ def compiled(fn):
         return fn
     import tensorflow as tf
 
-    return _in_graphs_only(fn, tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True))
+    function = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if tf.executing_eagerly() or _elements_per_example(args[0]) < min_elements:
+            return fn(*args)
+        return function(*args)
+
+    return call
+
+
+def _elements_per_example(x) -> float:
+    """The static number of elements of ``x`` after its first axis (infinite where unknown)."""
+    count = 1
+    for size in tuple(x.shape)[1:]:
+        if size is None:
+            return float("inf")
+        count *= int(size)
+    return count
 
 
 def shared(fn):
