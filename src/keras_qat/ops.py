@@ -142,14 +142,7 @@ def compiled(fn, min_elements: int = 0):
     import tensorflow as tf
 
     function = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
-
-    @functools.wraps(fn)
-    def call(*args):
-        if tf.executing_eagerly() or _elements_per_example(args[0]) < min_elements:
-            return fn(*args)
-        return function(*args)
-
-    return call
+    return _in_graphs_only(fn, function, lambda args: _elements_per_example(args[0]) >= min_elements)
 
 
 def _elements_per_example(x) -> float:
@@ -191,14 +184,14 @@ def with_static_shape(x, shape):
     return x
 
 
-def _in_graphs_only(fn, function):
-    """``function`` while a graph is traced, ``fn`` in eager execution: eagerly, ops run one by
-    one anyway, and each new signature would cost a trace (and an XLA compilation)."""
+def _in_graphs_only(fn, function, worth_it=lambda args: True):
+    """``function`` while a graph is traced and ``worth_it(args)``, else ``fn``: eagerly, ops
+    run one by one anyway, and each new signature would cost a trace (and an XLA compilation)."""
     import tensorflow as tf
 
     @functools.wraps(fn)
     def call(*args):
-        if tf.executing_eagerly():
+        if tf.executing_eagerly() or not worth_it(args):
             return fn(*args)
         # A Keras variable is read here: the function takes its value, not the variable.
         return function(*(tf.convert_to_tensor(a) if isinstance(a, keras.Variable) else a for a in args))
