@@ -212,6 +212,13 @@ def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True
             return (out * upstream).sum()
 
         return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, lo, hi)]
+    if BACKEND == "torch":
+        import torch
+
+        x, lo, hi = (torch.tensor(v, requires_grad=True) for v in (x, lo, hi))
+        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
+        y.backward(torch.tensor(upstream))
+        return [v.grad.numpy() for v in (x, lo, hi)]
     import tensorflow as tf
 
     x, lo, hi = (tf.constant(v) for v in (x, lo, hi))

@@ -47,11 +47,11 @@ def quantize_multiplier(multiplier, xp=np):
     else:
         multiplier = xp.cast(multiplier, "float64")
     safe = xp.where(multiplier > 0, multiplier, 1.0)
-    shift = xp.floor(xp.log2(safe)) + 1.0
+    shift = floor(xp, xp.log2(safe)) + 1.0
     mantissa = safe * xp.power(2.0, -shift)
     shift = xp.where(mantissa >= 1.0, shift + 1.0, xp.where(mantissa < 0.5, shift - 1.0, shift))
     mantissa = safe * xp.power(2.0, -shift)
-    m0 = xp.floor(mantissa * float(_ONE_31) + 0.5)
+    m0 = floor(xp, mantissa * float(_ONE_31) + 0.5)
     carry = m0 == float(_ONE_31)
     m0 = xp.where(carry, m0 / 2.0, m0)
     shift = xp.where(carry, shift + 1.0, shift)
@@ -59,9 +59,26 @@ def quantize_multiplier(multiplier, xp=np):
     return _cast(xp, xp.where(keep, m0, 0.0), "int64"), _cast(xp, xp.where(keep, shift, 0.0), "int64")
 
 
+def floor(xp, x):
+    """``xp.floor(x)`` in ``x``'s own dtype. Keras's floor returns float32 for float64 input on
+    JAX and PyTorch, which would round away the low bits of the float64 integers that the
+    arithmetic below holds; there it is taken from the truncation through int64 instead
+    (exact for ``|x| < 2**63``)."""
+    rounded = xp.floor(x)
+    if xp is np or rounded.dtype == x.dtype:
+        return rounded
+    truncated = xp.cast(xp.cast(x, "int64"), x.dtype)
+    return xp.where(truncated > x, truncated - 1.0, truncated)
+
+
+def ceil(xp, x):
+    """``xp.ceil(x)`` in ``x``'s own dtype (see :func:`floor`)."""
+    return -floor(xp, -x)
+
+
 def round_half_away(xp, x):
     """``std::round``: to the nearest integer, ties away from zero (TFLite's ``TfLiteRound``)."""
-    return xp.sign(x) * xp.floor(xp.abs(x) + 0.5)
+    return xp.sign(x) * floor(xp, xp.abs(x) + 0.5)
 
 
 def saturating_rounding_doubling_high_mul(xp, a, b):
@@ -138,14 +155,14 @@ def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, limit, single_rou
     exponent = shift + float(left_shift - 31)
     multiplier = m0 * xp.power(2.0, exponent)
     positive = multiplier > 0.0
-    reach = xp.where(positive, xp.ceil((limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
+    reach = xp.where(positive, ceil(xp, (limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
     clipped = xp.minimum(xp.maximum(x, -reach), reach)
     z = clipped * multiplier
     if single_rounding:
-        rounded = xp.floor(z + 0.5)
+        rounded = floor(xp, z + 0.5)
     else:
         half_step = xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
-        rounded = xp.floor((z + 0.5) + xp.sign(clipped) * half_step)
+        rounded = floor(xp, (z + 0.5) + xp.sign(clipped) * half_step)
     fits = (reach * m0 <= _FLOAT64_SAFE) & ((limit + 3.0) * xp.power(2.0, -exponent) <= _FLOAT64_SAFE)
     return rounded, xp.all(fits)
 
@@ -165,6 +182,8 @@ def add_left_shift(bits: int) -> int:
 
 
 __all__ = [
+    "floor",
+    "ceil",
     "round_half_away",
     "quantize_multiplier",
     "saturating_rounding_doubling_high_mul",

@@ -106,7 +106,7 @@ class AddOp:
         rescaled, exact = [], []
         for codes, (m0, shift) in ((a, self.a), (b, self.b)):
             multiplier = xp.cast(m0, "float64") * xp.power(2.0, xp.cast(shift, "float64") + float(self.left_shift - 31))
-            limit = xp.ceil(code_bound * multiplier) + 1.0
+            limit = fp.ceil(xp, code_bound * multiplier) + 1.0
             value, fits = fp.multiply_by_quantized_multiplier_float64(
                 xp, xp.cast(codes, "float64"), m0, shift, limit, left_shift=self.left_shift
             )
