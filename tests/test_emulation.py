@@ -1,6 +1,9 @@
 """keras_qat.emulation: whether inference reproduces the integer kernels, and saying so when
 it cannot (the arithmetic itself is checked against the runtime in test_integer_ops)."""
 
+import os
+import subprocess
+import sys
 import warnings
 
 import keras
@@ -8,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_qat as kq
+from keras_qat import emulation
 from keras_qat import ops as qops
 from keras_qat.errors import InexactInferenceWarning
 
@@ -20,9 +24,10 @@ def _quantized_dense():
     return kq.quantize_model(model)
 
 
-def test_inference_warns_once_where_it_cannot_be_exact():
+def test_inference_warns_once_where_it_cannot_be_exact(monkeypatch):
     """TensorFlow and PyTorch (and JAX with x64) compute the integer kernels and say nothing;
     JAX without x64 computes fake quantization and says how to enable 64-bit types."""
+    monkeypatch.setattr(emulation, "_inexact_said", False)  # as in a fresh process
     model = _quantized_dense()
     x = np.linspace(-1, 1, 8, dtype=np.float32).reshape(2, 4)
     if qops.exact_integer_arithmetic():
@@ -39,3 +44,31 @@ def test_training_never_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error", InexactInferenceWarning)
         model(np.ones((2, 4), np.float32), training=True)
+
+
+_WITHOUT_X64 = """
+import warnings
+import numpy as np
+import keras
+import keras_qat as kq
+from keras_qat.errors import InexactInferenceWarning
+inputs = keras.Input((4,))
+model = kq.quantize_model(keras.Model(inputs, keras.layers.Dense(3, activation="relu")(inputs)))
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    for _ in range(3):
+        model(np.ones((2, 4), np.float32), training=False)
+said = [str(w.message) for w in caught if issubclass(w.category, InexactInferenceWarning)]
+print(len(said), said[0] if said else "")
+"""
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="runs its own JAX process once, from the TF suite")
+def test_jax_without_x64_says_once_how_to_enable_it():
+    """CI runs JAX with x64; a user who has not enabled it gets one warning, however many calls."""
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_ENABLE_X64": "0"}
+    done = subprocess.run([sys.executable, "-c", _WITHOUT_X64], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, _, message = done.stdout.strip().splitlines()[-1].partition(" ")
+    assert count == "1"
+    assert "jax_enable_x64" in message and "JAX_ENABLE_X64=1" in message

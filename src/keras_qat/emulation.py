@@ -80,6 +80,10 @@ def exported_grid(source: Source) -> IntegerGrid:
     return spec_of(source).grid(lo, hi, np)
 
 
+#: Whether :func:`enabled` has warned that inference cannot be exact here.
+_inexact_said = False
+
+
 def enabled(training: bool) -> bool:
     """Whether inference reproduces the integer kernels in this call. Where the backend cannot
     (JAX without 64-bit types), says so once (:class:`keras_qat.errors.InexactInferenceWarning`)."""
@@ -87,7 +91,10 @@ def enabled(training: bool) -> bool:
         return False
     if qops.exact_integer_arithmetic():
         return True
-    # One line issues it, so Python's default filter shows it once per process.
+    global _inexact_said
+    if _inexact_said:
+        return False
+    _inexact_said = True  # once per process, whatever the warning filters say
     warnings.warn(
         "keras_qat: on JAX without 64-bit types the QAT model's inference computes fake "
         "quantization instead of the deployed integer kernels, and can differ from the exported "
@@ -377,13 +384,31 @@ def average_pool_inference(layer, inputs, source: Source):
     g = grid(source)
     zero_point = g.as_signed().zero_point
     signed = ops.cast(g.centered_codes(inputs, ops), "float32") + zero_point
-    averaged = layer(signed)
+    averaged = _window_average(layer, signed)
     area = 1
     for size in layer.pool_size:
         area *= int(size)
     tie = 0.25 / area
     rounded = ops.sign(averaged) * ops.floor(ops.abs(averaged) + 0.5 + tie)
     return (rounded - zero_point) * g.scale
+
+
+def _window_average(layer, x):
+    """``layer``'s average pooling of ``x`` over each window's real inputs, as TensorFlow and
+    TFLite take it. Keras on PyTorch places SAME padding differently when a window's padding
+    is odd (and counts it in the average), so SAME windows are padded here explicitly, TF's
+    way (the extra element after), and pooled VALID, with the count of real inputs pooled alike."""
+    spatial = tuple(x.shape[1:-1])
+    if layer.padding != "same" or layer.data_format != "channels_last" or None in spatial:
+        return layer(x)
+    pads = [(0, 0)]
+    for size, pool, stride in zip(spatial, layer.pool_size, layer.strides):
+        total = max((-(-size // stride) - 1) * stride + pool - size, 0)
+        pads.append((total // 2, total - total // 2))
+    pads.append((0, 0))
+    real = ops.ones((1,) + spatial + (1,), x.dtype)
+    pooled, counted = (ops.average_pool(ops.pad(v, pads), layer.pool_size, layer.strides, "valid") for v in (x, real))
+    return pooled / counted
 
 
 def mean_inference(layer, inputs, source: Source, out: OutputTarget):
