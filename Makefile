@@ -10,7 +10,7 @@ export PYTHONHASHSEED ?= 0
 DEMO_STAMP := $(VENV)/.installed-demo
 DEMO_ARGS ?=
 
-.PHONY: demo test test-jax bench bench-env install clean
+.PHONY: demo test test-jax test-torch bench bench-env install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,12 +29,27 @@ $(DEMO_STAMP): pyproject.toml | $(PY)
 demo: $(DEMO_STAMP)
 	$(VENV)/bin/keras-qat demo $(DEMO_ARGS)
 
-test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+# pytest-xdist: one worker per CPU (most of a test is Python tracing, which one core runs).
+TEST_WORKERS ?= auto
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS)
+BACKEND_SUBSET := -m "numerics or api"
 
-# The core numerics and API tests again on the JAX backend.
+test: $(STAMP)
+	$(PYTEST) $(PYTEST_ARGS)
+
+# The fake-quant core, the API, training, .kqat export and the runtime again on JAX, with the
+# 64-bit types that the QAT model's exact integer inference needs.
 test-jax: $(STAMP)
-	KERAS_BACKEND=jax $(PY) -m pytest -m "numerics or api" $(PYTEST_ARGS)
+	KERAS_BACKEND=jax JAX_ENABLE_X64=1 $(PYTEST) $(BACKEND_SUBSET) $(PYTEST_ARGS)
+
+TORCH_STAMP := $(VENV)/.installed-torch
+$(TORCH_STAMP): pyproject.toml | $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,torch]'
+	touch $(TORCH_STAMP)
+
+# The same subset on PyTorch (CPU build).
+test-torch: $(TORCH_STAMP)
+	KERAS_BACKEND=torch $(PYTEST) $(BACKEND_SUBSET) $(PYTEST_ARGS)
 
 # tfmot, for the side-by-side benchmarks only: it needs tf-keras, which pulls the full
 # tensorflow wheel, so it lives in its own environment, never in the package's.

@@ -25,6 +25,8 @@ from keras_qat.export import ArtifactError, compare, save_artifact, to_tflite
 from keras_qat.format import container
 from tests.conftest import digits_cnn, digits_data, fit_briefly
 
+pytestmark = pytest.mark.api
+
 needs_exact_inference = pytest.mark.skipif(
     not qops.exact_integer_arithmetic(),
     reason="the QAT model reproduces integer kernels only with int64/float64 on the backend",
