@@ -215,7 +215,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         """
         bn = self.batch_norm
         axes = tuple(range(len(convolved.shape) - 1))
-        mean, variance = ops.moments(convolved, axes=axes)
+        mean, variance = qops.moments(convolved, axes)  # the global batch's, when distributed
         gamma = bn.gamma if bn.gamma is not None else 1.0
         beta = bn.beta if bn.beta is not None else 0.0
         # (c / f - mean / f) * gamma / sqrt(var / f**2 + eps)

@@ -289,6 +289,39 @@ def reduce_range(x, axis: Axis = None):
     return lo, hi
 
 
+def _replica_context():
+    """The ``tf.distribute`` replica context of a step that runs on more than one replica
+    (MirroredStrategy, MultiWorkerMirroredStrategy), else None. JAX's ``keras.distribution``
+    needs none: its step computes on the whole global batch, sharded or not."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return None
+    context = tf.distribute.get_replica_context()
+    return context if context is not None and context.num_replicas_in_sync > 1 else None
+
+
+def global_range(batch_min, batch_max):
+    """``(batch_min, batch_max)`` combined over every replica of a distributed step: the range
+    of the global batch, so that every replica quantizes on it and stores it, as one device
+    running that batch would (each replica otherwise observes only its own share). Unchanged
+    outside a multi-replica step."""
+    context = _replica_context()
+    if context is None:
+        return batch_min, batch_max
+    gathered = context.all_gather(ops.expand_dims(ops.stack([-batch_min, batch_max]), 0), axis=0)
+    widest = ops.max(gathered, axis=0)
+    return -widest[0], widest[1]
+
+
+def moments(x, axes: tuple[int, ...]):
+    """``keras.ops.moments(x, axes)`` of the global batch in a multi-replica step (the sums are
+    all-reduced, as Keras's synchronized BatchNormalization does), of ``x`` elsewhere."""
+    return ops.moments(x, axes, synchronized=_replica_context() is not None)
+
+
 def asymmetric_range(batch_min, batch_max):
     """The smallest range that holds the statistics and zero: ``[min(lo, 0), max(hi, 0)]``."""
     return ops.minimum(batch_min, 0.0), ops.maximum(batch_max, 0.0)

@@ -258,9 +258,10 @@ class _RangeQuantizer(Quantizer):
         raise NotImplementedError
 
     def observed_range(self, inputs, axes: tuple[int, ...]):
-        """The range of ``inputs`` under this quantizer's rules (zero included, symmetric or not)."""
-        batch_min, batch_max = qops.reduce_range(
-            ops.cast(ops.stop_gradient(inputs), "float32"), axes or None
+        """The range of ``inputs`` under this quantizer's rules (zero included, symmetric or not),
+        over the global batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
+        batch_min, batch_max = qops.global_range(
+            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None)
         )
         if self.symmetric:
             return qops.symmetric_range(batch_min, batch_max, self.num_bits, self.narrow_range)
