@@ -139,6 +139,15 @@ def fit_briefly(model, x, y, epochs=1):
     model.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
 
 
+def qat_inference(model, x) -> np.ndarray:
+    """The QAT model's inference on ``x`` as NumPy: one compiled ``predict`` call on JAX (run
+    eagerly, JAX compiles each op anew for each new shape: most of a JAX test's time), a
+    direct call elsewhere."""
+    if keras.backend.backend() == "jax":
+        return np.asarray(model.predict(x, batch_size=len(x), verbose=0))
+    return keras.ops.convert_to_numpy(model(x, training=False))
+
+
 def digits_data():
     """The 1797 offline 8x8 digits (sklearn), scaled to [0, 1], shuffled with a fixed seed."""
     from sklearn.datasets import load_digits
