@@ -132,7 +132,32 @@ def train_models() -> dict[str, np.ndarray]:
         for index, variable in enumerate(model.weights):
             weights[f"{label}/{index:03d}/{variable.name}"] = keras.ops.convert_to_numpy(variable)
         weights[f"{label}/outputs"] = keras.ops.convert_to_numpy(model(x[:GLOBAL_BATCH], training=False))
+        if ENGINE == "mirrored":
+            weights.update({f"{label}/deployed/{k}": v for k, v in _deployed_agreement(keras, kq, model, x).items()})
     return weights
+
+
+def _deployed_agreement(keras, kq, model, x) -> dict[str, np.ndarray]:
+    """The model trained under the strategy, saved and loaded, and exported to ``.kqat``,
+    LiteRT and ONNX: the fraction of outputs identical to its own inference, each."""
+    import tempfile
+
+    from keras_qat import runtime
+
+    held_out = x[:GLOBAL_BATCH]
+    want = keras.ops.convert_to_numpy(model(held_out, training=False))
+    with tempfile.TemporaryDirectory() as directory:
+        model.save(os.path.join(directory, "qat.keras"))
+        loaded = keras.saving.load_model(os.path.join(directory, "qat.keras"))
+        integer_model = runtime.load(kq.export.save_artifact(model, os.path.join(directory, "qat.kqat")))
+        kq.export.to_tflite(model, os.path.join(directory, "qat.tflite"))
+        kq.export.to_onnx(model, os.path.join(directory, "qat.onnx"))
+        return {
+            "loaded": np.mean(keras.ops.convert_to_numpy(loaded(held_out, training=False)) == want),
+            "kqat": np.mean(integer_model.run(held_out) == want),
+            "tflite": kq.export.compare(model, os.path.join(directory, "qat.tflite"), held_out).identical_fraction,
+            "onnx": kq.export.compare(model, os.path.join(directory, "qat.onnx"), held_out).identical_fraction,
+        }
 
 
 def _training_call(strategy, quantizer, variables):
