@@ -395,9 +395,10 @@ def average_pool_inference(layer, inputs, source: Source):
 
 def _window_average(layer, x):
     """``layer``'s average pooling of ``x`` over each window's real inputs, as TensorFlow and
-    TFLite take it. Keras on PyTorch places SAME padding differently when a window's padding
-    is odd (and counts it in the average), so SAME windows are padded here explicitly, TF's
-    way (the extra element after), and pooled VALID, with the count of real inputs pooled alike."""
+    TFLite take it. Keras on PyTorch averages some SAME windows otherwise (pool 4, stride 2
+    over the values 1..7: 1.75 for the first window, against TensorFlow's 2.0), so SAME
+    windows are padded here explicitly, TF's way (an odd pad's extra element after), and
+    pooled VALID, divided by the count of real inputs pooled alike."""
     spatial = tuple(x.shape[1:-1])
     if layer.padding != "same" or layer.data_format != "channels_last" or None in spatial:
         return layer(x)
