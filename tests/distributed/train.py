@@ -102,9 +102,20 @@ def _fit(keras, model, x, y) -> None:
         train_step(x_share, y_share)
 
 
+def _schemes(kq) -> dict:
+    """The model at 8 bits with min/max ranges (last value, moving average), which every engine
+    trains and the tests compare with one device's; under MirroredStrategy also with LSQ, whose
+    trained model is saved, loaded and exported (its variables are not compared: see
+    ``tests/test_distributed.py``)."""
+    schemes = {"minmax": kq.Default8BitScheme()}
+    if ENGINE == "mirrored":
+        schemes["lsq"] = kq.NBitScheme(8, 8, method="lsq")
+    return schemes
+
+
 def train_models() -> dict[str, np.ndarray]:
-    """The model at 8 bits with min/max ranges (last value, moving average) and with LSQ, each
-    fitted one epoch of :data:`STEPS` global batches, in order."""
+    """The models of :func:`_schemes`, each fitted one epoch of :data:`STEPS` global batches,
+    in order."""
     import keras
 
     if ENGINE == "jax-data-parallel":
@@ -116,7 +127,7 @@ def train_models() -> dict[str, np.ndarray]:
     strategy = None if JAX else _tf_strategy()
     x, y = _data()
     weights = {}
-    for label, scheme in (("minmax", kq.Default8BitScheme()), ("lsq", kq.NBitScheme(8, 8, method="lsq"))):
+    for label, scheme in _schemes(kq).items():
         keras.utils.set_random_seed(0)
         if strategy is None:
             model = _model(keras, kq, scheme)
@@ -160,14 +171,19 @@ def _deployed_agreement(keras, kq, model, x) -> dict[str, np.ndarray]:
         }
 
 
-def _training_call(strategy, quantizer, variables):
-    """A traced step that calls ``quantizer`` in training on each replica's share of a batch
-    (the variables are closed over: as arguments, tf.function would pass their values)."""
+def _training_call(strategy, calls):
+    """One traced step that calls each ``(quantizer, variables)`` of ``calls`` in training on
+    each replica's share of a batch (the variables are closed over: as arguments, tf.function
+    would pass their values). One function for them all: one trace, and its collectives run
+    in the order it gives them."""
     import tensorflow as tf
+
+    def on_replica(share):
+        return [quantizer(share, True, variables) for quantizer, variables in calls]
 
     @tf.function(autograph=False)
     def step(batch):
-        return strategy.run(lambda share: quantizer(share, True, variables), args=(batch,))
+        return strategy.run(on_replica, args=(batch,))
 
     return step
 
@@ -190,22 +206,22 @@ def train_quantizers() -> dict[str, np.ndarray]:
     strategy = _tf_strategy()
     rng = np.random.default_rng(1)
     batches = [rng.normal(size=(GLOBAL_BATCH, 5, 3)).astype("float32") * (step + 1) for step in range(3)]
-    states = {}
+    calls = {}
     for name, kind in kinds.items():
         for per_axis in (False, True):
             quantizer = kind(num_bits=4, per_axis=per_axis)
             with strategy.scope():
                 host = keras.layers.Layer(name=f"{name}_{per_axis}")
-                variables = quantizer.build((None, 5, 3), "output", host)
-
-            step = _training_call(strategy, quantizer, variables)
-            for batch in batches:
-                dataset = tf.data.Dataset.from_tensors(batch)
-                for distributed in strategy.experimental_distribute_dataset(dataset):
-                    step(distributed)
-            for key, variable in variables.items():
-                states[f"{name}/{per_axis}/{key}"] = keras.ops.convert_to_numpy(variable)
-    return states
+                calls[f"{name}/{per_axis}"] = quantizer, quantizer.build((None, 5, 3), "output", host)
+    step = _training_call(strategy, list(calls.values()))
+    for batch in batches:
+        for distributed in strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch)):
+            step(distributed)
+    return {
+        f"{label}/{key}": keras.ops.convert_to_numpy(variable)
+        for label, (_, variables) in calls.items()
+        for key, variable in variables.items()
+    }
 
 
 def main() -> None:
