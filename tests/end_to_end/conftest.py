@@ -33,7 +33,7 @@ class TrainedApplication:
 @pytest.fixture(scope="session")
 def trained_application(request) -> TrainedApplication:
     """``request.param``'s architecture (random weights), quantized and fitted one epoch of
-    4 steps on random data. Session-scoped and parametrized indirectly: pytest groups the tests
+    2 steps of 8 random images. Session-scoped and parametrized indirectly: pytest groups the tests
     of one architecture and keeps one model alive at a time."""
     name = request.param
     keras.utils.set_random_seed(0)
@@ -41,13 +41,13 @@ def trained_application(request) -> TrainedApplication:
     quantized = kq.quantize_model(model)
     rng = np.random.default_rng(0)
     shape = tuple(quantized.inputs[0].shape[1:])
-    x = (rng.random((64,) + shape) * 255).astype("float32")
-    y = rng.integers(0, 10, size=64)
-    # Eager steps: tracing the training graph of these models costs 55-130 s each, four steps
-    # eagerly 10-25 s. Graph-mode training runs on the small models of the other test modules
+    x = (rng.random((16,) + shape) * 255).astype("float32")
+    y = rng.integers(0, 10, size=16)
+    # Eager steps: tracing the training graph of these models costs 55-130 s each, an eager
+    # step 3-20 s. Graph-mode training runs on the small models of the other test modules
     # and on every layer of bench/conformance.py.
     quantized.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", run_eagerly=True)
-    history = quantized.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    history = quantized.fit(x, y, batch_size=8, epochs=1, verbose=0)
     held_out = (rng.random((32,) + shape) * 255).astype("float32")
     return TrainedApplication(name, model, quantized, x, history, held_out)
 
