@@ -121,11 +121,23 @@ CASES = [
     (AllValuesQuantizer, False, False, True, 5),
     (LastValueQuantizer, True, False, False, 7),
 ]
+#: The cases that also run on JAX and PyTorch: each class once, per axis and per tensor,
+#: symmetric and not, narrow and full (the quantizers' arithmetic at every setting is
+#: test_quantizers.py's, on every backend; this program's path is the same Python for all).
+EVERY_BACKEND = {CASES[0], CASES[3], CASES[5]}
 
 
 def _case_id(case):
     cls, per_axis, symmetric, narrow, bits = case
     return f"{cls.__name__}-{'axis' if per_axis else 'tensor'}-{'sym' if symmetric else 'asym'}-{'narrow' if narrow else 'full'}-{bits}b"
+
+
+def _case(case):
+    skip = pytest.mark.skipif(
+        case not in EVERY_BACKEND and keras.backend.backend() != "tensorflow",
+        reason="this case runs on TensorFlow; one case per quantizer class on every backend",
+    )
+    return pytest.param(case, id=_case_id(case), marks=skip)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +152,7 @@ def _case_id(case):
         conv_depthwise_model,
     ],
 )
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("case", [_case(case) for case in CASES])
 def test_custom_configs_through_clone_model_quantize_scope_apply_and_fit(digits, build_model, case, tmp_path):
     quantizer_cls, per_axis, symmetric, narrow_range, num_bits = case
     x_train, y_train, x_test, y_test = digits
