@@ -69,8 +69,8 @@ def digits_export(tmp_path_factory, digits_qat_8bit):
 
 def _assert_agrees(report: AgreementReport, check: TFLiteCheck):
     message = f"{report}\n{check}"
-    assert report.identical_fraction >= 0.999, message
-    assert report.max_step_difference <= 1, message
+    assert report.identical_fraction == 1.0, message
+    assert report.max_step_difference == 0, message
     assert report.argmax_agreement == 1.0, message
 
 

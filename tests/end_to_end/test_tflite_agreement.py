@@ -41,5 +41,5 @@ def test_litert_int8_model_agrees_with_the_qat_model(trained_application, tmp_pa
                 ]
             },
         )
-    assert report.identical_fraction >= 0.999, str(report)
-    assert report.max_step_difference <= 1, str(report)
+    assert report.identical_fraction == 1.0, str(report)
+    assert report.max_step_difference == 0, str(report)
