@@ -93,9 +93,14 @@ def test_runtime_computes_what_the_qat_model_computes(digits, tmp_path, weight_b
 
 
 @pytest.fixture(scope="module")
-def eight_bit(digits_qat_8bit, tmp_path_factory):
-    """The default 8-bit scheme (per-tensor Dense, which the TFLite converter requires)."""
-    model = digits_qat_8bit
+def eight_bit(request, tmp_path_factory):
+    """The default 8-bit scheme (per-tensor Dense, which the TFLite converter requires), and
+    its artifact. On TensorFlow only: the tests that take it check the artifact and the NumPy
+    runtime (integer I/O, damaged files, bad inputs), the same on every backend; each backend's
+    own export runs in test_runtime_computes_what_the_qat_model_computes."""
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("checks the artifact and the NumPy runtime, which no backend changes; runs on TensorFlow")
+    model = request.getfixturevalue("digits_qat_8bit")
     directory = tmp_path_factory.mktemp("artifact")
     return model, save_artifact(model, directory / "digits.kqat"), directory
 
