@@ -102,6 +102,25 @@ def _near_ties(multiplier: float, limit: int, rng) -> np.ndarray:
     return np.clip(np.concatenate([ties.reshape(-1), spread]), -(2**31) + 1, 2**31 - 1)
 
 
+@settings(max_examples=120)
+@given(
+    multiplier=st.one_of(st.floats(2.0**-31, 8.0), st.integers(-31, 3).map(lambda e: 2.0**e)),
+    limit=st.sampled_from([1, 7, 127, 255]),
+    single_rounding=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_float64_requantization_is_the_kernels(multiplier, limit, single_rounding, seed):
+    """The float64 form equals the exact-integer oracle on every int32 accumulator, at the
+    points where the two roundings decide and at random ones, for every multiplier down to
+    2**-31 (an ADD's output multiplier is about 2**-20)."""
+    x = _near_ties(multiplier, limit, np.random.default_rng(seed))
+    m0, shift = fp.quantize_multiplier(np.array([multiplier]))
+    got = fp.multiply_by_quantized_multiplier_float64(np, x.astype(np.float64), m0, shift, single_rounding)
+    oracle = exact_multiply_single_rounding if single_rounding else exact_multiply_by_quantized_multiplier
+    expected = [oracle(int(value), int(m0[0]), int(shift[0])) for value in x]
+    assert got.tolist() == [float(e) for e in expected]
+
+
 @settings(max_examples=80)
 @given(
     multiplier=st.one_of(st.floats(2.0**-12, 8.0), st.integers(-12, 3).map(lambda e: 2.0**e)),
@@ -109,14 +128,13 @@ def _near_ties(multiplier: float, limit: int, rng) -> np.ndarray:
     single_rounding=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_float64_requantization_is_the_kernels_within_its_limit(multiplier, limit, single_rounding, seed):
-    """The float64 form equals the exact-integer oracle wherever the kernel's result is within
-    ``limit``, keeps sign and magnitude beyond it, and is exact for every 8-bit multiplier down
-    to 2**-12 (the int64 form is only a fallback)."""
+def test_clipped_requantization_is_the_kernels_within_its_limit(multiplier, limit, single_rounding, seed):
+    """The clipped form equals the exact-integer oracle wherever the kernel's result is within
+    ``limit``, keeps sign and magnitude beyond it, and holds every 8-bit multiplier down to 2**-12."""
     x = _near_ties(multiplier, limit, np.random.default_rng(seed))
     m0, shift = fp.quantize_multiplier(np.array([multiplier]))
-    got, exact = fp.multiply_by_quantized_multiplier_float64(np, x.astype(np.float64), m0, shift, float(limit), single_rounding)
-    assert bool(exact)
+    assert bool(fp.clipped_float64_fits(np, m0, shift, float(limit)))
+    got = fp.multiply_by_quantized_multiplier_clipped(np, x.astype(np.float64), m0, shift, float(limit), single_rounding)
     oracle = exact_multiply_single_rounding if single_rounding else exact_multiply_by_quantized_multiplier
     expected = np.array([oracle(int(value), int(m0[0]), int(shift[0])) for value in x], dtype=np.float64)
     inside = np.abs(expected) <= limit
@@ -124,26 +142,30 @@ def test_float64_requantization_is_the_kernels_within_its_limit(multiplier, limi
     assert np.all(np.sign(got[~inside]) == np.sign(expected[~inside])) and np.all(np.abs(got[~inside]) > limit)
 
 
+def test_clipped_requantization_reports_multipliers_it_cannot_hold():
+    """A multiplier so small that the clipped accumulator times ``m0`` passes 2**52 (an ADD's
+    output multiplier): not exact, so the caller takes the split form."""
+    m0, shift = fp.quantize_multiplier(np.array([2.0**-30, 0.5]))
+    assert not bool(fp.clipped_float64_fits(np, m0, shift, 255.0))
+    assert bool(fp.clipped_float64_fits(np, m0[1:], shift[1:], 255.0))
+
+
 @settings(max_examples=40)
 @given(multiplier=st.floats(2.0**-8, 0.5), seed=st.integers(0, 2**16), left_shift=st.sampled_from([15, 20]))
 def test_float64_rescaling_with_a_left_shift_is_adds(multiplier, seed, left_shift):
-    """ADD's input rescaling (codes shifted up ``left_shift`` bits first), bounded by the widest
-    8-bit codes, as the oracle computes it."""
+    """ADD's input rescaling (codes shifted up ``left_shift`` bits first) as the oracle computes it."""
     rng = np.random.default_rng(seed)
-    codes = rng.integers(-256, 256, size=200)
+    codes = rng.integers(-(2**16), 2**16, size=200)
     m0, shift = fp.quantize_multiplier(np.array([multiplier]))
-    limit = math.ceil(256 * 2**left_shift * multiplier * 1.01) + 1
-    got, exact = fp.multiply_by_quantized_multiplier_float64(
-        np, codes.astype(np.float64), m0, shift, float(limit), left_shift=left_shift
-    )
-    assert bool(exact)
+    got = fp.multiply_by_quantized_multiplier_float64(np, codes.astype(np.float64), m0, shift, left_shift=left_shift)
     expected = [exact_multiply_by_quantized_multiplier(int(c) << left_shift, int(m0[0]), int(shift[0])) for c in codes]
     assert got.tolist() == [float(e) for e in expected]
 
 
-def test_float64_requantization_reports_multipliers_it_cannot_hold():
-    """A multiplier so small that the clipped accumulator times ``m0`` passes 2**52: not exact,
-    so the caller takes the int64 form."""
-    m0, shift = fp.quantize_multiplier(np.array([2.0**-30, 0.5]))
-    _, exact = fp.multiply_by_quantized_multiplier_float64(np, np.zeros(2), m0, shift, 255.0)
-    assert not bool(exact)
+def test_float64_requantization_is_exact_up_to_its_bound():
+    """The largest accumulators it promises (just under 2**37), with the widest mantissa halves."""
+    x = np.array([fp.FLOAT64_EXACT_BOUND - 1, -(fp.FLOAT64_EXACT_BOUND - 1), 2**31 - 1, -(2**31)], dtype=np.float64)
+    for m0, shift in [(2**31 - 1, -31), (2**31 - 1, 0), (2**30 + 2**16 - 1, -5), (2**30, -20)]:
+        got = fp.multiply_by_quantized_multiplier_float64(np, x, np.int64(m0), np.int64(shift))
+        expected = [exact_multiply_by_quantized_multiplier(int(v), m0, shift) for v in x]
+        assert got.tolist() == [float(e) for e in expected]

@@ -278,7 +278,7 @@ def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high,
     """The real output of a kernel from its exact accumulator: bias, requantization, clamp,
     scale (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
     op = integer.KernelOp(bias_codes, integer.Requantize(m0, shift, zero_point, low, high, single_rounding))
-    return op.centered(accumulator, ops) * scale
+    return op.centered(accumulator, ops, scale)
 
 
 #: Outputs with fewer elements per example run op by op: an XLA compilation per shape costs
@@ -329,7 +329,7 @@ def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shi
     on their codes), as one compiled kernel."""
     requantize = integer.Requantize(m0, shift, zero_point, low, high)
     op = integer.AddOp(left_shift, (a_m0, a_shift), (b_m0, b_shift), requantize)
-    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops) * scale
+    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale)
 
 
 _add_output = qops.compiled(_add_output_fn, COMPILE_MIN_ELEMENTS)

@@ -121,50 +121,99 @@ def multiply_by_quantized_multiplier_single_rounding(xp, x, m0, shift):
     return xp.right_shift(x * m0 + rounding, total_shift)
 
 
-#: float64 holds every integer up to 2**53; the float path below stays under half of that.
+def _clipping(xp, m0, shift, limit, left_shift: int):
+    """The multiplier ``m0 * 2**(shift + left_shift - 31)`` in float64, and the reach: the
+    magnitude beyond which an input's result lies beyond ``limit`` (0 for a zero multiplier)."""
+    multiplier = m0 * xp.power(2.0, shift + float(left_shift - 31))
+    positive = multiplier > 0.0
+    reach = xp.where(positive, ceil(xp, (limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
+    return multiplier, reach
+
+
+def clipped_float64_fits(xp, m0, shift, limit, left_shift: int = 0):
+    """Whether :func:`multiply_by_quantized_multiplier_clipped` is exact for every channel's
+    multiplier (a scalar bool): while ``reach * m0`` and ``(limit + 3) / 2**(shift + left_shift - 31)``
+    stay below 2**52, which fails for multipliers below about ``limit * 2**-21``."""
+    m0, shift = _cast(xp, m0, "float64"), _cast(xp, shift, "float64")
+    _, reach = _clipping(xp, m0, shift, limit, left_shift)
+    exponent = shift + float(left_shift - 31)
+    fits = (reach * m0 <= _FLOAT64_SAFE) & ((limit + 3.0) * xp.power(2.0, -exponent) <= _FLOAT64_SAFE)
+    return xp.all(fits)
+
+
+def multiply_by_quantized_multiplier_clipped(xp, x, m0, shift, limit, single_rounding: bool = False, left_shift: int = 0):
+    """:func:`multiply_by_quantized_multiplier_float64` in fewer operations, wherever its result
+    lies within ``[-limit, limit]`` and :func:`clipped_float64_fits` holds: beyond ``limit`` the
+    result keeps its sign and stays beyond it, so that clamping to any range inside
+    ``[-limit, limit]`` gives the kernel's values.
+
+    ``x`` is clipped where its result is beyond ``limit`` anyway, and the product taken whole:
+    ``floor(x * M + c)`` (see :func:`multiply_by_quantized_multiplier_float64` for ``c``), exact
+    while ``x * m0`` stays below 2**52.
+    """
+    m0, shift = _cast(xp, m0, "float64"), _cast(xp, shift, "float64")
+    multiplier, reach = _clipping(xp, m0, shift, limit, left_shift)
+    clipped = xp.minimum(xp.maximum(x, -reach), reach)
+    return floor(xp, clipped * multiplier + _rounding_offset(xp, clipped, shift, single_rounding))
+
+
+def _rounding_offset(xp, x, shift, single_rounding: bool):
+    """``c`` of :func:`multiply_by_quantized_multiplier_float64`: 1/2, and for the double
+    rounding with a right shift ``r = -shift``, plus ``sign(x) * 2**-(r+1)``."""
+    if single_rounding:
+        return 0.5
+    return 0.5 + xp.sign(x) * xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
+
+
+#: float64 holds every integer up to 2**53; the clipped form stays under half of that.
 _FLOAT64_SAFE = float(2**52)
 
+#: The float64 form below is exact for accumulators below this magnitude: each half of the
+#: split multiplier (:func:`multiply_by_quantized_multiplier_float64`) times them stays under 2**53.
+FLOAT64_EXACT_BOUND = 2**37
 
-def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, limit, single_rounding: bool = False, left_shift: int = 0):
+
+def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, single_rounding: bool = False, left_shift: int = 0):
     """:func:`multiply_by_quantized_multiplier` of ``x * 2**left_shift`` (or its single rounding)
-    in float64 arithmetic, wherever its result lies within ``[-limit, limit]``: a handful of
-    elementwise float operations where the int64 form takes two dozen integer ones, for the
-    QAT model's inference. Beyond ``limit`` the result keeps its sign and stays beyond it, so
-    that clamping to any range inside ``[-limit, limit]`` gives the kernel's values.
+    in float64 arithmetic, exactly, for every multiplier and every ``|x| < 2**37``
+    (:data:`FLOAT64_EXACT_BOUND`), with a dozen elementwise float operations where the int64
+    form takes two dozen integer ones. The QAT model's inference takes it where the cheaper
+    :func:`multiply_by_quantized_multiplier_clipped` is not exact (small multipliers).
 
     Both roundings collapse into one. With ``r = -shift > 0``, the kernel computes
     ``n = floor(q / 2**31 + 1/2)`` of the exact product ``q = x * 2**left_shift * m0`` and then
     rounds ``n / 2**r`` half away from zero; nested floors of divisions by integers are one
-    floor, so the result is ``floor(z + 1/2 + d)`` for ``z = q / 2**(31 + r)`` with
-    ``d = 2**-(r+1)`` where ``q >= -2**30`` (where ``x >= 0``, up to a case that rounds alike)
-    and ``d = -2**-(r+1)`` below. A left shift (``shift >= 0``) and the single rounding are
-    ``floor(z + 1/2)``.
+    floor, so the result is ``floor(z + c)`` for ``z = q / 2**(31 + r)`` and
+    ``c = 1/2 + sign(x) * 2**-(r+1)`` (where ``q >= -2**30``, ``x >= 0`` up to a case that
+    rounds alike). A left shift (``shift >= 0``) and the single rounding have ``c = 1/2``.
 
-    Every step is exact in float64 while ``x * m0`` and ``(|z| + 3) / 2**(shift + left_shift - 31)``
-    stay below 2**52; ``x`` is first clipped where the result is beyond ``limit`` anyway, which
-    bounds both. Returns ``(result, exact)``: float64 integers, and a scalar bool that is False
-    when some channel's multiplier is too small for that bound (the caller then takes the int64
-    form).
+    ``z`` needs up to 62 bits, so it is never formed. ``m0 = high * 2**16 + low`` splits it into
+    ``u = x * high * 2**(e+16)`` and ``w = x * low * 2**e`` (``e = shift + left_shift - 31``),
+    each product of integers below 2**53 and so exact, as are their integer and fractional
+    parts. Then ``floor(z + c) = floor(u) + floor(frac(u) + c) + floor(w) + carry``, where the
+    carry (0 or 1) of the two remaining fractions is a comparison of exact values.
 
     Args:
         x: float64 integers (an accumulator, or codes); m0, shift: int64, broadcast against
-            ``x``'s last axis; limit: a float64 scalar.
+            ``x``'s last axis.
+
+    Returns:
+        float64 integers, the kernel's results.
     """
     m0 = _cast(xp, m0, "float64")
     shift = _cast(xp, shift, "float64")
-    exponent = shift + float(left_shift - 31)
-    multiplier = m0 * xp.power(2.0, exponent)
-    positive = multiplier > 0.0
-    reach = xp.where(positive, ceil(xp, (limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
-    clipped = xp.minimum(xp.maximum(x, -reach), reach)
-    z = clipped * multiplier
-    if single_rounding:
-        rounded = floor(xp, z + 0.5)
-    else:
-        half_step = xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
-        rounded = floor(xp, (z + 0.5) + xp.sign(clipped) * half_step)
-    fits = (reach * m0 <= _FLOAT64_SAFE) & ((limit + 3.0) * xp.power(2.0, -exponent) <= _FLOAT64_SAFE)
-    return rounded, xp.all(fits)
+    high = floor(xp, m0 * 2.0**-16)
+    low = m0 - high * 65536.0
+    step = xp.power(2.0, shift + float(left_shift - 31))
+    u = x * (high * (step * 65536.0))
+    w = x * (low * step)
+    offset = _rounding_offset(xp, x, shift, single_rounding)
+    whole_u = floor(xp, u)
+    t = (u - whole_u) + offset
+    whole_t = floor(xp, t)
+    whole_w = floor(xp, w)
+    carry = _cast(xp, (w - whole_w) >= 1.0 - (t - whole_t), "float64")
+    return (whole_u + whole_t) + (whole_w + carry)
 
 
 def divide_multiplier(xp, m0, shift, count: int):
@@ -191,6 +240,9 @@ __all__ = [
     "multiply_by_quantized_multiplier",
     "multiply_by_quantized_multiplier_single_rounding",
     "multiply_by_quantized_multiplier_float64",
+    "FLOAT64_EXACT_BOUND",
+    "multiply_by_quantized_multiplier_clipped",
+    "clipped_float64_fits",
     "divide_multiplier",
     "add_left_shift",
 ]

@@ -23,6 +23,14 @@ def _int64(xp, x):
     return _cast(xp, x, "int64")
 
 
+def sum_of(terms):
+    """The sum of two or more tensors (``sum`` would start from the integer 0)."""
+    first, *rest = terms
+    for term in rest:
+        first = first + term
+    return first
+
+
 @dataclass(frozen=True)
 class KernelOp:
     """CONV_2D, DEPTHWISE_CONV_2D, FULLY_CONNECTED after the accumulation: the bias codes (at
@@ -63,12 +71,10 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
-    def centered(self, accumulator, xp):
-        """In a ``keras.ops`` graph: the output codes minus the zero point (:meth:`Requantize.centered`)."""
-        accumulator = xp.cast(accumulator, "float64")
-        if self.bias is not None:
-            accumulator = accumulator + self.bias
-        return self.requantize.centered(accumulator, xp)
+    def centered(self, accumulator, xp, scale=None):
+        """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
+        given (:meth:`Requantize.centered`)."""
+        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale)
 
 
 @dataclass(frozen=True)
@@ -98,26 +104,35 @@ class AddOp:
     def __call__(self, a, b, xp=np):
         return self.requantize(self._int64_sum(a, b, xp), xp)
 
-    def centered(self, a, b, xp):
-        """In a ``keras.ops`` graph: the output codes minus the zero point. Each input is rescaled in float64
-        (:func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`, bounded by
-        the widest codes of its width) where that is exact, else in int64."""
+    def centered(self, a, b, xp, scale=None):
+        """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
+        given. Each input is rescaled in float64, by
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped` (bounded by the
+        widest codes of its width) where that is exact, else by the exact
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`."""
         code_bound = float(2 ** (8 if self.left_shift == fp.add_left_shift(8) else 16))
-        rescaled, exact = [], []
-        for codes, (m0, shift) in ((a, self.a), (b, self.b)):
-            multiplier = xp.cast(m0, "float64") * xp.power(2.0, xp.cast(shift, "float64") + float(self.left_shift - 31))
-            limit = fp.ceil(xp, code_bound * multiplier) + 1.0
-            value, fits = fp.multiply_by_quantized_multiplier_float64(
-                xp, xp.cast(codes, "float64"), m0, shift, limit, left_shift=self.left_shift
-            )
-            rescaled.append(value)
-            exact.append(fits)
-        total = xp.cond(
-            xp.logical_and(exact[0], exact[1]),
-            lambda: rescaled[0] + rescaled[1],
-            lambda: xp.cast(self._int64_sum(a, b, xp), "float64"),
+        inputs = ((xp.cast(a, "float64"), self.a), (xp.cast(b, "float64"), self.b))
+        limits = [
+            fp.ceil(xp, code_bound * xp.cast(m0, "float64") * xp.power(2.0, xp.cast(shift, "float64") + float(self.left_shift - 31))) + 1.0
+            for _, (m0, shift) in inputs
+        ]
+        fits = xp.logical_and(
+            *(fp.clipped_float64_fits(xp, m0, shift, limit, self.left_shift) for (_, (m0, shift)), limit in zip(inputs, limits))
         )
-        return self.requantize.centered(total, xp)
+
+        def clipped():
+            return sum_of(
+                fp.multiply_by_quantized_multiplier_clipped(xp, codes, m0, shift, limit, left_shift=self.left_shift)
+                for (codes, (m0, shift)), limit in zip(inputs, limits)
+            )
+
+        def split():
+            return sum_of(
+                fp.multiply_by_quantized_multiplier_float64(xp, codes, m0, shift, left_shift=self.left_shift)
+                for codes, (m0, shift) in inputs
+            )
+
+        return self.requantize.centered(xp.cond(fits, clipped, split), xp, scale=scale)
 
     def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift

@@ -90,28 +90,37 @@ class Requantize:
         codes = xp.cast(scaled, "float32") + self.zero_point
         return xp.minimum(xp.maximum(codes, self.low), self.high)
 
-    def centered(self, accumulator, xp):
+    def centered(self, accumulator, xp, offset=None, scale=None):
         """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
-        point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero point.
+        point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero
+        point, of ``accumulator + offset`` (float64 integers, such as bias codes), times
+        ``scale`` where given.
 
-        Computed in float64 (:func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`,
-        a few elementwise operations) whenever every channel's multiplier lets float64 hold the
-        arithmetic exactly, and in the int64 form otherwise; both give the kernel's integers.
+        Exact for every multiplier and every int32 accumulator, in float64 and without a
+        per-element branch: :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`
+        where it is exact for every channel (one scalar test), else
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`. Each branch is
+        the whole tail, so that a compiler fuses it into one loop.
         """
         zero_point = xp.cast(self.zero_point, "float32")
         low, high = self.low - zero_point, self.high - zero_point
         limit = xp.cast(xp.maximum(xp.abs(low), xp.abs(high)), "float64")
-        accumulator = xp.cast(accumulator, "float64")
-        fast, exact = fp.multiply_by_quantized_multiplier_float64(
-            xp, accumulator, self.m0, self.shift, limit, self.single_rounding
+
+        def tail(multiply):
+            def run():
+                x = xp.cast(accumulator, "float64")
+                if offset is not None:
+                    x = x + offset
+                codes = xp.minimum(xp.maximum(xp.cast(multiply(x), "float32"), low), high)
+                return codes if scale is None else codes * scale
+
+            return run
+
+        clipped = tail(
+            lambda x: fp.multiply_by_quantized_multiplier_clipped(xp, x, self.m0, self.shift, limit, self.single_rounding)
         )
-        multiply = fp.multiply_by_quantized_multiplier_single_rounding if self.single_rounding else fp.multiply_by_quantized_multiplier
-
-        def in_int64():
-            return xp.cast(multiply(xp, xp.cast(accumulator, "int64"), self.m0, self.shift), "float64")
-
-        scaled = xp.cond(exact, lambda: fast, in_int64)
-        return xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
+        split = tail(lambda x: fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding))
+        return xp.cond(fp.clipped_float64_fits(xp, self.m0, self.shift, limit), clipped, split)
 
     # ---- the .kqat manifest ----------------------------------------------------------------
 
