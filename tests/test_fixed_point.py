@@ -102,13 +102,19 @@ def _near_ties(multiplier: float, limit: int, rng) -> np.ndarray:
     return np.clip(np.concatenate([ties.reshape(-1), spread]), -(2**31) + 1, 2**31 - 1)
 
 
+def _requantization_cases(lowest: int):
+    """Multipliers from ``2**lowest`` to 8 (powers of two among them), output limits, both
+    roundings, and seeds for :func:`_near_ties`."""
+    return given(
+        multiplier=st.one_of(st.floats(2.0**lowest, 8.0), st.integers(lowest, 3).map(lambda e: 2.0**e)),
+        limit=st.sampled_from([1, 7, 127, 255]),
+        single_rounding=st.booleans(),
+        seed=st.integers(0, 2**16),
+    )
+
+
 @settings(max_examples=120)
-@given(
-    multiplier=st.one_of(st.floats(2.0**-31, 8.0), st.integers(-31, 3).map(lambda e: 2.0**e)),
-    limit=st.sampled_from([1, 7, 127, 255]),
-    single_rounding=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@_requantization_cases(lowest=-31)
 def test_float64_requantization_is_the_kernels(multiplier, limit, single_rounding, seed):
     """The float64 form equals the exact-integer oracle on every int32 accumulator, at the
     points where the two roundings decide and at random ones, for every multiplier down to
@@ -122,12 +128,7 @@ def test_float64_requantization_is_the_kernels(multiplier, limit, single_roundin
 
 
 @settings(max_examples=80)
-@given(
-    multiplier=st.one_of(st.floats(2.0**-12, 8.0), st.integers(-12, 3).map(lambda e: 2.0**e)),
-    limit=st.sampled_from([1, 7, 127, 255]),
-    single_rounding=st.booleans(),
-    seed=st.integers(0, 2**16),
-)
+@_requantization_cases(lowest=-12)
 def test_clipped_requantization_is_the_kernels_within_its_limit(multiplier, limit, single_rounding, seed):
     """The clipped form equals the exact-integer oracle wherever the kernel's result is within
     ``limit``, keeps sign and magnitude beyond it, and holds every 8-bit multiplier down to 2**-12."""

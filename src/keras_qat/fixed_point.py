@@ -121,6 +121,18 @@ def multiply_by_quantized_multiplier_single_rounding(xp, x, m0, shift):
     return xp.right_shift(x * m0 + rounding, total_shift)
 
 
+def _rounding_offset(xp, x, shift, single_rounding: bool):
+    """``c`` of :func:`multiply_by_quantized_multiplier_float64`: 1/2, and for the double
+    rounding with a right shift ``r = -shift``, plus ``sign(x) * 2**-(r+1)``."""
+    if single_rounding:
+        return 0.5
+    return 0.5 + xp.sign(x) * xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
+
+
+#: float64 holds every integer up to 2**53; the clipped form stays under half of that.
+_FLOAT64_SAFE = float(2**52)
+
+
 def _clipping(xp, m0, shift, limit, left_shift: int):
     """The multiplier ``m0 * 2**(shift + left_shift - 31)`` in float64, and the reach: the
     magnitude beyond which an input's result lies beyond ``limit`` (0 for a zero multiplier)."""
@@ -156,17 +168,6 @@ def multiply_by_quantized_multiplier_clipped(xp, x, m0, shift, limit, single_rou
     clipped = xp.minimum(xp.maximum(x, -reach), reach)
     return floor(xp, clipped * multiplier + _rounding_offset(xp, clipped, shift, single_rounding))
 
-
-def _rounding_offset(xp, x, shift, single_rounding: bool):
-    """``c`` of :func:`multiply_by_quantized_multiplier_float64`: 1/2, and for the double
-    rounding with a right shift ``r = -shift``, plus ``sign(x) * 2**-(r+1)``."""
-    if single_rounding:
-        return 0.5
-    return 0.5 + xp.sign(x) * xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
-
-
-#: float64 holds every integer up to 2**53; the clipped form stays under half of that.
-_FLOAT64_SAFE = float(2**52)
 
 #: The float64 form below is exact for accumulators below this magnitude: each half of the
 #: split multiplier (:func:`multiply_by_quantized_multiplier_float64`) times them stays under 2**53.

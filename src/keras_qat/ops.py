@@ -30,9 +30,10 @@ On JAX and PyTorch the same arithmetic runs through ``keras.ops`` with a custom 
 
 One exception, for speed: TF's per-channel kernel walks the tensor one strided channel at a
 time and costs about 20 times its per-tensor kernel (80 ms forward and backward for a
-3x3x512x512 kernel on 2 cores). Training graphs, which the converter never sees, call
-:func:`fake_quant` with ``exportable=False`` and get the same arithmetic as one fused XLA
-kernel per direction, bit-identical to TF's op (tested against it).
+3x3x512x512 kernel on 2 cores). Training and inference graphs, which the converter never
+sees (it traces inside :func:`exporting`), call :func:`fake_quant` with ``exportable=False`` and
+get the same arithmetic as one fused XLA kernel per direction, bit-identical to TF's op
+(tested against it).
 """
 
 from __future__ import annotations
@@ -514,7 +515,8 @@ def fake_quant(
             channel axis, e.g. a depthwise kernel's ``(-2, -1)``) for per-axis ranges.
         exportable: on TensorFlow, run TF's own fake-quant ops, which the TFLite converter
             turns into quantization. ``False`` allows a faster fused kernel for per-axis
-            ranges with the same output and gradients; training graphs use it.
+            ranges with the same output and gradients; the quantizers use it everywhere but
+            in a converter's trace (:func:`exporting`).
 
     Returns:
         A tensor of ``x``'s shape and dtype whose values lie on the quantization grid.

@@ -251,7 +251,9 @@ class _RangeQuantizer(Quantizer):
             num_bits=self.num_bits,
             narrow_range=self.narrow_range,
             axis=axes or None,
-            exportable=not training,
+            # Only a converter's trace needs TF's own ops; training and the QAT model's
+            # inference take the fused kernel (bit-identical, 10-20 times faster per channel).
+            exportable=qops.is_exporting(),
         )
 
     def _training_range(self, inputs, axes, weights):
