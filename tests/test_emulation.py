@@ -72,3 +72,37 @@ def test_jax_without_x64_says_once_how_to_enable_it():
     count, _, message = done.stdout.strip().splitlines()[-1].partition(" ")
     assert count == "1"
     assert "jax_enable_x64" in message and "JAX_ENABLE_X64=1" in message
+
+
+@pytest.mark.parametrize(
+    "layer, input_shape",
+    [
+        (keras.layers.Conv2D(3, 3, padding="same"), (2, 5, 5, 300)),  # 2700 terms: 6 channel groups
+        (keras.layers.Conv2D(3, 1), (2, 2, 2, 1001)),  # 1x1: 2 groups
+        (keras.layers.Dense(3), (4, 1500)),  # 3 groups
+        (keras.layers.DepthwiseConv2D(24), (2, 24, 24, 2)),  # 576 terms per channel: halves
+    ],
+    ids=["conv3x3", "conv1x1", "dense", "depthwise"],
+)
+def test_wide_accumulators_are_exact(layer, input_shape):
+    """Accumulators whose bound passes 2**24 (8-bit codes, hundreds of terms) equal the exact
+    accumulation (int64 in NumPy; float64, which holds these integers, for convolutions), at the
+    extremes of the codes and at random."""
+    rng = np.random.default_rng(0)
+    layer.build(input_shape)
+    kernel_shape = tuple(layer.kernel.shape)
+    x = rng.integers(-255, 256, size=input_shape).astype(np.float32)
+    x[0] = 255.0  # the largest accumulator of each sign, with the weights below
+    w = rng.integers(-128, 128, size=kernel_shape).astype(np.float32)
+    w[..., 0] = 127.0  # odd products: sums past 2**24 that float32 cannot hold
+    terms = emulation._reduction_terms(layer)
+    assert terms * 2**15 >= 2**24
+    got = emulation._accumulate(layer, keras.ops.convert_to_tensor(x), keras.ops.convert_to_tensor(w), terms, 8, 8)
+    if isinstance(layer, keras.layers.Dense):
+        expected = x.astype(np.int64) @ w.astype(np.int64)
+    else:  # the backend's float64 convolution, exact for integers this small
+        expected = keras.ops.convert_to_numpy(
+            emulation.linear_map(layer, keras.ops.convert_to_tensor(x.astype(np.float64)), keras.ops.convert_to_tensor(w.astype(np.float64)))
+        )
+        assert expected.dtype == np.float64
+    assert np.array_equal(keras.ops.convert_to_numpy(got), expected)

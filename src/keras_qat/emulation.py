@@ -27,6 +27,7 @@ import numpy as np
 from keras import ops
 
 from keras_qat import integer
+from keras_qat.integer.lowering import sum_of
 from keras_qat import ops as qops
 from keras_qat import fixed_point as fp
 from keras_qat.errors import InexactInferenceWarning
@@ -143,15 +144,29 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
     that holds it exactly, else float64.
 
     float32 convolutions are fast but exact only below 2**24. When the accumulator's bound
-    (``terms`` products of at most ``2**input_bits`` by ``2**(weight_bits - 1)``) is too
-    large, the input codes are split into high and low halves, ``x = hi * 2**p + lo``, each
-    accumulated exactly in float32 and recombined in float64; float64 convolutions (slow on
-    CPU) are the last resort.
+    (``terms`` products of at most ``2**input_bits`` by ``2**(weight_bits - 1)``) is too large,
+    the reduction is split over the input channels into groups whose sums stay below it, each
+    accumulated exactly in float32 and the partial sums added in float64: the same
+    multiply-adds as one convolution. A depthwise convolution (no sum over channels) splits
+    the input codes into high and low halves instead, ``x = hi * 2**p + lo``; float64
+    convolutions (slow on CPU) are the last resort.
     """
-    weight_bound = terms * 2 ** (weight_bits - 1)
-    if weight_bound * 2**input_bits < _FLOAT32_EXACT:
+    product_bound = 2 ** (input_bits + weight_bits - 1)
+    if terms * product_bound < _FLOAT32_EXACT:
         return linear_map(layer, x, w)  # exact in float32; widened where the bias joins it
+    channels = x.shape[-1]
+    if not kind_of(layer).depthwise and channels is not None:
+        per_channel = terms // int(channels)  # products per input channel: the kernel's window
+        group = (_FLOAT32_EXACT - 1) // (product_bound * per_channel)
+        if group >= 1:
+            count = -(-int(channels) // group)
+            size = -(-int(channels) // count)  # balanced groups
+            return sum_of(
+                ops.cast(linear_map(layer, x[..., start : start + size], w[..., start : start + size, :]), "float64")
+                for start in range(0, int(channels), size)
+            )
     low_bits = (input_bits + 1) // 2
+    weight_bound = terms * 2 ** (weight_bits - 1)
     if weight_bound * 2 ** max(low_bits, input_bits - low_bits) < _FLOAT32_EXACT:
         base = float(2**low_bits)
         high = ops.floor(x / base)
