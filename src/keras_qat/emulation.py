@@ -236,7 +236,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if activation == "linear":
         activation = out.activation
     w_spec = spec_of(kernel_source)
-    in_scale, w_scale, bias_codes, m0, shift, zero_point, low, high, out_scale = _kernel_parameters(
+    in_scale, w_scale, bias_codes, m0, shift, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
         *_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source),
         bias,
         _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
@@ -249,9 +249,9 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
-    output = _kernel_output(
-        accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer)
-    )
+    tail = (accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer))
+    # The form is chosen here, outside the compiled tail: only the one that runs compiles.
+    output = ops.cond(clipped_fits, lambda: _kernel_output(*tail, "clipped"), lambda: _kernel_output(*tail, "split"))
     return qops.with_static_shape(output, accumulator.shape)
 
 
@@ -273,7 +273,8 @@ def _kernel_parameters_fn(
 ):
     """A kernel's integer parameters from its three ranges (:meth:`keras_qat.integer.KernelOp.lower`;
     the specs as :func:`_static` gives them): the input, weight and output scales, the bias
-    codes (0 without a bias), the multiplier, the output zero point and the clamp."""
+    codes (0 without a bias), the multiplier, the output zero point, the clamp, and whether the
+    requantization's clipped form is exact (:meth:`keras_qat.integer.Requantize.clipped_fits`)."""
     in_grid = TensorSpec(*in_spec).grid(in_min, in_max, ops)
     w_grid = TensorSpec(*w_spec).grid(w_min, w_max, ops)
     out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
@@ -283,17 +284,18 @@ def _kernel_parameters_fn(
     return (
         in_grid.scale, w_grid.scale, bias_codes, requantize.m0, requantize.shift,
         ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+        requantize.clipped_fits(ops),
     )
 
 
 _kernel_parameters = qops.shared(_kernel_parameters_fn)
 
 
-def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high, scale, single_rounding):
-    """The real output of a kernel from its exact accumulator: bias, requantization, clamp,
-    scale (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
+def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high, scale, single_rounding, form):
+    """The real output of a kernel from its exact accumulator: bias, requantization (in
+    ``form``), clamp, scale (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
     op = integer.KernelOp(bias_codes, integer.Requantize(m0, shift, zero_point, low, high, single_rounding))
-    return op.centered(accumulator, ops, scale)
+    return op.centered(accumulator, ops, scale, form)
 
 
 #: Outputs with fewer elements per example run op by op: an XLA compilation per shape costs

@@ -71,10 +71,10 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
-    def centered(self, accumulator, xp, scale=None):
+    def centered(self, accumulator, xp, scale=None, form: str = "auto"):
         """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
-        given (:meth:`Requantize.centered`)."""
-        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale)
+        given (:meth:`Requantize.centered`, in ``form``)."""
+        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale, form=form)
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,8 @@ class AddOp:
         given. Each input is rescaled in float64, by
         :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped` (bounded by the
         widest codes of its width) where that is exact, else by the exact
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`."""
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`, which also
+        requantizes the sum."""
         code_bound = float(2 ** (8 if self.left_shift == fp.add_left_shift(8) else 16))
         inputs = ((xp.cast(a, "float64"), self.a), (xp.cast(b, "float64"), self.b))
         limits = [
@@ -132,7 +133,8 @@ class AddOp:
                 for codes, (m0, shift) in inputs
             )
 
-        return self.requantize.centered(xp.cond(fits, clipped, split), xp, scale=scale)
+        # The output multiplier is about 2**-20 (a 20-bit left shift undone): past the clipped form.
+        return self.requantize.centered(xp.cond(fits, clipped, split), xp, scale=scale, form="split")
 
     def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift

@@ -90,37 +90,49 @@ class Requantize:
         codes = xp.cast(scaled, "float32") + self.zero_point
         return xp.minimum(xp.maximum(codes, self.low), self.high)
 
-    def centered(self, accumulator, xp, offset=None, scale=None):
+    def clipped_fits(self, xp):
+        """Whether :meth:`centered`'s cheaper ``"clipped"`` form is exact for every channel (a
+        scalar bool tensor): :func:`keras_qat.fixed_point.clipped_float64_fits`."""
+        return fp.clipped_float64_fits(xp, self.m0, self.shift, self._limit(xp))
+
+    def _limit(self, xp):
+        zero_point = xp.cast(self.zero_point, "float32")
+        return xp.cast(xp.maximum(xp.abs(self.low - zero_point), xp.abs(self.high - zero_point)), "float64")
+
+    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "auto"):
         """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
         point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero
         point, of ``accumulator + offset`` (float64 integers, such as bias codes), times
         ``scale`` where given.
 
         Exact for every multiplier and every int32 accumulator, in float64 and without a
-        per-element branch: :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`
-        where it is exact for every channel (one scalar test), else
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`. Each branch is
-        the whole tail, so that a compiler fuses it into one loop.
+        per-element branch: ``form="clipped"`` computes
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`, exact where
+        :meth:`clipped_fits`; ``"split"`` the exact
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`; ``"auto"`` the
+        first where it fits, else the second. Each is the whole tail, so that a compiler
+        fuses it into one loop; a caller that compiles the tail chooses the form outside it,
+        so that only the form that runs is compiled.
         """
+        if form == "auto":
+            return xp.cond(
+                self.clipped_fits(xp),
+                lambda: self.centered(accumulator, xp, offset, scale, "clipped"),
+                lambda: self.centered(accumulator, xp, offset, scale, "split"),
+            )
         zero_point = xp.cast(self.zero_point, "float32")
         low, high = self.low - zero_point, self.high - zero_point
-        limit = xp.cast(xp.maximum(xp.abs(low), xp.abs(high)), "float64")
-
-        def tail(multiply):
-            def run():
-                x = xp.cast(accumulator, "float64")
-                if offset is not None:
-                    x = x + offset
-                codes = xp.minimum(xp.maximum(xp.cast(multiply(x), "float32"), low), high)
-                return codes if scale is None else codes * scale
-
-            return run
-
-        clipped = tail(
-            lambda x: fp.multiply_by_quantized_multiplier_clipped(xp, x, self.m0, self.shift, limit, self.single_rounding)
-        )
-        split = tail(lambda x: fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding))
-        return xp.cond(fp.clipped_float64_fits(xp, self.m0, self.shift, limit), clipped, split)
+        x = xp.cast(accumulator, "float64")
+        if offset is not None:
+            x = x + offset
+        if form == "clipped":
+            scaled = fp.multiply_by_quantized_multiplier_clipped(xp, x, self.m0, self.shift, self._limit(xp), self.single_rounding)
+        elif form == "split":
+            scaled = fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding)
+        else:
+            raise ValueError(f"Requantize.centered: form must be 'auto', 'clipped' or 'split', got {form!r}.")
+        codes = xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
+        return codes if scale is None else codes * scale
 
     # ---- the .kqat manifest ----------------------------------------------------------------
 
