@@ -332,3 +332,23 @@ def test_range_shape_must_match_the_channels():
         qops.fake_quant(np.zeros((2, 4), np.float32), np.zeros(3), np.ones(3), axis=-1)
     with pytest.raises(ValueError, match="scalar min"):
         qops.fake_quant(np.zeros((2, 4), np.float32), np.zeros(4), np.ones(4))
+
+
+def test_compiles_says_where_a_compiled_function_runs_as_one_kernel():
+    """Only while TensorFlow traces a graph, and only for inputs of ``min_elements`` or more per
+    example; eagerly and on other backends the function runs op by op."""
+    x = np.zeros((2, 8, 8), np.float32)
+    assert not qops.compiles(x, 16)
+    if BACKEND != "tensorflow":
+        return
+    import tensorflow as tf
+
+    seen = {}
+
+    @tf.function
+    def trace(t):
+        seen["large"], seen["small"] = qops.compiles(t, 64), qops.compiles(t, 65)
+        return t
+
+    trace(x)
+    assert seen == {"large": True, "small": False}

@@ -250,8 +250,12 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
     tail = (accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer))
-    # The form is chosen here, outside the compiled tail: only the one that runs compiles.
-    output = ops.cond(clipped_fits, lambda: _kernel_output(*tail, "clipped"), lambda: _kernel_output(*tail, "split"))
+    if qops.compiles(accumulator, COMPILE_MIN_ELEMENTS):
+        # The form is chosen here, outside the compiled tail: only the one that runs compiles.
+        output = ops.cond(clipped_fits, lambda: _kernel_output(*tail, "clipped"), lambda: _kernel_output(*tail, "split"))
+    else:
+        # Op by op: the one form exact everywhere, with no branch to trace and run.
+        output = _kernel_output(*tail, "split")
     return qops.with_static_shape(output, accumulator.shape)
 
 

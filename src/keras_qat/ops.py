@@ -143,7 +143,17 @@ def compiled(fn, min_elements: int = 0):
     import tensorflow as tf
 
     function = tf.function(fn, jit_compile=True, autograph=False, reduce_retracing=True)
-    return _in_graphs_only(fn, function, lambda args: _elements_per_example(args[0]) >= min_elements)
+    return _in_graphs_only(fn, function, lambda args: compiles(args[0], min_elements))
+
+
+def compiles(x, min_elements: int = 0) -> bool:
+    """Whether a :func:`compiled` function given ``x`` first runs as one compiled kernel: on
+    TensorFlow, while a graph is traced, for at least ``min_elements`` elements per example."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly() and _elements_per_example(x) >= min_elements
 
 
 def _elements_per_example(x) -> float:
