@@ -47,14 +47,15 @@ def test_requantize_is_tflites_fixed_point_then_zero_point_then_clamp(values, mu
 
 @pytest.mark.skipif(not qops.exact_integer_arithmetic(), reason="needs int64 and float64 on the backend")
 @pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("form", ["clipped", "split"])
 @pytest.mark.parametrize(
-    "multipliers", [[0.0123, 0.5, 1.9, 2.0**-7], [0.0123, 2.0**-30, 0.3]], ids=["float64 form", "int64 fallback"]
+    "multipliers", [[0.0123, 0.5, 1.9, 2.0**-7], [0.0123, 2.0**-30, 0.3]], ids=["clipped fits", "a tiny multiplier"]
 )
 @pytest.mark.parametrize("single", [False, True])
-def test_requantize_in_a_graph_is_the_numpy_one(multipliers, single, compiled):
-    """The inference graph's requantization (``centered``: float64 where exact, int64 where a
-    channel's multiplier is too small for float64; compiled with XLA or not) gives NumPy's
-    codes, near ties included."""
+def test_requantize_in_a_graph_is_the_numpy_one(multipliers, single, form, compiled):
+    """The inference graph's requantization (``centered``, compiled with XLA or not) gives NumPy's
+    codes, near ties included: in the split form always, in the clipped form wherever
+    ``clipped_fits`` says it may be taken (not with a multiplier of 2**-30)."""
     ops = keras.ops
     out = from_range(np.float32(-1.5), np.float32(7.0), 8).as_signed()
     requantize = Requantize.lower(np.array(multipliers), out, "relu6", single_rounding=single)
@@ -63,9 +64,13 @@ def test_requantize_in_a_graph_is_the_numpy_one(multipliers, single, compiled):
     accumulator = np.concatenate([ties + d for d in (-1, 0, 1)] + [rng.integers(-(2**30), 2**30, (64, len(multipliers)))])
     accumulator = np.clip(accumulator, -(2**31) + 1, 2**31 - 1)  # an int32 accumulator
     graph = Requantize.lower(ops.convert_to_tensor(np.array(multipliers)), out, "relu6", single, xp=ops)
+    fits = bool(ops.convert_to_numpy(graph.clipped_fits(ops)))
+    assert fits == (min(multipliers) > 2.0**-20)
+    if form == "clipped" and not fits:
+        return
 
     def centered(acc):
-        return graph.centered(acc, ops)
+        return graph.centered(acc, ops, form=form)
 
     if compiled and keras.backend.backend() != "tensorflow":
         pytest.skip("qops.compiled is XLA on TensorFlow only")
@@ -95,6 +100,38 @@ def test_mean_divides_its_multiplier_by_the_count_in_integers():
     totals = np.arange(-6000, 6000, 13, dtype=np.int64)
     want = [min(max(exact_multiply_by_quantized_multiplier(int(t), (m0 << k) // count, shift - k) + int(out.zero_point), out.qmin), out.qmax) for t in totals]
     assert mean(totals, count).tolist() == want
+
+
+@pytest.mark.skipif(not qops.exact_integer_arithmetic(), reason="needs int64 and float64 on the backend")
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("form", ["clipped", "split"])
+@pytest.mark.parametrize("bits", [(8, 8, 8), (8, 6, 8), (16, 8, 16)], ids=["int8", "mixed", "int16"])
+def test_an_add_in_a_graph_is_the_numpy_one(bits, form, compiled):
+    """An ADD in the inference graph (``centered``, in either form where ``clipped_fits`` allows
+    it, compiled with XLA or not) gives NumPy's codes for every pair of input codes."""
+    ops = keras.ops
+    grids = [
+        from_range(np.float32(low), np.float32(high), width).as_signed()
+        for (low, high), width in zip([(-1.0, 3.0), (-0.2, 0.7), (-1.0, 4.0)], bits)
+    ]
+    add = AddOp.lower(*grids, "relu")
+    graph = AddOp.lower(*grids, "relu", xp=ops)
+    if form == "clipped":
+        assert bool(ops.convert_to_numpy(graph.clipped_fits(ops)))
+    if compiled and keras.backend.backend() != "tensorflow":
+        pytest.skip("qops.compiled is XLA on TensorFlow only")
+    codes = [np.arange(grid.qmin, grid.qmax + 1, dtype=np.int64) for grid in grids[:2]]
+    step = max(1, codes[0].size // 300)
+    a, b = np.meshgrid(codes[0][::step], codes[1][:: max(1, codes[1].size // 300)], indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+
+    def centered(a_codes, b_codes):
+        return graph.centered(a_codes, b_codes, ops, form=form)
+
+    run = tf.function(qops.compiled(centered)) if compiled else centered
+    centered_a, centered_b = (c - np.int64(g.zero_point) for c, g in zip((a, b), grids))
+    got = ops.convert_to_numpy(run(*(ops.convert_to_tensor(c.astype(np.float64)) for c in (centered_a, centered_b))))
+    np.testing.assert_array_equal(got, (add(centered_a, centered_b) - grids[2].zero_point).astype(np.float32))
 
 
 def test_an_add_survives_the_manifest():

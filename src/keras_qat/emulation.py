@@ -250,13 +250,21 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
     tail = (accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer))
-    if qops.compiles(accumulator, COMPILE_MIN_ELEMENTS):
-        # The form is chosen here, outside the compiled tail: only the one that runs compiles.
-        output = ops.cond(clipped_fits, lambda: _kernel_output(*tail, "clipped"), lambda: _kernel_output(*tail, "split"))
-    else:
-        # Op by op: the one form exact everywhere, with no branch to trace and run.
-        output = _kernel_output(*tail, "split")
+    output = _in_cheapest_form(_kernel_output, tail, clipped_fits)
     return qops.with_static_shape(output, accumulator.shape)
+
+
+def _in_cheapest_form(tail, arguments: tuple, clipped_fits):
+    """``tail(*arguments, form)`` (a :func:`keras_qat.ops.compiled` requantization, its first
+    argument the largest tensor) in the cheaper ``"clipped"`` form where that is exact
+    (``clipped_fits``), else in the ``"split"`` form, exact everywhere.
+
+    The form is chosen here, outside the compiled tail, so that only the one that runs is
+    compiled. A tail that runs op by op takes the split form alone, with no branch to trace.
+    """
+    if qops.compiles(arguments[0], COMPILE_MIN_ELEMENTS):
+        return ops.cond(clipped_fits, lambda: tail(*arguments, "clipped"), lambda: tail(*arguments, "split"))
+    return tail(*arguments, "split")
 
 
 def _static(spec: TensorSpec) -> tuple:
@@ -316,7 +324,8 @@ def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
         *_range_tensors(source_a), *_range_tensors(source_b), *_range_tensors(out.source),
         _static(spec_a), _static(spec_b), _static(spec_of(out.source)), out.activation,
     )
-    output = _add_output(a, b, *parameters, fp.add_left_shift(max(spec_a.bits, spec_b.bits)))
+    *parameters, clipped_fits = parameters
+    output = _in_cheapest_form(_add_output, (a, b, *parameters, fp.add_left_shift(max(spec_a.bits, spec_b.bits))), clipped_fits)
     return qops.with_static_shape(output, _broadcast_shape(a.shape, b.shape))
 
 
@@ -330,7 +339,8 @@ def _broadcast_shape(a, b) -> tuple:
 
 def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tuple, spec_b: tuple, out_spec: tuple, activation: str):
     """An ADD's integer parameters from its three ranges (:meth:`keras_qat.integer.AddOp.lower`;
-    the specs as :func:`_static` gives them)."""
+    the specs as :func:`_static` gives them), and whether its clipped form is exact
+    (:meth:`keras_qat.integer.AddOp.clipped_fits`)."""
     grid_a = TensorSpec(*spec_a).grid(a_min, a_max, ops)
     grid_b = TensorSpec(*spec_b).grid(b_min, b_max, ops)
     out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
@@ -339,18 +349,19 @@ def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tup
     return (
         grid_a.scale, grid_b.scale, *op.a, *op.b, requantize.m0, requantize.shift,
         ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+        op.clipped_fits(ops),
     )
 
 
 _add_parameters = qops.shared(_add_parameters_fn)
 
 
-def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shift, zero_point, low, high, scale, left_shift):
+def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shift, zero_point, low, high, scale, left_shift, form):
     """The real output of TFLite's ADD from its real inputs (:meth:`keras_qat.integer.AddOp.centered`
-    on their codes), as one compiled kernel."""
+    on their codes, in ``form``), as one compiled kernel."""
     requantize = integer.Requantize(m0, shift, zero_point, low, high)
     op = integer.AddOp(left_shift, (a_m0, a_shift), (b_m0, b_shift), requantize)
-    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale)
+    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale, form)
 
 
 _add_output = qops.compiled(_add_output_fn, COMPILE_MIN_ELEMENTS)

@@ -71,7 +71,7 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
-    def centered(self, accumulator, xp, scale=None, form: str = "auto"):
+    def centered(self, accumulator, xp, scale=None, form: str = "split"):
         """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
         given (:meth:`Requantize.centered`, in ``form``)."""
         return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale, form=form)
@@ -104,37 +104,47 @@ class AddOp:
     def __call__(self, a, b, xp=np):
         return self.requantize(self._int64_sum(a, b, xp), xp)
 
-    def centered(self, a, b, xp, scale=None):
-        """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
-        given. Each input is rescaled in float64, by
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped` (bounded by the
-        widest codes of its width) where that is exact, else by the exact
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`, which also
-        requantizes the sum."""
+    def _rescale_limits(self, xp) -> list:
+        """Per input, a bound on its rescaled magnitude: the widest codes of its width times its
+        multiplier (see :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`)."""
         code_bound = float(2 ** (8 if self.left_shift == fp.add_left_shift(8) else 16))
-        inputs = ((xp.cast(a, "float64"), self.a), (xp.cast(b, "float64"), self.b))
-        limits = [
+        return [
             fp.ceil(xp, code_bound * xp.cast(m0, "float64") * xp.power(2.0, xp.cast(shift, "float64") + float(self.left_shift - 31))) + 1.0
-            for _, (m0, shift) in inputs
+            for m0, shift in (self.a, self.b)
         ]
-        fits = xp.logical_and(
-            *(fp.clipped_float64_fits(xp, m0, shift, limit, self.left_shift) for (_, (m0, shift)), limit in zip(inputs, limits))
+
+    def clipped_fits(self, xp):
+        """Whether :meth:`centered`'s ``"clipped"`` form rescales both inputs exactly (a scalar bool
+        tensor; :func:`keras_qat.fixed_point.clipped_float64_fits`)."""
+        return xp.logical_and(
+            *(
+                fp.clipped_float64_fits(xp, m0, shift, limit, self.left_shift)
+                for (m0, shift), limit in zip((self.a, self.b), self._rescale_limits(xp))
+            )
         )
 
-        def clipped():
-            return sum_of(
+    def centered(self, a, b, xp, scale=None, form: str = "split"):
+        """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
+        given. Each input is rescaled in float64, by the exact
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64` (``form="split"``)
+        or by the cheaper :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`
+        (``"clipped"``, exact only where :meth:`clipped_fits`); the sum is requantized in the
+        split form: the output multiplier, about 2**-20 (a 20-bit left shift undone), is past
+        the clipped form's reach."""
+        inputs = ((xp.cast(a, "float64"), self.a), (xp.cast(b, "float64"), self.b))
+        if form == "clipped":
+            total = sum_of(
                 fp.multiply_by_quantized_multiplier_clipped(xp, codes, m0, shift, limit, left_shift=self.left_shift)
-                for (codes, (m0, shift)), limit in zip(inputs, limits)
+                for (codes, (m0, shift)), limit in zip(inputs, self._rescale_limits(xp))
             )
-
-        def split():
-            return sum_of(
+        elif form == "split":
+            total = sum_of(
                 fp.multiply_by_quantized_multiplier_float64(xp, codes, m0, shift, left_shift=self.left_shift)
                 for codes, (m0, shift) in inputs
             )
-
-        # The output multiplier is about 2**-20 (a 20-bit left shift undone): past the clipped form.
-        return self.requantize.centered(xp.cond(fits, clipped, split), xp, scale=scale, form="split")
+        else:
+            raise ValueError(f"AddOp.centered: form must be 'clipped' or 'split', got {form!r}.")
+        return self.requantize.centered(total, xp, scale=scale, form="split")
 
     def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift

@@ -99,27 +99,23 @@ class Requantize:
         zero_point = xp.cast(self.zero_point, "float32")
         return xp.cast(xp.maximum(xp.abs(self.low - zero_point), xp.abs(self.high - zero_point)), "float64")
 
-    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "auto"):
+    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "split"):
         """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
         point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero
         point, of ``accumulator + offset`` (float64 integers, such as bias codes), times
         ``scale`` where given.
 
-        Exact for every multiplier and every int32 accumulator, in float64 and without a
-        per-element branch: ``form="clipped"`` computes
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`, exact where
-        :meth:`clipped_fits`; ``"split"`` the exact
-        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64`; ``"auto"`` the
-        first where it fits, else the second. Each is the whole tail, so that a compiler
-        fuses it into one loop; a caller that compiles the tail chooses the form outside it,
-        so that only the form that runs is compiled.
+        In float64 and without a per-element branch, in one of two forms:
+        ``form="split"`` computes the exact
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64` (every multiplier,
+        every int32 accumulator); ``"clipped"`` the cheaper
+        :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`, exact only where
+        :meth:`clipped_fits`. Each is the whole tail, so that a compiler fuses it into one loop;
+        a caller that compiles the tail chooses the form outside it, so that only the form that
+        runs is compiled.
         """
-        if form == "auto":
-            return xp.cond(
-                self.clipped_fits(xp),
-                lambda: self.centered(accumulator, xp, offset, scale, "clipped"),
-                lambda: self.centered(accumulator, xp, offset, scale, "split"),
-            )
+        if form not in ("clipped", "split"):
+            raise ValueError(f"Requantize.centered: form must be 'clipped' or 'split', got {form!r}.")
         zero_point = xp.cast(self.zero_point, "float32")
         low, high = self.low - zero_point, self.high - zero_point
         x = xp.cast(accumulator, "float64")
@@ -127,10 +123,8 @@ class Requantize:
             x = x + offset
         if form == "clipped":
             scaled = fp.multiply_by_quantized_multiplier_clipped(xp, x, self.m0, self.shift, self._limit(xp), self.single_rounding)
-        elif form == "split":
-            scaled = fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding)
         else:
-            raise ValueError(f"Requantize.centered: form must be 'auto', 'clipped' or 'split', got {form!r}.")
+            scaled = fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding)
         codes = xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
         return codes if scale is None else codes * scale
 
