@@ -135,7 +135,7 @@ def test_clipped_requantization_is_the_kernels_within_its_limit(multiplier, limi
     x = _near_ties(multiplier, limit, np.random.default_rng(seed))
     m0, shift = fp.quantize_multiplier(np.array([multiplier]))
     assert bool(fp.clipped_float64_fits(np, m0, shift, float(limit)))
-    got = fp.multiply_by_quantized_multiplier_clipped(np, x.astype(np.float64), m0, shift, float(limit), single_rounding)
+    got = fp.multiply_by_quantized_multiplier_clipped(np, x.astype(np.float64), m0, shift, single_rounding)
     oracle = exact_multiply_single_rounding if single_rounding else exact_multiply_by_quantized_multiplier
     expected = np.array([oracle(int(value), int(m0[0]), int(shift[0])) for value in x], dtype=np.float64)
     inside = np.abs(expected) <= limit

@@ -236,7 +236,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if activation == "linear":
         activation = out.activation
     w_spec = spec_of(kernel_source)
-    in_scale, w_scale, bias_codes, m0, shift, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
+    in_scale, w_scale, bias_codes, multiplier, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
         *_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source),
         bias,
         _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
@@ -249,7 +249,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
-    tail = (accumulator, bias_codes, m0, shift, zero_point, low, high, out_scale, rounds_once(layer, kernel_source.quantizer))
+    tail = (accumulator, bias_codes, multiplier, zero_point, low, high, out_scale)
     output = _in_cheapest_form(_kernel_output, tail, clipped_fits)
     return qops.with_static_shape(output, accumulator.shape)
 
@@ -285,8 +285,10 @@ def _kernel_parameters_fn(
 ):
     """A kernel's integer parameters from its three ranges (:meth:`keras_qat.integer.KernelOp.lower`;
     the specs as :func:`_static` gives them): the input, weight and output scales, the bias
-    codes (0 without a bias), the multiplier, the output zero point, the clamp, and whether the
-    requantization's clipped form is exact (:meth:`keras_qat.integer.Requantize.clipped_fits`)."""
+    codes (0 without a bias), the multiplier as its float64 constants
+    (:meth:`keras_qat.integer.Requantize.float64_multiplier`), the output zero point, the
+    clamp, and whether the requantization's clipped form is exact
+    (:meth:`keras_qat.integer.Requantize.clipped_fits`)."""
     in_grid = TensorSpec(*in_spec).grid(in_min, in_max, ops)
     w_grid = TensorSpec(*w_spec).grid(w_min, w_max, ops)
     out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
@@ -294,7 +296,7 @@ def _kernel_parameters_fn(
     requantize = op.requantize
     bias_codes = op.bias if op.bias is not None else ops.zeros((), "float64")
     return (
-        in_grid.scale, w_grid.scale, bias_codes, requantize.m0, requantize.shift,
+        in_grid.scale, w_grid.scale, bias_codes, requantize.float64_multiplier(ops),
         ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
         requantize.clipped_fits(ops),
     )
@@ -303,11 +305,13 @@ def _kernel_parameters_fn(
 _kernel_parameters = qops.shared(_kernel_parameters_fn)
 
 
-def _kernel_output_fn(accumulator, bias_codes, m0, shift, zero_point, low, high, scale, single_rounding, form):
+def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high, scale, form):
     """The real output of a kernel from its exact accumulator: bias, requantization (in
-    ``form``), clamp, scale (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
-    op = integer.KernelOp(bias_codes, integer.Requantize(m0, shift, zero_point, low, high, single_rounding))
-    return op.centered(accumulator, ops, scale, form)
+    ``form``, by ``multiplier``'s float64 constants), clamp, scale
+    (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
+    # The constants stand for the fixed-point multiplier, which the tail need not read.
+    op = integer.KernelOp(bias_codes, integer.Requantize(None, None, zero_point, low, high))
+    return op.centered(accumulator, ops, scale, form, fp.Float64Multiplier(*multiplier))
 
 
 #: Outputs with fewer elements per example run op by op: an XLA compilation per shape costs
@@ -347,7 +351,7 @@ def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tup
     op = integer.AddOp.lower(grid_a, grid_b, out_grid, activation, xp=ops)
     requantize = op.requantize
     return (
-        grid_a.scale, grid_b.scale, *op.a, *op.b, requantize.m0, requantize.shift,
+        grid_a.scale, grid_b.scale, op.float64_multipliers(ops),
         ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
         op.clipped_fits(ops),
     )
@@ -356,12 +360,13 @@ def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tup
 _add_parameters = qops.shared(_add_parameters_fn)
 
 
-def _add_output_fn(a, b, scale_a, scale_b, a_m0, a_shift, b_m0, b_shift, m0, shift, zero_point, low, high, scale, left_shift, form):
+def _add_output_fn(a, b, scale_a, scale_b, multipliers, zero_point, low, high, scale, left_shift, form):
     """The real output of TFLite's ADD from its real inputs (:meth:`keras_qat.integer.AddOp.centered`
-    on their codes, in ``form``), as one compiled kernel."""
-    requantize = integer.Requantize(m0, shift, zero_point, low, high)
-    op = integer.AddOp(left_shift, (a_m0, a_shift), (b_m0, b_shift), requantize)
-    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale, form)
+    on their codes, in ``form``, by ``multipliers``' float64 constants), as one compiled kernel."""
+    # The constants stand for the fixed-point multipliers, which the tail need not read.
+    op = integer.AddOp(left_shift, (None, None), (None, None), integer.Requantize(None, None, zero_point, low, high))
+    multipliers = tuple(fp.Float64Multiplier(*multiplier) for multiplier in multipliers)
+    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale, form, multipliers)
 
 
 _add_output = qops.compiled(_add_output_fn, COMPILE_MIN_ELEMENTS)

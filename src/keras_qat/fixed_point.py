@@ -16,6 +16,8 @@ int64 arrays (values in the int32 range unless said otherwise).
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import numpy as np
 
 _ONE_30 = 1 << 30
@@ -121,52 +123,93 @@ def multiply_by_quantized_multiplier_single_rounding(xp, x, m0, shift):
     return xp.right_shift(x * m0 + rounding, total_shift)
 
 
-def _rounding_offset(xp, x, shift, single_rounding: bool):
-    """``c`` of :func:`multiply_by_quantized_multiplier_float64`: 1/2, and for the double
-    rounding with a right shift ``r = -shift``, plus ``sign(x) * 2**-(r+1)``."""
-    if single_rounding:
-        return 0.5
-    return 0.5 + xp.sign(x) * xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
+class Float64Multiplier(NamedTuple):
+    """A fixed-point multiplier ``(m0, shift)`` as the float64 constants with which
+    :func:`multiply_by_quantized_multiplier_float64` and :func:`multiply_by_quantized_multiplier_clipped`
+    compute ``x * M`` as the kernel rounds it. They depend on the multiplier alone (one per
+    output channel), so the QAT model's inference computes them with the layer's other
+    parameters and its per-element tail (:mod:`keras_qat.emulation`) only multiplies, adds
+    and floors.
+
+    With ``e = shift + left_shift - 31``:
+
+    Attributes:
+        whole: ``M = m0 * 2**e``, exact in float64 (``m0`` has 31 bits).
+        high_half, low_half: ``m0 = high_part * 2**16 + low_part`` as ``high_part * 2**(e + 16)``
+            and ``low_part * 2**e``, so that each product with an accumulator below 2**37 is exact.
+        offset, negative_offset: ``c`` for ``x >= 0`` and for ``x < 0``: 1/2, and for the
+            double rounding with a right shift ``r = -shift``, plus or minus ``2**-(r+1)``.
+    """
+
+    whole: Any
+    high_half: Any
+    low_half: Any
+    offset: Any
+    negative_offset: Any
+
+    @classmethod
+    def of(cls, xp, m0, shift, single_rounding: bool = False, left_shift: int = 0) -> "Float64Multiplier":
+        """The constants of ``(m0, shift)`` (int64, or float64 holding them)."""
+        m0, shift = _cast(xp, m0, "float64"), _cast(xp, shift, "float64")
+        high_part = floor(xp, m0 * 2.0**-16)
+        low_part = m0 - high_part * 65536.0
+        step = xp.power(2.0, shift + float(left_shift - 31))
+        if single_rounding:
+            half = 0.5 + xp.zeros_like(shift)
+            return cls(m0 * step, high_part * (step * 65536.0), low_part * step, half, half)
+        nudge = xp.where(shift < 0.0, xp.power(2.0, shift - 1.0), 0.0)
+        return cls(m0 * step, high_part * (step * 65536.0), low_part * step, 0.5 + nudge, 0.5 - nudge)
+
+    def _offset(self, xp, x):
+        return xp.where(x < 0.0, self.negative_offset, self.offset)
+
+    def split(self, xp, x):
+        """:func:`multiply_by_quantized_multiplier_float64` of float64 integers ``x``."""
+        u = x * self.high_half
+        w = x * self.low_half
+        whole_u = floor(xp, u)
+        t = (u - whole_u) + self._offset(xp, x)
+        whole_t = floor(xp, t)
+        whole_w = floor(xp, w)
+        carry = _cast(xp, (w - whole_w) >= 1.0 - (t - whole_t), "float64")
+        return (whole_u + whole_t) + (whole_w + carry)
+
+    def clipped(self, xp, x):
+        """:func:`multiply_by_quantized_multiplier_clipped` of float64 integers ``x``."""
+        return floor(xp, x * self.whole + self._offset(xp, x))
 
 
 #: float64 holds every integer up to 2**53; the clipped form stays under half of that.
 _FLOAT64_SAFE = float(2**52)
 
 
-def _clipping(xp, m0, shift, limit, left_shift: int):
-    """The multiplier ``m0 * 2**(shift + left_shift - 31)`` in float64, and the reach: the
-    magnitude beyond which an input's result lies beyond ``limit`` (0 for a zero multiplier)."""
-    multiplier = m0 * xp.power(2.0, shift + float(left_shift - 31))
-    positive = multiplier > 0.0
-    reach = xp.where(positive, ceil(xp, (limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
-    return multiplier, reach
-
-
 def clipped_float64_fits(xp, m0, shift, limit, left_shift: int = 0):
     """Whether :func:`multiply_by_quantized_multiplier_clipped` is exact for every channel's
-    multiplier (a scalar bool): while ``reach * m0`` and ``(limit + 3) / 2**(shift + left_shift - 31)``
-    stay below 2**52, which fails for multipliers below about ``limit * 2**-21``."""
+    multiplier wherever its result lies within ``[-limit, limit]`` (a scalar bool): while
+    ``reach * m0`` and ``(limit + 3) / 2**(shift + left_shift - 31)`` stay below 2**52, where
+    the reach is the magnitude of the inputs whose results lie beyond ``limit``. That fails for
+    multipliers below about ``limit * 2**-21``."""
     m0, shift = _cast(xp, m0, "float64"), _cast(xp, shift, "float64")
-    _, reach = _clipping(xp, m0, shift, limit, left_shift)
     exponent = shift + float(left_shift - 31)
+    multiplier = m0 * xp.power(2.0, exponent)
+    positive = multiplier > 0.0
+    reach = xp.where(positive, ceil(xp, (limit + 1.0) / xp.where(positive, multiplier, 1.0)), 0.0)
     fits = (reach * m0 <= _FLOAT64_SAFE) & ((limit + 3.0) * xp.power(2.0, -exponent) <= _FLOAT64_SAFE)
     return xp.all(fits)
 
 
-def multiply_by_quantized_multiplier_clipped(xp, x, m0, shift, limit, single_rounding: bool = False, left_shift: int = 0):
-    """:func:`multiply_by_quantized_multiplier_float64` in fewer operations, wherever its result
-    lies within ``[-limit, limit]`` and :func:`clipped_float64_fits` holds: beyond ``limit`` the
-    result keeps its sign and stays beyond it, so that clamping to any range inside
-    ``[-limit, limit]`` gives the kernel's values.
+def multiply_by_quantized_multiplier_clipped(xp, x, m0, shift, single_rounding: bool = False, left_shift: int = 0):
+    """:func:`multiply_by_quantized_multiplier_float64` in fewer operations, exact wherever its
+    result lies within ``[-limit, limit]`` and :func:`clipped_float64_fits` holds for ``limit``:
+    ``floor(x * M + c)`` (see :func:`multiply_by_quantized_multiplier_float64` for ``c``), the
+    product taken whole.
 
-    ``x`` is clipped where its result is beyond ``limit`` anyway, and the product taken whole:
-    ``floor(x * M + c)`` (see :func:`multiply_by_quantized_multiplier_float64` for ``c``), exact
-    while ``x * m0`` stays below 2**52.
+    Within the limit, ``|x|`` is below the reach, so ``x * m0`` stays below 2**52 and the
+    product is exact. Beyond it, ``|x * M| >= limit + 1`` exactly, the float64 product is
+    within a relative 2**-53 of that, and the result keeps its sign and stays beyond
+    ``limit``: clamping to any range inside ``[-limit, limit]`` gives the kernel's values.
     """
-    m0, shift = _cast(xp, m0, "float64"), _cast(xp, shift, "float64")
-    multiplier, reach = _clipping(xp, m0, shift, limit, left_shift)
-    clipped = xp.minimum(xp.maximum(x, -reach), reach)
-    return floor(xp, clipped * multiplier + _rounding_offset(xp, clipped, shift, single_rounding))
+    return Float64Multiplier.of(xp, m0, shift, single_rounding, left_shift).clipped(xp, x)
 
 
 #: The float64 form below is exact for accumulators below this magnitude: each half of the
@@ -201,20 +244,7 @@ def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, single_rounding: 
     Returns:
         float64 integers, the kernel's results.
     """
-    m0 = _cast(xp, m0, "float64")
-    shift = _cast(xp, shift, "float64")
-    high = floor(xp, m0 * 2.0**-16)
-    low = m0 - high * 65536.0
-    step = xp.power(2.0, shift + float(left_shift - 31))
-    u = x * (high * (step * 65536.0))
-    w = x * (low * step)
-    offset = _rounding_offset(xp, x, shift, single_rounding)
-    whole_u = floor(xp, u)
-    t = (u - whole_u) + offset
-    whole_t = floor(xp, t)
-    whole_w = floor(xp, w)
-    carry = _cast(xp, (w - whole_w) >= 1.0 - (t - whole_t), "float64")
-    return (whole_u + whole_t) + (whole_w + carry)
+    return Float64Multiplier.of(xp, m0, shift, single_rounding, left_shift).split(xp, x)
 
 
 def divide_multiplier(xp, m0, shift, count: int):
@@ -242,6 +272,7 @@ __all__ = [
     "multiply_by_quantized_multiplier_single_rounding",
     "multiply_by_quantized_multiplier_float64",
     "FLOAT64_EXACT_BOUND",
+    "Float64Multiplier",
     "multiply_by_quantized_multiplier_clipped",
     "clipped_float64_fits",
     "divide_multiplier",

@@ -71,10 +71,10 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
-    def centered(self, accumulator, xp, scale=None, form: str = "split"):
+    def centered(self, accumulator, xp, scale=None, form: str = "split", multiplier=None):
         """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
-        given (:meth:`Requantize.centered`, in ``form``)."""
-        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale, form=form)
+        given (:meth:`Requantize.centered`, in ``form``, with ``multiplier`` where given)."""
+        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale, form=form, multiplier=multiplier)
 
 
 @dataclass(frozen=True)
@@ -123,28 +123,30 @@ class AddOp:
             )
         )
 
-    def centered(self, a, b, xp, scale=None, form: str = "split"):
+    def float64_multipliers(self, xp) -> tuple:
+        """The rescaling of each input and the output's requantization as float64 constants
+        (:class:`keras_qat.fixed_point.Float64Multiplier`), which a caller that runs
+        :meth:`centered` many times computes once."""
+        rescale = tuple(fp.Float64Multiplier.of(xp, m0, shift, left_shift=self.left_shift) for m0, shift in (self.a, self.b))
+        return (*rescale, self.requantize.float64_multiplier(xp))
+
+    def centered(self, a, b, xp, scale=None, form: str = "split", multipliers=None):
         """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
         given. Each input is rescaled in float64, by the exact
         :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64` (``form="split"``)
         or by the cheaper :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`
-        (``"clipped"``, exact only where :meth:`clipped_fits`); the sum is requantized in the
-        split form: the output multiplier, about 2**-20 (a 20-bit left shift undone), is past
-        the clipped form's reach."""
-        inputs = ((xp.cast(a, "float64"), self.a), (xp.cast(b, "float64"), self.b))
-        if form == "clipped":
-            total = sum_of(
-                fp.multiply_by_quantized_multiplier_clipped(xp, codes, m0, shift, limit, left_shift=self.left_shift)
-                for (codes, (m0, shift)), limit in zip(inputs, self._rescale_limits(xp))
-            )
-        elif form == "split":
-            total = sum_of(
-                fp.multiply_by_quantized_multiplier_float64(xp, codes, m0, shift, left_shift=self.left_shift)
-                for codes, (m0, shift) in inputs
-            )
-        else:
+        (``"clipped"``, exact only where :meth:`clipped_fits`: the codes never pass its limit);
+        the sum is requantized in the split form: the output multiplier, about 2**-20 (a 20-bit
+        left shift undone), is past the clipped form's reach. ``multipliers`` are
+        :meth:`float64_multipliers`, computed once where given."""
+        if form not in ("clipped", "split"):
             raise ValueError(f"AddOp.centered: form must be 'clipped' or 'split', got {form!r}.")
-        return self.requantize.centered(total, xp, scale=scale, form="split")
+        rescale_a, rescale_b, output = self.float64_multipliers(xp) if multipliers is None else multipliers
+        rescaled = [
+            multiplier.clipped(xp, codes) if form == "clipped" else multiplier.split(xp, codes)
+            for codes, multiplier in ((xp.cast(a, "float64"), rescale_a), (xp.cast(b, "float64"), rescale_b))
+        ]
+        return self.requantize.centered(sum_of(rescaled), xp, scale=scale, form="split", multiplier=output)
 
     def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift

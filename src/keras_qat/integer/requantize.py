@@ -99,7 +99,12 @@ class Requantize:
         zero_point = xp.cast(self.zero_point, "float32")
         return xp.cast(xp.maximum(xp.abs(self.low - zero_point), xp.abs(self.high - zero_point)), "float64")
 
-    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "split"):
+    def float64_multiplier(self, xp) -> fp.Float64Multiplier:
+        """The multiplier as the float64 constants of :meth:`centered` (one per channel), which
+        a caller that runs :meth:`centered` many times computes once."""
+        return fp.Float64Multiplier.of(xp, self.m0, self.shift, self.single_rounding)
+
+    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "split", multiplier=None):
         """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
         point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero
         point, of ``accumulator + offset`` (float64 integers, such as bias codes), times
@@ -112,19 +117,18 @@ class Requantize:
         :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`, exact only where
         :meth:`clipped_fits`. Each is the whole tail, so that a compiler fuses it into one loop;
         a caller that compiles the tail chooses the form outside it, so that only the form that
-        runs is compiled.
+        runs is compiled, and passes ``multiplier`` (:meth:`float64_multiplier`), computed once,
+        so that the loop holds only the per-element work. ``m0`` and ``shift`` are not read then.
         """
         if form not in ("clipped", "split"):
             raise ValueError(f"Requantize.centered: form must be 'clipped' or 'split', got {form!r}.")
+        multiplier = self.float64_multiplier(xp) if multiplier is None else multiplier
         zero_point = xp.cast(self.zero_point, "float32")
         low, high = self.low - zero_point, self.high - zero_point
         x = xp.cast(accumulator, "float64")
         if offset is not None:
             x = x + offset
-        if form == "clipped":
-            scaled = fp.multiply_by_quantized_multiplier_clipped(xp, x, self.m0, self.shift, self._limit(xp), self.single_rounding)
-        else:
-            scaled = fp.multiply_by_quantized_multiplier_float64(xp, x, self.m0, self.shift, self.single_rounding)
+        scaled = multiplier.clipped(xp, x) if form == "clipped" else multiplier.split(xp, x)
         codes = xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
         return codes if scale is None else codes * scale
 
