@@ -321,6 +321,20 @@ COMPILE_MIN_ELEMENTS = 2**12
 _kernel_output = qops.compiled(_kernel_output_fn, COMPILE_MIN_ELEMENTS)
 
 
+def onto_consumer_grid(outputs, consumer):
+    """The inference output of a layer whose integer kernel cannot run (fake quantization
+    instead) and whose ``consumer`` (:func:`keras_qat.linking.output_consumer`, or None) is a
+    fused ReLU that passes its input through
+    (:meth:`keras_qat.layers.QuantizeWrapper.passes_requantized_input_through`): clamped and
+    quantized as that consumer would have; ``outputs`` as they are for any other consumer."""
+    passes_through = getattr(consumer, "passes_requantized_input_through", None)
+    if passes_through is None or not passes_through():
+        return outputs
+    target = consumer.quantizes_inputs_as()
+    clamped = keras.activations.get(target.activation)(outputs)
+    return target.source.quantizer(clamped, False, target.source.variables)
+
+
 def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
     """TFLite's ADD of ``a`` and ``b`` (each on its source's grid): :class:`keras_qat.integer.AddOp`."""
     spec_a, spec_b = spec_of(source_a), spec_of(source_b)
@@ -482,6 +496,7 @@ __all__ = [
     "fixed_range_inference",
     "leaky_relu_inference",
     "add_inference",
+    "onto_consumer_grid",
     "multiply_inference",
     "supports_kernel",
     "rounds_once",

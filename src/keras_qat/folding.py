@@ -188,6 +188,8 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             outputs = self._train_with_batch_statistics(convolved, factor)
         if self.output_quantizer is not None:
             outputs = self.output_quantizer(outputs, training, self.output_vars)
+        elif emulation.enabled(training):
+            outputs = emulation.onto_consumer_grid(outputs, linking.output_consumer(self))
         return outputs
 
     def _exported_linear(self, inputs, training: bool):

@@ -364,6 +364,16 @@ class QuantizeWrapper(keras.layers.Wrapper):
         quantizer, variables = self._output_vars[0]
         return emulation.OutputTarget(emulation.Source(quantizer, variables), activation)
 
+    def passes_requantized_input_through(self) -> bool:
+        """A fused ReLU (no weights, no quantizers but its output's): its producer already
+        requantized and clamped its input onto its grid, so inference returns the input as it
+        is, as the deployed model (which runs no op for it) does. Fake-quantizing it again
+        could move a value: TF's nudged grid and the deployed one break a tie of the zero
+        point apart (a symmetric 4-bit range, for one)."""
+        if self._weight_vars or self._activations or is_kind(self.layer, "concatenate") or self.passes_grid_through:
+            return False
+        return linking.requantized_by_producer(self)
+
     @property
     def inherits_input_grid(self) -> bool:
         """A Concatenate: if one input already has a grid, the others are quantized onto it."""
@@ -441,7 +451,10 @@ class QuantizeWrapper(keras.layers.Wrapper):
         training = bool(training)
         # Keras passes ``mask=None`` to layers that support masking; only a real argument
         # (a mask, or anything the integer kernel does not know) keeps fake quantization.
-        if emulation.enabled(training) and all(value is None for value in kwargs.values()):
+        emulated = emulation.enabled(training) and all(value is None for value in kwargs.values())
+        if emulated:
+            if self.passes_requantized_input_through():
+                return inputs
             outputs = self._integer_inference(inputs)
             if outputs is not None:
                 return outputs
@@ -471,6 +484,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if inherited is not None:
             # The range is the input's owner's to learn; here it is only read.
             return inherited.quantizer(outputs, False, inherited.variables)
+        if emulated and self.accepts_output_target():
+            return emulation.onto_consumer_grid(outputs, linking.output_consumer(self))
         if not self._output_vars:
             return outputs
         flat = keras.tree.flatten(outputs)

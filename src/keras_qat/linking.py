@@ -171,6 +171,16 @@ def output_target(layer) -> OutputTarget | None:
     return None if consumer is None else consumer.quantizes_inputs_as()
 
 
+def requantized_by_producer(layer) -> bool:
+    """Whether the layer that produced ``layer``'s input (in its latest call) already
+    requantized it onto ``layer``'s grid and clamped it (a fused ReLU: see
+    :func:`output_consumer`): the deployed model then runs no op for ``layer``, and inference
+    passes the input through."""
+    inputs = _latest_inputs(layer)
+    history = _history(inputs[0]) if len(inputs) == 1 else None
+    return history is not None and output_consumer(history.operation) is layer
+
+
 @_query
 def links_of(layer) -> Links:
     """Everything the graph tells ``layer`` (see :class:`Links`)."""

@@ -280,20 +280,13 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         return emit("concatenate", axis=axis)
     if layer.passes_grid_through:
         return _moving_op(emit, layer, inner, inputs, outputs)
-    if _requantized_by_producer(layer, inputs):
+    if linking.requantized_by_producer(layer):
         return emit("identity")
     if kind_name in ("softmax", "activation") and _is_softmax(inner):
         return _softmax_op(writer, entry, emit, layer, sources)
     if kind_name in ("relu", "leaky_relu", "activation"):
         return _lookup_op(writer, entry, emit, layer, sources)
     raise _unsupported(layer, type(inner).__name__)
-
-
-def _requantized_by_producer(layer, inputs) -> bool:
-    """A fused ReLU: the kernel before it already requantized and clamped onto its grid."""
-    history = getattr(inputs[0], "_keras_history", None)
-    producer = None if history is None else history.operation
-    return producer is not None and linking.output_consumer(producer) is layer
 
 
 def _is_softmax(layer) -> bool:
