@@ -500,3 +500,37 @@ def test_fixed_range(kind, bits, data, seed):
     np.testing.assert_array_equal(
         emulated_codes(emulated, out_grid), expected, err_msg=describe(fixed=eight, output=out_grid)
     )
+
+
+@EXAMPLES
+@given(
+    in_bits=st.sampled_from([4, 8]),
+    out_bits=st.sampled_from([4, 8]),
+    in_range=ranges(),
+    classes=st.sampled_from([2, 10]),
+    seed=seeds,
+)
+def test_softmax(in_bits, out_bits, in_range, classes, seed):
+    """The integer softmax over the last axis as the runtime computes it, from the same table
+    (the writer's, :func:`keras_qat.integer.softmax_exp_table` on the backend): every pair of
+    input codes for two classes, random rows for ten; at 8 bits on the fixed grid (256
+    levels), below it requantized from the int8 kernel's codes."""
+    from keras_qat.format import SOFTMAX_BITS
+    from keras_qat.integer import softmax_exp_table
+
+    in_source = activation_source(in_bits, in_range)
+    in_grid = grid_of(in_source)
+    out_range = FIXED_RANGES["softmax"] if out_bits == 8 else (0.0, 1.0)
+    out_source = activation_source(out_bits, out_range)
+    out_grid = grid_of(out_source)
+    codes = np.arange(in_grid.qmin, in_grid.qmax + 1, dtype=np.int64)
+    if classes == 2:
+        x = np.stack(np.meshgrid(codes, codes, indexing="ij"), -1).reshape(-1, 2)
+    else:
+        x = random_codes(np.random.default_rng(seed), in_grid, (512, classes))
+
+    emulated = em.softmax_inference(ops.convert_to_tensor(in_grid.dequantize(x)), in_source, em.OutputTarget(out_source, "linear"))
+    size = in_grid.qmax - in_grid.qmin + 1
+    table = ops.convert_to_numpy(softmax_exp_table(np.float32(in_grid.scale), SOFTMAX_BITS, size, ops)).astype(np.int64)
+    expected = K.softmax(x, table, K.SoftmaxOutput.of(out_grid))
+    np.testing.assert_array_equal(emulated_codes(emulated, out_grid), expected, err_msg=describe(input=in_grid, output=out_grid))

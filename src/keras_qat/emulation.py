@@ -31,6 +31,7 @@ from keras_qat.integer.lowering import sum_of
 from keras_qat import ops as qops
 from keras_qat import fixed_point as fp
 from keras_qat.errors import InexactInferenceWarning
+from keras_qat.format.manifest import SOFTMAX_BITS
 from keras_qat.grid import IntegerGrid, along_axes, codes_at_scale, from_range
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.spec import TensorSpec
@@ -411,6 +412,35 @@ def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget
     return _real(op(in_grid.centered_codes(inputs, ops), ops), out_grid)
 
 
+#: The int8 SOFTMAX's fixed output grid: 256 levels from zero point -128 (scale 1/256).
+_INT8_SOFTMAX_RANGE = (0.0, 255.0 / 256.0)
+
+
+def softmax_inference(inputs, source: Source, out: OutputTarget):
+    """The integer softmax over the last axis (:func:`keras_qat.integer.softmax_codes`) of
+    ``inputs`` on ``source``'s grid, as the ``.kqat`` runtime computes it: exponentials from a
+    fixed-point table, normalized in integers and rounded once, where fake quantization of
+    the float softmax rounds a value within float32 error of a half step either way.
+
+    At 8 bits and more the codes are the output grid's (``levels = 1 / scale``); below, the
+    int8 SOFTMAX's, requantized to the output grid as a converted model does. Needs int64.
+    """
+    in_grid, out_grid = grid(source), grid(out.source)
+    codes = ops.cast(in_grid.centered_codes(inputs, ops), "int64")
+    table = ops.cast(integer.softmax_exp_table(in_grid.scale, SOFTMAX_BITS, in_grid.qmax - in_grid.qmin + 1, ops), "int64")
+    if out_grid.bits >= 8:
+        levels = ops.cast(ops.round(1.0 / ops.cast(out_grid.scale, "float64")), "int64")
+        result = integer.softmax_codes(codes, table, levels, ops)
+        zero_point = ops.cast(out_grid.zero_point, "int64")
+        signed = ops.clip(result + zero_point, out_grid.qmin, out_grid.qmax)
+        return ops.cast(signed - zero_point, "float32") * out_grid.scale
+    eight_bit = from_range(np.float32(_INT8_SOFTMAX_RANGE[0]), np.float32(_INT8_SOFTMAX_RANGE[1]), 8)
+    zero_point = int(eight_bit.zero_point)
+    int8 = ops.clip(integer.softmax_codes(codes, table, 256, ops) + zero_point, eight_bit.qmin, eight_bit.qmax)
+    requantize = integer.Requantize.between(eight_bit, out_grid, out.activation, xp=ops)
+    return _real(requantize(ops.cast(int8 - zero_point, "float32"), ops), out_grid)
+
+
 def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputTarget):
     """An activation whose int8 kernel fixes its output grid (softmax, sigmoid, tanh), quantized
     below 8 bits: the kernel's 8-bit output on that fixed grid, requantized to ``out``'s grid
@@ -494,6 +524,7 @@ __all__ = [
     "enabled",
     "kernel_inference",
     "fixed_range_inference",
+    "softmax_inference",
     "leaky_relu_inference",
     "add_inference",
     "onto_consumer_grid",

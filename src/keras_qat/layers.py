@@ -24,7 +24,7 @@ from keras_qat import emulation, linking
 from keras_qat import ops as qops
 from keras_qat.config import LayerQuantizeConfig, NoOpQuantizeConfig, QuantizeConfig
 from keras_qat.quantizers import MovingAverageQuantizer, Quantizer
-from keras_qat.registry import clamp_activation, fixed_output_range, is_kind
+from keras_qat.registry import clamp_activation, fixed_output_range, is_kind, is_last_axis_softmax
 from keras_qat.spec import TensorSpec
 
 #: Weights that Keras 3 renamed, by layer type: ``{Keras 2 name: Keras 3 name}``. Keras 3 keeps
@@ -380,7 +380,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return is_kind(self.layer, "concatenate") and not self._weight_vars and not self._activations
 
     def integer_kind(self) -> str | None:
-        """"kernel", "add", "mean", "leaky_relu" or "fixed_range" when inference runs this layer's
+        """"kernel", "add", "mean", "softmax", "leaky_relu" or "fixed_range" when inference runs this layer's
         integer kernel, else None."""
         if is_kind(self.layer, "add") and not self._weight_vars:
             return "add"
@@ -388,6 +388,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return "multiply"
         if is_kind(self.layer, "global_average_pool") and self.layer.data_format == "channels_last":
             return "mean"
+        if not self._weight_vars and len(self._output_vars) == 1 and is_last_axis_softmax(self.layer):
+            return "softmax"
         if (
             not self._weight_vars
             and len(self._output_vars) == 1
@@ -426,6 +428,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return emulation.mean_inference(self.layer, inputs, sources[0], target)
         if kind == "leaky_relu":
             return emulation.leaky_relu_inference(inputs, float(self.layer.negative_slope), sources[0], target)
+        if kind == "softmax":
+            return emulation.softmax_inference(inputs, sources[0], target)
         if kind == "fixed_range":
             return emulation.fixed_range_inference(self.layer(inputs), fixed_output_range(self.layer), target)
         if kind == "add":

@@ -176,6 +176,17 @@ def clamp_activation(layer) -> str | None:
     return None
 
 
+def is_last_axis_softmax(layer) -> bool:
+    """A Softmax over the last axis, or ``Activation("softmax")``: what the integer softmax
+    (:func:`keras_qat.integer.softmax_codes`) computes."""
+    kind = kind_of(layer)
+    if kind is None:
+        return False
+    if kind.name == "softmax":
+        return layer.axis in (-1, None)
+    return kind.name == "activation" and activation_name(layer.activation) == "softmax"
+
+
 def fixed_output_range(layer) -> tuple[float, float] | None:
     """The 8-bit range that TFLite's int8 kernel fixes for ``layer``'s output (SOFTMAX and
     LOGISTIC: ``[0, 255/256]``, TANH: ``[-1, 127/128]``), or None if its range is learned."""
@@ -207,6 +218,7 @@ __all__ = [
     "activation_name",
     "supported_type_names",
     "fixed_output_range",
+    "is_last_axis_softmax",
     "UNIT_RANGE_ACTIVATIONS",
     "SIGNED_UNIT_RANGE_ACTIVATIONS",
     "CLAMP_ACTIVATIONS",

@@ -23,7 +23,7 @@ import numpy as np
 from keras_qat import emulation, integer, linking
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS, SOFTMAX_BITS
-from keras_qat.registry import activation_name, is_kind, kind_of
+from keras_qat.registry import activation_name, is_kind, is_last_axis_softmax, kind_of
 from keras_qat.errors import NotDeployableError
 from keras_qat.export.validate import non_finite_variables, require_finite
 from keras_qat.folding import QuantizeFoldedBatchNorm
@@ -282,17 +282,11 @@ def _add_op(writer: _Writer, layer, inputs: list, outputs: list) -> None:
         return _moving_op(emit, layer, inner, inputs, outputs)
     if linking.requantized_by_producer(layer):
         return emit("identity")
-    if kind_name in ("softmax", "activation") and _is_softmax(inner):
+    if is_last_axis_softmax(inner):
         return _softmax_op(writer, entry, emit, layer, sources)
     if kind_name in ("relu", "leaky_relu", "activation"):
         return _lookup_op(writer, entry, emit, layer, sources)
     raise _unsupported(layer, type(inner).__name__)
-
-
-def _is_softmax(layer) -> bool:
-    if is_kind(layer, "softmax"):
-        return layer.axis in (-1, None)
-    return activation_name(layer.activation) == "softmax"
 
 
 def _moving_op(emit, layer, inner, inputs, outputs):
@@ -393,8 +387,9 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
     if out["bits"] >= 8 and abs(levels * out["scale"] - 1.0) > 1e-6:
         raise _unsupported(layer, f"a softmax whose output scale {out['scale']} is not 1/integer")
     inp = grid_entry(sources[0])
-    distances = np.arange(inp["qmax"] - inp["qmin"] + 1, dtype=np.float64)
-    table = np.round(np.exp(-np.float64(inp["scale"]) * distances) * 2.0**SOFTMAX_BITS).astype(np.int64)
+    size = inp["qmax"] - inp["qmin"] + 1
+    # With the backend's exponential, as the QAT model's inference computes the table.
+    table = _numpy(integer.softmax_exp_table(np.float32(inp["scale"]), SOFTMAX_BITS, size, keras.ops)).astype(np.int64)
     entry["weights"]["exp_table"] = writer.integers(table)
     emit("softmax", output_source=emulation.Source(*quantizers[0]))
 

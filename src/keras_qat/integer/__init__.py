@@ -25,11 +25,13 @@ from keras_qat.integer.lowering import (
     average_codes,
     requantize_between,
     softmax_codes,
+    softmax_exp_table,
 )
 from keras_qat.integer.requantize import Requantize
 
 __all__ = [
     "Requantize",
+    "softmax_exp_table",
     "KernelOp",
     "AddOp",
     "MultiplyOp",

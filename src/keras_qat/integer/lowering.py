@@ -230,6 +230,17 @@ def average_codes(total, count, xp=np):
     return xp.sign(total) * ((xp.abs(total) + half) // count)
 
 
+def softmax_exp_table(scale, bits: int, size: int, xp=np):
+    """The softmax's exponentials in fixed point, one per distance ``d`` in ``[0, size)`` of a
+    code from its row's largest: ``round(exp(-scale * d) * 2**bits)`` (``scale``, the input
+    grid's float32 scale, taken in float64), as float64 integers.
+
+    The ``.kqat`` writer stores it and the QAT model's inference computes it, both with the
+    backend's float64 exponential, so that they hold the same integers."""
+    distances = xp.arange(size, dtype="float64")
+    return xp.round(xp.exp(-_cast(xp, scale, "float64") * distances) * 2.0**bits)
+
+
 def softmax_codes(codes, exp_table, levels: int, xp=np):
     """A softmax over the last axis in integers: ``e = exp_table[max - codes]`` (the
     exponentials in fixed point, :data:`keras_qat.format.manifest.SOFTMAX_BITS`), then
@@ -248,4 +259,7 @@ def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
     return Requantize.between(grid, out, single_rounding=True)(codes - grid.zero_point)
 
 
-__all__ = ["KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "softmax_codes", "requantize_between"]
+__all__ = [
+    "KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "softmax_exp_table", "softmax_codes",
+    "requantize_between",
+]
