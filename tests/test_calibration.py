@@ -95,7 +95,9 @@ def test_a_calibrated_model_is_a_sound_post_training_quantized_model():
     keras.utils.set_random_seed(0)
     images, labels = digits_data()
     model = digits_cnn()
-    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    # Adam(1e-2) fitted the training digits (loss 0.07) yet held out 73% on one CPU family,
+    # not a model worth quantizing; 5e-3 holds out 90%.
+    model.compile(optimizer=keras.optimizers.Adam(5e-3), loss="sparse_categorical_crossentropy")
     model.fit(images[:1400], labels[:1400], epochs=20, batch_size=32, verbose=0)
 
     def accuracy(m):
