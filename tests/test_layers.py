@@ -76,35 +76,47 @@ def test_keras2_names_are_offered_only_where_keras3_renamed_them():
         wrapper(np.zeros((1, 5, 5, 2), "float32"))
 
 
+def _dense_with_ranges(model, name: str, seed: int) -> None:
+    """Set ``name``'s kernel to -1/0/1 on a [-1, 1] weight range, no bias."""
+    layer = model.get_layer(name)
+    (_, _, kernel_range), = layer.quantized_weights()
+    kernel_range["min_var"].assign(keras.ops.full(kernel_range["min_var"].shape, -1.0))
+    kernel_range["max_var"].assign(keras.ops.full(kernel_range["max_var"].shape, 1.0))
+    layer.layer.kernel.assign(np.random.default_rng(seed).choice([-1.0, 0.0, 1.0], (4, 6)).astype("float32"))
+    layer.layer.bias.assign(np.zeros(6, "float32"))
+
+
 @pytest.mark.skipif(not kq.ops.exact_integer_arithmetic(), reason="exact inference needs int64/float64 on the backend")
-def test_a_fused_relu_passes_through_what_its_producer_requantized(tmp_path):
-    """A ReLU fused into the Dense before it runs no op in the deployed model: the Dense
-    requantizes onto the ReLU's grid. The QAT model's inference returns that output as it is.
-    Fake-quantizing it again moved values: a symmetric 4-bit range (here one LSQ learned on
-    JAX) puts the zero point within float32 rounding of a tie, which TF's nudging breaks one way
-    (codes -8..7) and the converter's arithmetic of the deployed grid the other (-7..8), so
-    the deployed top code came back one step lower. Oracle: the .kqat runtime (exact integers)."""
+@pytest.mark.parametrize("consumer", ["relu", "concatenate"])
+def test_inference_leaves_values_on_the_grid_their_producer_requantized_them_onto(tmp_path, consumer):
+    """A ReLU fused into the Dense before it runs no op in the deployed model, and a
+    Concatenate of two Dense outputs concatenates codes: each Dense requantizes onto the
+    consumer's grid. The QAT model's inference leaves those values as they are. Fake-quantizing
+    them again moved values: a symmetric 4-bit range (here one LSQ learned on JAX) puts the
+    zero point within float32 rounding of a tie, which TF's nudging breaks one way (codes
+    -8..7) and the converter's arithmetic of the deployed grid the other (-7..8), so the
+    deployed top code came back one step lower. Oracle: the .kqat runtime (exact integers)."""
     from keras_qat import runtime
     from keras_qat.export import save_artifact
 
     inputs = keras.Input((4,), name="x")
-    outputs = keras.layers.ReLU(name="relu")(keras.layers.Dense(6, name="fc")(inputs))
+    if consumer == "relu":
+        outputs = keras.layers.ReLU(name="consumer")(keras.layers.Dense(6, name="fc")(inputs))
+    else:
+        branches = [keras.layers.Dense(6, name=name)(inputs) for name in ("fc", "fc_2")]
+        outputs = keras.layers.Concatenate(name="consumer")(branches)
     model = kq.quantize_model(keras.Model(inputs, outputs), kq.schemes.NBitScheme(4, 4))
     model.get_layer("quantize_x").quantizer_vars["min_var"].assign(-4.0)
     model.get_layer("quantize_x").quantizer_vars["max_var"].assign(4.0)
-    (_, relu_range), = model.get_layer("quant_relu").output_quantizers()
-    relu_range["min_var"].assign(-5.3692946)
-    relu_range["max_var"].assign(5.3692946)
-    fc = model.get_layer("quant_fc")
-    (_, _, kernel_range), = fc.quantized_weights()
-    kernel_range["min_var"].assign(keras.ops.full(kernel_range["min_var"].shape, -1.0))
-    kernel_range["max_var"].assign(keras.ops.full(kernel_range["max_var"].shape, 1.0))
-    fc.layer.kernel.assign(np.random.default_rng(0).choice([-1.0, 0.0, 1.0], (4, 6)).astype("float32"))
-    fc.layer.bias.assign(np.zeros(6, "float32"))
+    (_, consumer_range), = model.get_layer("quant_consumer").output_quantizers()
+    consumer_range["min_var"].assign(-5.3692946)
+    consumer_range["max_var"].assign(5.3692946)
+    for seed, layer in enumerate(layer for layer in model.layers if layer.name.startswith("quant_fc")):
+        _dense_with_ranges(model, layer.name, seed)
     x = np.random.default_rng(1).uniform(-4, 4, (256, 4)).astype("float32")
 
-    want = runtime.load(save_artifact(model, tmp_path / "relu.kqat")).run(x)
+    want = runtime.load(save_artifact(model, tmp_path / "model.kqat")).run(x)
     got = keras.ops.convert_to_numpy(model.predict(x, batch_size=len(x), verbose=0))
-    top = runtime.load(tmp_path / "relu.kqat").output_grids[0].dequantize(np.array(7))
+    top = runtime.load(tmp_path / "model.kqat").output_grids[0].dequantize(np.array(7))
     assert np.any(want == top) and top > 5.3692946, "the data must reach the deployed grid's top code, beyond TF's"
     np.testing.assert_array_equal(got, want)

@@ -324,9 +324,9 @@ _kernel_output = qops.compiled(_kernel_output_fn, COMPILE_MIN_ELEMENTS)
 
 def onto_consumer_grid(outputs, consumer):
     """The inference output of a layer whose integer kernel cannot run (fake quantization
-    instead) and whose ``consumer`` (:func:`keras_qat.linking.output_consumer`, or None) is a
-    fused ReLU that passes its input through
-    (:meth:`keras_qat.layers.QuantizeWrapper.passes_requantized_input_through`): clamped and
+    instead) and whose ``consumer`` (:func:`keras_qat.linking.output_consumer`, or None) leaves
+    its inputs on their grid (a fused ReLU, a Concatenate:
+    :meth:`keras_qat.layers.QuantizeWrapper.passes_requantized_input_through`): clamped and
     quantized as that consumer would have; ``outputs`` as they are for any other consumer."""
     passes_through = getattr(consumer, "passes_requantized_input_through", None)
     if passes_through is None or not passes_through():

@@ -365,14 +365,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
         return emulation.OutputTarget(emulation.Source(quantizer, variables), activation)
 
     def passes_requantized_input_through(self) -> bool:
-        """A fused ReLU (no weights, no quantizers but its output's): its producer already
-        requantized and clamped its input onto its grid, so inference returns the input as it
-        is, as the deployed model (which runs no op for it) does. Fake-quantizing it again
-        could move a value: TF's nudged grid and the deployed one break a tie of the zero
-        point apart (a symmetric 4-bit range, for one)."""
-        if self._weight_vars or self._activations or is_kind(self.layer, "concatenate") or self.passes_grid_through:
+        """Whether inference leaves this layer's inputs on the grid their producers put them
+        on, as the deployed model does: a fused ReLU (its producer already requantized and
+        clamped onto its grid; the deployed model runs no op for it), and a Concatenate all
+        of whose inputs lie on its grid (the deployed model concatenates their codes).
+        Fake-quantizing such values again could move one: TF's nudged grid and the deployed
+        grid break a zero point near a tie apart (a symmetric 4-bit range, for one)."""
+        if self._weight_vars or self._activations or self.passes_grid_through:
             return False
-        return linking.requantized_by_producer(self)
+        if not is_kind(self.layer, "concatenate"):
+            return linking.requantized_by_producer(self)
+        target = self.quantizes_inputs_as()
+        sources = linking.input_sources(self)
+        return (
+            target is not None
+            and bool(sources)
+            and all(s is not None and s.variables["min_var"] is target.source.variables["min_var"] for s in sources)
+        )
 
     @property
     def inherits_input_grid(self) -> bool:
@@ -458,7 +467,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         emulated = emulation.enabled(training) and all(value is None for value in kwargs.values())
         if emulated:
             if self.passes_requantized_input_through():
-                return inputs
+                return self.layer(inputs) if is_kind(self.layer, "concatenate") else inputs
             outputs = self._integer_inference(inputs)
             if outputs is not None:
                 return outputs
