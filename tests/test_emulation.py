@@ -106,3 +106,19 @@ def test_wide_accumulators_are_exact(layer, input_shape):
         )
         assert expected.dtype == np.float64
     assert np.array_equal(keras.ops.convert_to_numpy(got), expected)
+
+
+@pytest.mark.parametrize(
+    "quantizer, expected",
+    [
+        (kq.FixedQuantizer(num_bits=8, init_min=0.0, init_max=255.0 / 256.0), True),  # the schemes' softmax grid
+        (kq.FixedQuantizer(num_bits=8, init_min=0.0, init_max=1.0), True),  # 255 levels
+        (kq.FixedQuantizer(num_bits=8, init_min=-1.0, init_max=1.0), False),  # scale 2/255: 127.5 levels
+        (kq.MovingAverageQuantizer(num_bits=8), False),  # a learned range: unknown when traced
+        (kq.MovingAverageQuantizer(num_bits=4), True),  # below 8 bits: requantized from the int8 kernel
+    ],
+)
+def test_the_integer_softmax_writes_only_grids_the_runtime_writes(quantizer, expected):
+    """As the runtime's SoftmaxOutput: 1/scale levels at 8 bits and more, so only a fixed range
+    whose scale is 1/integer; any grid below 8 bits."""
+    assert emulation.writes_integer_softmax(quantizer) is expected

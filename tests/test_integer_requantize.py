@@ -67,7 +67,7 @@ def test_requantize_in_a_graph_is_the_numpy_one(multipliers, single, form, compi
     fits = bool(ops.convert_to_numpy(graph.clipped_fits(ops)))
     assert fits == (min(multipliers) > 2.0**-20)
     if form == "clipped" and not fits:
-        return
+        pytest.skip("the clipped form is not exact for a multiplier of 2**-30 (asserted above)")
 
     def centered(acc):
         return graph.centered(acc, ops, form=form)

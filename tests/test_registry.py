@@ -7,7 +7,7 @@ import pytest
 
 import keras_qat as kq
 from keras_qat.config import NoOpQuantizeConfig
-from keras_qat.registry import KINDS, clamp_activation, kind_of, supported_type_names
+from keras_qat.registry import KINDS, clamp_activation, is_last_axis_softmax, kind_of, supported_type_names
 
 pytestmark = pytest.mark.api
 L = keras.layers
@@ -86,3 +86,17 @@ def test_a_following_batch_norm_folds_into_foldable_kinds_only(make, folds):
     folded = [layer for layer in model.layers if isinstance(layer, kq.QuantizeFoldedBatchNorm)]
     assert len(folded) == int(folds)
     assert kind_of(make()).foldable is folds
+
+
+@pytest.mark.parametrize(
+    "layer, expected",
+    [
+        (keras.layers.Softmax(), True),
+        (keras.layers.Activation("softmax"), True),
+        (keras.layers.Softmax(axis=1), False),
+        (keras.layers.Softmax(axis=None), False),  # over every element, the batch included
+        (keras.layers.Activation("relu"), False),
+    ],
+)
+def test_the_integer_softmax_is_over_the_last_axis(layer, expected):
+    assert is_last_axis_softmax(layer) is expected

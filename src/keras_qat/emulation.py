@@ -310,9 +310,9 @@ def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high
     """The real output of a kernel from its exact accumulator: bias, requantization (in
     ``form``, by ``multiplier``'s float64 constants), clamp, scale
     (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
-    # The constants stand for the fixed-point multiplier, which the tail need not read.
-    op = integer.KernelOp(bias_codes, integer.Requantize(None, None, zero_point, low, high))
-    return op.centered(accumulator, ops, scale, form, fp.Float64Multiplier(*multiplier))
+    return integer.centered_output(
+        accumulator, fp.Float64Multiplier(*multiplier), zero_point, low, high, ops, offset=bias_codes, scale=scale, form=form
+    )
 
 
 #: Outputs with fewer elements per example run op by op: an XLA compilation per shape costs
@@ -332,6 +332,8 @@ def onto_consumer_grid(outputs, consumer):
     if passes_through is None or not passes_through():
         return outputs
     target = consumer.quantizes_inputs_as()
+    if target is None:
+        return outputs
     clamped = keras.activations.get(target.activation)(outputs)
     return target.source.quantizer(clamped, False, target.source.variables)
 
@@ -344,7 +346,7 @@ def add_inference(a, b, source_a: Source, source_b: Source, out: OutputTarget):
         _static(spec_a), _static(spec_b), _static(spec_of(out.source)), out.activation,
     )
     *parameters, clipped_fits = parameters
-    output = _in_cheapest_form(_add_output, (a, b, *parameters, fp.add_left_shift(max(spec_a.bits, spec_b.bits))), clipped_fits)
+    output = _in_cheapest_form(_add_output, (a, b, *parameters), clipped_fits)
     return qops.with_static_shape(output, _broadcast_shape(a.shape, b.shape))
 
 
@@ -375,13 +377,12 @@ def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tup
 _add_parameters = qops.shared(_add_parameters_fn)
 
 
-def _add_output_fn(a, b, scale_a, scale_b, multipliers, zero_point, low, high, scale, left_shift, form):
+def _add_output_fn(a, b, scale_a, scale_b, multipliers, zero_point, low, high, scale, form):
     """The real output of TFLite's ADD from its real inputs (:meth:`keras_qat.integer.AddOp.centered`
     on their codes, in ``form``, by ``multipliers``' float64 constants), as one compiled kernel."""
-    # The constants stand for the fixed-point multipliers, which the tail need not read.
-    op = integer.AddOp(left_shift, (None, None), (None, None), integer.Requantize(None, None, zero_point, low, high))
     multipliers = tuple(fp.Float64Multiplier(*multiplier) for multiplier in multipliers)
-    return op.centered(codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops), ops, scale, form, multipliers)
+    codes = (codes_at_scale(a, scale_a, ops), codes_at_scale(b, scale_b, ops))
+    return integer.add_centered_output(*codes, multipliers, zero_point, low, high, ops, scale, form)
 
 
 _add_output = qops.compiled(_add_output_fn, COMPILE_MIN_ELEMENTS)
@@ -416,6 +417,21 @@ def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget
 _INT8_SOFTMAX_RANGE = (0.0, 255.0 / 256.0)
 
 
+def writes_integer_softmax(quantizer: Quantizer) -> bool:
+    """Whether the integer softmax can write onto ``quantizer``'s grid, as the runtime's
+    ``SoftmaxOutput`` does: below 8 bits always (the int8 kernel's codes, requantized); at 8
+    bits and more only onto a fixed range whose scale is 1/integer (``levels = 1 / scale``
+    codes), known when the model is traced. Elsewhere inference fake-quantizes the float
+    softmax, and the writer refuses the layer."""
+    if quantizer.num_bits < 8:
+        return True
+    config = quantizer.get_config()
+    if getattr(quantizer, "observer", None) != "fixed" or config.get("symmetric") or quantizer.per_axis:
+        return False
+    scale = float(from_range(np.float32(config["init_min"]), np.float32(config["init_max"]), quantizer.num_bits, quantizer.narrow_range).scale)
+    return scale > 0 and abs(round(1.0 / scale) * scale - 1.0) <= 1e-6
+
+
 def softmax_inference(inputs, source: Source, out: OutputTarget):
     """The integer softmax over the last axis (:func:`keras_qat.integer.softmax_codes`) of
     ``inputs`` on ``source``'s grid, as the ``.kqat`` runtime computes it: exponentials from a
@@ -442,8 +458,8 @@ def softmax_inference(inputs, source: Source, out: OutputTarget):
 
 
 def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputTarget):
-    """An activation whose int8 kernel fixes its output grid (softmax, sigmoid, tanh), quantized
-    below 8 bits: the kernel's 8-bit output on that fixed grid, requantized to ``out``'s grid
+    """An activation whose int8 kernel fixes its output grid (sigmoid, tanh; a softmax not over
+    the last axis, see :func:`softmax_inference`), quantized below 8 bits: the kernel's 8-bit output on that fixed grid, requantized to ``out``'s grid
     with the fixed-point multiplier (the QUANTIZE a converter adds between the two), rounding
     twice where fake quantization of the float activation would round once."""
     low, high = fixed_range
@@ -525,6 +541,7 @@ __all__ = [
     "kernel_inference",
     "fixed_range_inference",
     "softmax_inference",
+    "writes_integer_softmax",
     "leaky_relu_inference",
     "add_inference",
     "onto_consumer_grid",

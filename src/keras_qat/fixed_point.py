@@ -179,7 +179,7 @@ class Float64Multiplier(NamedTuple):
         return floor(xp, x * self.whole + self._offset(xp, x))
 
 
-#: float64 holds every integer up to 2**53; the clipped form stays under half of that.
+#: float64 holds every integer up to 2**53; within its reach the clipped form stays under half of that.
 _FLOAT64_SAFE = float(2**52)
 
 
@@ -228,8 +228,8 @@ def multiply_by_quantized_multiplier_float64(xp, x, m0, shift, single_rounding: 
     ``n = floor(q / 2**31 + 1/2)`` of the exact product ``q = x * 2**left_shift * m0`` and then
     rounds ``n / 2**r`` half away from zero; nested floors of divisions by integers are one
     floor, so the result is ``floor(z + c)`` for ``z = q / 2**(31 + r)`` and
-    ``c = 1/2 + sign(x) * 2**-(r+1)`` (where ``q >= -2**30``, ``x >= 0`` up to a case that
-    rounds alike). A left shift (``shift >= 0``) and the single rounding have ``c = 1/2``.
+    ``c = 1/2 + 2**-(r+1)`` for ``x >= 0`` and ``1/2 - 2**-(r+1)`` for ``x < 0`` (where
+    ``q >= -2**30``, ``x >= 0`` up to a case that rounds alike). A left shift (``shift >= 0``) and the single rounding have ``c = 1/2``.
 
     ``z`` needs up to 62 bits, so it is never formed. ``m0 = high * 2**16 + low`` splits it into
     ``u = x * high * 2**(e+16)`` and ``w = x * low * 2**e`` (``e = shift + left_shift - 31``),

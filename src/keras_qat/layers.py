@@ -374,7 +374,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if self._weight_vars or self._activations or self.passes_grid_through:
             return False
         if not is_kind(self.layer, "concatenate"):
-            return linking.requantized_by_producer(self)
+            return clamp_activation(self.layer) is not None and len(self._output_vars) == 1 and linking.requantized_by_producer(self)
         target = self.quantizes_inputs_as()
         sources = linking.input_sources(self)
         return (
@@ -397,7 +397,12 @@ class QuantizeWrapper(keras.layers.Wrapper):
             return "multiply"
         if is_kind(self.layer, "global_average_pool") and self.layer.data_format == "channels_last":
             return "mean"
-        if not self._weight_vars and len(self._output_vars) == 1 and is_last_axis_softmax(self.layer):
+        if (
+            not self._weight_vars
+            and len(self._output_vars) == 1
+            and is_last_axis_softmax(self.layer)
+            and emulation.writes_integer_softmax(self._output_vars[0][0])
+        ):
             return "softmax"
         if (
             not self._weight_vars
@@ -497,7 +502,7 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if inherited is not None:
             # The range is the input's owner's to learn; here it is only read.
             return inherited.quantizer(outputs, False, inherited.variables)
-        if emulated and self.accepts_output_target():
+        if emulation.enabled(training) and self.accepts_output_target():
             return emulation.onto_consumer_grid(outputs, linking.output_consumer(self))
         if not self._output_vars:
             return outputs

@@ -136,7 +136,8 @@ def compiled(fn, min_elements: int = 0):
     PyTorch, ``fn`` itself: XLA compiles once per shape, which only large tensors repay.
 
     Every step of ``fn`` must be exact (integers in float arithmetic), so that XLA's freedom
-    to contract ``a * b + c`` into one FMA cannot change a result.
+    to contract ``a * b + c`` into one FMA cannot change a result; a step that is not (the
+    clipped requantization beyond its reach) must only decide values that a clamp saturates.
     """
     if keras.backend.backend() != "tensorflow":
         return fn

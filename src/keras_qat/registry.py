@@ -183,7 +183,8 @@ def is_last_axis_softmax(layer) -> bool:
     if kind is None:
         return False
     if kind.name == "softmax":
-        return layer.axis in (-1, None)
+        # axis=None normalizes over every element, the batch included.
+        return layer.axis == -1
     return kind.name == "activation" and activation_name(layer.activation) == "softmax"
 
 

@@ -21,6 +21,7 @@ import keras
 import numpy as np
 
 from keras_qat import emulation, integer, linking
+from keras_qat import ops as qops
 from keras_qat.format import container, packing
 from keras_qat.format.manifest import OPS, SOFTMAX_BITS
 from keras_qat.registry import activation_name, is_kind, is_last_axis_softmax, kind_of
@@ -388,8 +389,10 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
         raise _unsupported(layer, f"a softmax whose output scale {out['scale']} is not 1/integer")
     inp = grid_entry(sources[0])
     size = inp["qmax"] - inp["qmin"] + 1
-    # With the backend's exponential, as the QAT model's inference computes the table.
-    table = _numpy(integer.softmax_exp_table(np.float32(inp["scale"]), SOFTMAX_BITS, size, keras.ops)).astype(np.int64)
+    # With the backend's exponential, as the QAT model's inference computes the table (NumPy's
+    # where the backend lacks float64, and inference is fake quantization anyway).
+    xp = keras.ops if qops.exact_integer_arithmetic() else np
+    table = _numpy(integer.softmax_exp_table(np.float32(inp["scale"]), SOFTMAX_BITS, size, xp)).astype(np.int64)
     entry["weights"]["exp_table"] = writer.integers(table)
     emit("softmax", output_source=emulation.Source(*quantizers[0]))
 

@@ -22,15 +22,18 @@ from keras_qat.integer.lowering import (
     LeakyReluOp,
     MeanOp,
     MultiplyOp,
+    add_centered_output,
     average_codes,
     requantize_between,
     softmax_codes,
     softmax_exp_table,
 )
-from keras_qat.integer.requantize import Requantize
+from keras_qat.integer.requantize import Requantize, centered_output
 
 __all__ = [
     "Requantize",
+    "centered_output",
+    "add_centered_output",
     "softmax_exp_table",
     "KernelOp",
     "AddOp",

@@ -16,7 +16,7 @@ import numpy as np
 from keras_qat import fixed_point as fp
 from keras_qat.fixed_point import _cast
 from keras_qat.grid import IntegerGrid, quantize_bias
-from keras_qat.integer.requantize import Requantize, as_float64, safe_scale
+from keras_qat.integer.requantize import Requantize, as_float64, centered_output, safe_scale
 
 
 def _int64(xp, x):
@@ -139,14 +139,9 @@ class AddOp:
         the sum is requantized in the split form: the output multiplier, about 2**-20 (a 20-bit
         left shift undone), is past the clipped form's reach. ``multipliers`` are
         :meth:`float64_multipliers`, computed once where given."""
-        if form not in ("clipped", "split"):
-            raise ValueError(f"AddOp.centered: form must be 'clipped' or 'split', got {form!r}.")
-        rescale_a, rescale_b, output = self.float64_multipliers(xp) if multipliers is None else multipliers
-        rescaled = [
-            multiplier.clipped(xp, codes) if form == "clipped" else multiplier.split(xp, codes)
-            for codes, multiplier in ((xp.cast(a, "float64"), rescale_a), (xp.cast(b, "float64"), rescale_b))
-        ]
-        return self.requantize.centered(sum_of(rescaled), xp, scale=scale, form="split", multiplier=output)
+        multipliers = self.float64_multipliers(xp) if multipliers is None else multipliers
+        requantize = self.requantize
+        return add_centered_output(a, b, multipliers, requantize.zero_point, requantize.low, requantize.high, xp, scale, form)
 
     def _int64_sum(self, a, b, xp):
         shift = 1 << self.left_shift
@@ -230,6 +225,20 @@ def average_codes(total, count, xp=np):
     return xp.sign(total) * ((xp.abs(total) + half) // count)
 
 
+def add_centered_output(a, b, multipliers: tuple, zero_point, low, high, xp, scale=None, form: str = "split"):
+    """:meth:`AddOp.centered` from the float64 constants of its three multipliers
+    (:meth:`AddOp.float64_multipliers`) and the output's zero point and clamp, which is all a
+    compiled tail receives."""
+    if form not in ("clipped", "split"):
+        raise ValueError(f"AddOp.centered: form must be 'clipped' or 'split', got {form!r}.")
+    rescale_a, rescale_b, output = multipliers
+    rescaled = [
+        multiplier.clipped(xp, codes) if form == "clipped" else multiplier.split(xp, codes)
+        for codes, multiplier in ((xp.cast(a, "float64"), rescale_a), (xp.cast(b, "float64"), rescale_b))
+    ]
+    return centered_output(sum_of(rescaled), output, zero_point, low, high, xp, scale=scale, form="split")
+
+
 def softmax_exp_table(scale, bits: int, size: int, xp=np):
     """The softmax's exponentials in fixed point, one per distance ``d`` in ``[0, size)`` of a
     code from its row's largest: ``round(exp(-scale * d) * 2**bits)`` (``scale``, the input
@@ -260,6 +269,7 @@ def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
 
 
 __all__ = [
-    "KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "average_codes", "softmax_exp_table", "softmax_codes",
+    "KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "add_centered_output", "average_codes", "softmax_exp_table",
+    "softmax_codes",
     "requantize_between",
 ]

@@ -120,17 +120,8 @@ class Requantize:
         runs is compiled, and passes ``multiplier`` (:meth:`float64_multiplier`), computed once,
         so that the loop holds only the per-element work. ``m0`` and ``shift`` are not read then.
         """
-        if form not in ("clipped", "split"):
-            raise ValueError(f"Requantize.centered: form must be 'clipped' or 'split', got {form!r}.")
         multiplier = self.float64_multiplier(xp) if multiplier is None else multiplier
-        zero_point = xp.cast(self.zero_point, "float32")
-        low, high = self.low - zero_point, self.high - zero_point
-        x = xp.cast(accumulator, "float64")
-        if offset is not None:
-            x = x + offset
-        scaled = multiplier.clipped(xp, x) if form == "clipped" else multiplier.split(xp, x)
-        codes = xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
-        return codes if scale is None else codes * scale
+        return centered_output(accumulator, multiplier, self.zero_point, self.low, self.high, xp, offset, scale, form)
 
     # ---- the .kqat manifest ----------------------------------------------------------------
 
@@ -153,4 +144,19 @@ class Requantize:
         return cls(vector(entry["m0"]), vector(entry["shift"]), out.zero_point, int(entry["low"]), int(entry["high"]), bool(entry["single_rounding"]))
 
 
-__all__ = ["Requantize", "as_float64", "safe_scale", "scale_ratio"]
+def centered_output(accumulator, multiplier: fp.Float64Multiplier, zero_point, low, high, xp, offset=None, scale=None, form: str = "split"):
+    """:meth:`Requantize.centered` from the multiplier's float64 constants and the output's zero
+    point and clamp ``[low, high]`` (codes), which is all a compiled tail receives."""
+    if form not in ("clipped", "split"):
+        raise ValueError(f"Requantize.centered: form must be 'clipped' or 'split', got {form!r}.")
+    zero_point = xp.cast(zero_point, "float32")
+    low, high = low - zero_point, high - zero_point
+    x = xp.cast(accumulator, "float64")
+    if offset is not None:
+        x = x + offset
+    scaled = multiplier.clipped(xp, x) if form == "clipped" else multiplier.split(xp, x)
+    codes = xp.minimum(xp.maximum(xp.cast(scaled, "float32"), low), high)
+    return codes if scale is None else codes * scale
+
+
+__all__ = ["Requantize", "centered_output", "as_float64", "safe_scale", "scale_ratio"]
