@@ -120,3 +120,17 @@ def test_inference_leaves_values_on_the_grid_their_producer_requantized_them_ont
     top = runtime.load(tmp_path / "model.kqat").output_grids[0].dequantize(np.array(7))
     assert np.any(want == top) and top > 5.3692946, "the data must reach the deployed grid's top code, beyond TF's"
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not kq.ops.exact_integer_arithmetic(), reason="exact inference needs int64/float64 on the backend")
+def test_a_relu_called_twice_clamps_both_inputs():
+    """A ReLU shared by two branches: only one of its inputs could have been requantized for it,
+    and the graph records only its latest call, so inference runs it on both (here the first
+    branch is the model input's quantizer, which does not clamp)."""
+    inputs = keras.Input((4,), name="x")
+    relu = keras.layers.ReLU(name="shared")
+    outputs = keras.layers.Concatenate(name="cat")([relu(inputs), relu(keras.layers.Dense(4, name="fc")(inputs))])
+    model = kq.quantize_model(keras.Model(inputs, outputs))
+    x = np.random.default_rng(0).uniform(-4, 4, (64, 4)).astype("float32")
+    got = keras.ops.convert_to_numpy(model(x, training=False))
+    assert got.min() >= 0.0, "a negative value passed the shared ReLU"

@@ -373,6 +373,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         grid break a zero point near a tie apart (a symmetric 4-bit range, for one)."""
         if self._weight_vars or self._activations or self.passes_grid_through:
             return False
+        if len(getattr(self, "_inbound_nodes", ())) != 1:
+            return False  # called on several tensors: the graph tells only of its latest call
         if not is_kind(self.layer, "concatenate"):
             return clamp_activation(self.layer) is not None and len(self._output_vars) == 1 and linking.requantized_by_producer(self)
         target = self.quantizes_inputs_as()
