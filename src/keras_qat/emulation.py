@@ -413,10 +413,6 @@ def leaky_relu_inference(inputs, alpha: float, source: Source, out: OutputTarget
     return _real(op(in_grid.centered_codes(inputs, ops), ops), out_grid)
 
 
-#: The int8 SOFTMAX's fixed output grid: 256 levels from zero point -128 (scale 1/256).
-_INT8_SOFTMAX_RANGE = (0.0, 255.0 / 256.0)
-
-
 def writes_integer_softmax(quantizer: Quantizer) -> bool:
     """Whether the integer softmax can write onto ``quantizer``'s grid, as the runtime's
     ``SoftmaxOutput`` does: below 8 bits always (the int8 kernel's codes, requantized); at 8
@@ -428,8 +424,8 @@ def writes_integer_softmax(quantizer: Quantizer) -> bool:
     config = quantizer.get_config()
     if getattr(quantizer, "observer", None) != "fixed" or config.get("symmetric") or quantizer.per_axis:
         return False
-    scale = float(from_range(np.float32(config["init_min"]), np.float32(config["init_max"]), quantizer.num_bits, quantizer.narrow_range).scale)
-    return scale > 0 and abs(round(1.0 / scale) * scale - 1.0) <= 1e-6
+    fixed = from_range(np.float32(config["init_min"]), np.float32(config["init_max"]), quantizer.num_bits, quantizer.narrow_range)
+    return integer.softmax_levels(fixed.scale) is not None
 
 
 def softmax_inference(inputs, source: Source, out: OutputTarget):
@@ -450,17 +446,17 @@ def softmax_inference(inputs, source: Source, out: OutputTarget):
         zero_point = ops.cast(out_grid.zero_point, "int64")
         signed = ops.clip(result + zero_point, out_grid.qmin, out_grid.qmax)
         return ops.cast(signed - zero_point, "float32") * out_grid.scale
-    eight_bit = from_range(np.float32(_INT8_SOFTMAX_RANGE[0]), np.float32(_INT8_SOFTMAX_RANGE[1]), 8)
+    eight_bit = integer.int8_softmax_grid()
     zero_point = int(eight_bit.zero_point)
-    int8 = ops.clip(integer.softmax_codes(codes, table, 256, ops) + zero_point, eight_bit.qmin, eight_bit.qmax)
+    int8 = ops.clip(integer.softmax_codes(codes, table, integer.INT8_SOFTMAX_LEVELS, ops) + zero_point, eight_bit.qmin, eight_bit.qmax)
     requantize = integer.Requantize.between(eight_bit, out_grid, out.activation, xp=ops)
     return _real(requantize(ops.cast(int8 - zero_point, "float32"), ops), out_grid)
 
 
 def fixed_range_inference(values, fixed_range: tuple[float, float], out: OutputTarget):
     """An activation whose int8 kernel fixes its output grid (sigmoid, tanh; a softmax not over
-    the last axis, see :func:`softmax_inference`), quantized below 8 bits: the kernel's 8-bit output on that fixed grid, requantized to ``out``'s grid
-    with the fixed-point multiplier (the QUANTIZE a converter adds between the two), rounding
+    the last axis, see :func:`softmax_inference`), quantized below 8 bits: the kernel's 8-bit
+    output on that fixed grid, requantized to ``out``'s grid with the fixed-point multiplier (the QUANTIZE a converter adds between the two), rounding
     twice where fake quantization of the float activation would round once."""
     low, high = fixed_range
     eight_bit = from_range(np.float32(low), np.float32(high), 8)

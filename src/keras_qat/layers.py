@@ -376,7 +376,8 @@ class QuantizeWrapper(keras.layers.Wrapper):
         if len(getattr(self, "_inbound_nodes", ())) != 1:
             return False  # called on several tensors: the graph tells only of its latest call
         if not is_kind(self.layer, "concatenate"):
-            return clamp_activation(self.layer) is not None and len(self._output_vars) == 1 and linking.requantized_by_producer(self)
+            fused_relu = clamp_activation(self.layer) is not None and len(self._output_vars) == 1
+            return fused_relu and linking.requantized_by_producer(self)
         target = self.quantizes_inputs_as()
         sources = linking.input_sources(self)
         return (

@@ -384,8 +384,7 @@ def _softmax_op(writer, entry, emit, layer, sources) -> None:
     if len(quantizers) != 1:
         raise _unsupported(layer, "a softmax without an output quantizer")
     out = grid_entry(emulation.Source(*quantizers[0]))
-    levels = round(1.0 / out["scale"])
-    if out["bits"] >= 8 and abs(levels * out["scale"] - 1.0) > 1e-6:
+    if out["bits"] >= 8 and integer.softmax_levels(out["scale"]) is None:
         raise _unsupported(layer, f"a softmax whose output scale {out['scale']} is not 1/integer")
     inp = grid_entry(sources[0])
     size = inp["qmax"] - inp["qmin"] + 1

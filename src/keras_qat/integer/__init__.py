@@ -17,6 +17,8 @@ is here. This package imports NumPy only.
 """
 
 from keras_qat.integer.lowering import (
+    INT8_SOFTMAX_LEVELS,
+    INT8_SOFTMAX_ZERO_POINT,
     AddOp,
     KernelOp,
     LeakyReluOp,
@@ -27,6 +29,8 @@ from keras_qat.integer.lowering import (
     requantize_between,
     softmax_codes,
     softmax_exp_table,
+    int8_softmax_grid,
+    softmax_levels,
 )
 from keras_qat.integer.requantize import Requantize, centered_output
 
@@ -35,6 +39,10 @@ __all__ = [
     "centered_output",
     "add_centered_output",
     "softmax_exp_table",
+    "int8_softmax_grid",
+    "INT8_SOFTMAX_LEVELS",
+    "INT8_SOFTMAX_ZERO_POINT",
+    "softmax_levels",
     "KernelOp",
     "AddOp",
     "MultiplyOp",

@@ -239,6 +239,27 @@ def add_centered_output(a, b, multipliers: tuple, zero_point, low, high, xp, sca
     return centered_output(sum_of(rescaled), output, zero_point, low, high, xp, scale=scale, form="split")
 
 
+#: The int8 SOFTMAX's fixed output grid: 256 levels from zero point -128 (scale 1/256).
+INT8_SOFTMAX_LEVELS = 256
+INT8_SOFTMAX_ZERO_POINT = -128
+
+
+def int8_softmax_grid() -> IntegerGrid:
+    """The int8 SOFTMAX's fixed output grid, from which a softmax below 8 bits is requantized."""
+    return IntegerGrid(np.float32(1.0 / INT8_SOFTMAX_LEVELS), INT8_SOFTMAX_ZERO_POINT, -128, 127, 8, signed=True)
+
+
+def softmax_levels(scale) -> int | None:
+    """The codes per unit of a softmax writing a grid of ``scale`` (8 bits and more) directly:
+    ``1 / scale``, where that is an integer (within 1e-6); None where it is not, and the
+    integer softmax cannot write that grid."""
+    scale = float(scale)
+    if scale <= 0.0:
+        return None
+    levels = round(1.0 / scale)
+    return levels if abs(levels * scale - 1.0) <= 1e-6 else None
+
+
 def softmax_exp_table(scale, bits: int, size: int, xp=np):
     """The softmax's exponentials in fixed point, one per distance ``d`` in ``[0, size)`` of a
     code from its row's largest: ``round(exp(-scale * d) * 2**bits)`` (``scale``, the input
@@ -270,6 +291,7 @@ def requantize_between(codes, grid: IntegerGrid, out: IntegerGrid):
 
 __all__ = [
     "KernelOp", "AddOp", "MultiplyOp", "LeakyReluOp", "MeanOp", "add_centered_output", "average_codes", "softmax_exp_table",
+    "INT8_SOFTMAX_LEVELS", "INT8_SOFTMAX_ZERO_POINT", "int8_softmax_grid", "softmax_levels",
     "softmax_codes",
     "requantize_between",
 ]

@@ -19,7 +19,19 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from keras_qat.grid import IntegerGrid as Grid
-from keras_qat.integer import AddOp, KernelOp, MeanOp, Requantize, average_codes, requantize_between, softmax_codes
+from keras_qat.integer import (
+    INT8_SOFTMAX_LEVELS,
+    INT8_SOFTMAX_ZERO_POINT,
+    AddOp,
+    KernelOp,
+    MeanOp,
+    Requantize,
+    average_codes,
+    int8_softmax_grid,
+    requantize_between,
+    softmax_codes,
+    softmax_levels,
+)
 
 
 # ---- quantize / dequantize -----------------------------------------------------------------
@@ -150,20 +162,15 @@ class SoftmaxOutput:
     levels: int
     requantize: Requantize | None
 
-    INT8_LEVELS = 256
-    INT8_ZERO_POINT = -128
-
-    @classmethod
-    def int8_grid(cls) -> Grid:
-        """The int8 SOFTMAX's fixed output grid."""
-        return Grid(np.float32(1.0 / cls.INT8_LEVELS), cls.INT8_ZERO_POINT, -128, 127, 8, signed=True)
+    INT8_LEVELS = INT8_SOFTMAX_LEVELS
+    INT8_ZERO_POINT = INT8_SOFTMAX_ZERO_POINT
 
     @classmethod
     def of(cls, out: Grid) -> "SoftmaxOutput":
         if out.bits < 8:
-            return cls(out, cls.INT8_LEVELS, Requantize.between(cls.int8_grid(), out))
-        levels = int(round(1.0 / float(out.scale)))
-        if abs(levels * float(out.scale) - 1.0) > 1e-6:
+            return cls(out, cls.INT8_LEVELS, Requantize.between(int8_softmax_grid(), out))
+        levels = softmax_levels(out.scale)
+        if levels is None:
             raise ValueError(f"a softmax output scale of {float(out.scale)} is not 1/integer; the integer softmax needs one.")
         return cls(out, levels, None)
 
