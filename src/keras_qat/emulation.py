@@ -309,7 +309,7 @@ _kernel_parameters = qops.shared(_kernel_parameters_fn)
 def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high, scale, form):
     """The real output of a kernel from its exact accumulator: bias, requantization (in
     ``form``, by ``multiplier``'s float64 constants), clamp, scale
-    (:meth:`keras_qat.integer.KernelOp.centered`), as one compiled kernel."""
+    (:func:`keras_qat.integer.centered_output`, the bias as its offset), as one compiled kernel."""
     return integer.centered_output(
         accumulator, fp.Float64Multiplier(*multiplier), zero_point, low, high, ops, offset=bias_codes, scale=scale, form=form
     )

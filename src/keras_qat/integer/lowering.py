@@ -71,11 +71,6 @@ class KernelOp:
             accumulator = accumulator + self.bias
         return self.requantize(accumulator, xp)
 
-    def centered(self, accumulator, xp, scale=None, form: str = "split", multiplier=None):
-        """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
-        given (:meth:`Requantize.centered`, in ``form``, with ``multiplier`` where given)."""
-        return self.requantize.centered(accumulator, xp, offset=self.bias, scale=scale, form=form, multiplier=multiplier)
-
 
 @dataclass(frozen=True)
 class AddOp:
@@ -130,16 +125,16 @@ class AddOp:
         rescale = tuple(fp.Float64Multiplier.of(xp, m0, shift, left_shift=self.left_shift) for m0, shift in (self.a, self.b))
         return (*rescale, self.requantize.float64_multiplier(xp))
 
-    def centered(self, a, b, xp, scale=None, form: str = "split", multipliers=None):
+    def centered(self, a, b, xp, scale=None, form: str = "split"):
         """In a ``keras.ops`` graph: the output codes minus the zero point, times ``scale`` where
         given. Each input is rescaled in float64, by the exact
         :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_float64` (``form="split"``)
         or by the cheaper :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`
         (``"clipped"``, exact only where :meth:`clipped_fits`: the codes never pass its limit);
         the sum is requantized in the split form: the output multiplier, about 2**-20 (a 20-bit
-        left shift undone), is past the clipped form's reach. ``multipliers`` are
-        :meth:`float64_multipliers`, computed once where given."""
-        multipliers = self.float64_multipliers(xp) if multipliers is None else multipliers
+        left shift undone), is past the clipped form's reach. A compiled tail calls
+        :func:`add_centered_output` with :meth:`float64_multipliers` computed once."""
+        multipliers = self.float64_multipliers(xp)
         requantize = self.requantize
         return add_centered_output(a, b, multipliers, requantize.zero_point, requantize.low, requantize.high, xp, scale, form)
 

@@ -104,7 +104,7 @@ class Requantize:
         a caller that runs :meth:`centered` many times computes once."""
         return fp.Float64Multiplier.of(xp, self.m0, self.shift, self.single_rounding)
 
-    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "split", multiplier=None):
+    def centered(self, accumulator, xp, offset=None, scale=None, form: str = "split"):
         """In a ``keras.ops`` graph (the QAT model's inference): the output codes minus the zero
         point, clamped (float32 holding integers), equal to ``__call__``'s codes minus the zero
         point, of ``accumulator + offset`` (float64 integers, such as bias codes), times
@@ -117,10 +117,10 @@ class Requantize:
         :func:`keras_qat.fixed_point.multiply_by_quantized_multiplier_clipped`, exact only where
         :meth:`clipped_fits`. Each is the whole tail, so that a compiler fuses it into one loop;
         a caller that compiles the tail chooses the form outside it, so that only the form that
-        runs is compiled, and passes ``multiplier`` (:meth:`float64_multiplier`), computed once,
-        so that the loop holds only the per-element work. ``m0`` and ``shift`` are not read then.
+        runs is compiled, and calls :func:`centered_output` with :meth:`float64_multiplier`
+        computed once, so that the loop holds only the per-element work.
         """
-        multiplier = self.float64_multiplier(xp) if multiplier is None else multiplier
+        multiplier = self.float64_multiplier(xp)
         return centered_output(accumulator, multiplier, self.zero_point, self.low, self.high, xp, offset, scale, form)
 
     # ---- the .kqat manifest ----------------------------------------------------------------
