@@ -422,9 +422,12 @@ def writes_integer_softmax(quantizer: Quantizer) -> bool:
     if quantizer.num_bits < 8:
         return True
     config = quantizer.get_config()
+    fixed_range = (config.get("init_min"), config.get("init_max"))
     if getattr(quantizer, "observer", None) != "fixed" or config.get("symmetric") or quantizer.per_axis:
         return False
-    fixed = from_range(np.float32(config["init_min"]), np.float32(config["init_max"]), quantizer.num_bits, quantizer.narrow_range)
+    if any(end is None or np.ndim(end) for end in fixed_range):
+        return False  # a fixed quantizer of the user's own, whose range its config does not say
+    fixed = from_range(np.float32(fixed_range[0]), np.float32(fixed_range[1]), quantizer.num_bits, quantizer.narrow_range)
     return integer.softmax_levels(fixed.scale) is not None
 
 
