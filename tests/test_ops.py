@@ -352,3 +352,53 @@ def test_compiles_says_where_a_compiled_function_runs_as_one_kernel():
 
     trace(x)
     assert seen == {"large": True, "small": False}
+
+
+# ---- batch normalization in training ----------------------------------------------------------
+
+
+def _numpy_batch_norm(x, scale, offset, epsilon, upstream):
+    """Float64 oracle: the normalized tensor, batch mean and population variance, and the
+    gradients with respect to (x, scale, offset) for the upstream gradient ``upstream``."""
+    x, g = x.astype(np.float64), upstream.astype(np.float64)
+    axes = tuple(range(x.ndim - 1))
+    mean, variance = x.mean(axes), x.var(axes)
+    inv_std = 1.0 / np.sqrt(variance + epsilon)
+    normalized = (x - mean) * inv_std
+    d_x = scale * inv_std * (g - g.mean(axes) - normalized * (g * normalized).mean(axes))
+    return normalized * scale + offset, mean, variance, (d_x, (g * normalized).sum(axes), g.sum(axes))
+
+
+@pytest.mark.parametrize("shape", [(32, 5), (8, 6, 5), (4, 3, 6, 5), (2, 3, 2, 4, 5)], ids=["rank2", "rank3", "rank4", "rank5"])
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-6], ids=["eps_1e-3", "eps_1e-6"])
+def test_batch_normalize_is_batch_normalization_with_population_statistics(shape, epsilon):
+    """Values, statistics and (on TensorFlow, where a fused kernel computes them) gradients
+    against float64 NumPy; an epsilon below the 1.001e-5 that ``tf.nn.fused_batch_norm``
+    imposes is kept, as Keras's BatchNormalization keeps it."""
+    rng = np.random.default_rng(3)
+    # Channels of very different spread, one of them constant (variance 0: epsilon decides).
+    # Spreads stay within a few digits of the mean: Keras's moments, which the other backends
+    # run, compute the variance as E[x**2] - E[x]**2.
+    x = (rng.normal(size=shape) * np.array([1e-2, 0.1, 1.0, 30.0, 0.0]) + 0.5).astype(np.float32)
+    scale = rng.uniform(-2.0, 2.0, 5).astype(np.float32)
+    offset = rng.normal(size=5).astype(np.float32)
+    upstream = rng.normal(size=shape).astype(np.float32)
+    want, want_mean, want_variance, want_gradients = _numpy_batch_norm(x, scale, offset, epsilon, upstream)
+
+    got, mean, variance = (to_numpy(t) for t in qops.batch_normalize(x, scale, offset, epsilon))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(variance, want_variance, rtol=1e-4, atol=1e-7)
+    if BACKEND != "tensorflow":
+        return
+    import tensorflow as tf
+
+    @tf.function
+    def gradients(x, scale, offset):
+        with tf.GradientTape() as tape:
+            tape.watch([x, scale, offset])
+            y, _, _ = qops.batch_normalize(x, scale, offset, epsilon)
+        return tape.gradient(y, [x, scale, offset], output_gradients=tf.constant(upstream))
+
+    for got_gradient, want_gradient in zip(gradients(*(tf.constant(v) for v in (x, scale, offset))), want_gradients):
+        np.testing.assert_allclose(got_gradient.numpy(), want_gradient, rtol=1e-3, atol=1e-3 * np.abs(want_gradient).max())

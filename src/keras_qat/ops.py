@@ -334,6 +334,55 @@ def moments(x, axes: tuple[int, ...]):
     return ops.moments(x, axes, synchronized=_replica_context() is not None)
 
 
+def batch_normalize(x, scale, offset, epsilon: float):
+    """Normalize ``x`` over every axis but the last with its own batch statistics, as a
+    BatchNormalization layer does in training.
+
+    Returns ``(normalized, mean, variance)``: ``(x - mean) * scale / sqrt(variance + epsilon)
+    + offset``, with ``mean`` and the population ``variance`` (not Bessel-corrected) per
+    channel, of the global batch in a multi-replica step.
+
+    On TensorFlow, for a float tensor of rank 2 to 5 outside a multi-replica step, this is one
+    fused kernel forward and one backward (``FusedBatchNormV3``), where the same formula in
+    separate ops (Keras 3's BatchNormalization) costs a reduction, a squared difference and
+    their gradients each: on MobileNetV2 the unfused form takes about 40% of the training step.
+    """
+    fusable = keras.backend.standardize_dtype(x.dtype) in ("float32", "float16", "bfloat16")
+    if keras.backend.backend() == "tensorflow" and fusable and 2 <= len(x.shape) <= 5 and _replica_context() is None:
+        return _fused_batch_normalize_tf(x, scale, offset, epsilon)
+    x, scale, offset = (ops.convert_to_tensor(v) for v in (x, scale, offset))
+    mean, variance = moments(x, tuple(range(len(x.shape) - 1)))
+    multiplier = scale * ops.rsqrt(variance + epsilon)
+    return x * multiplier + (offset - mean * multiplier), mean, variance
+
+
+def _fused_batch_normalize_tf(x, scale, offset, epsilon: float):
+    import tensorflow as tf
+    from tensorflow.python.ops import gen_nn_ops
+
+    shape = tf.shape(x)
+    rank = len(x.shape)
+    # The kernel takes NHWC (rank 4) or NDHWC (rank 5); a Dense or Conv1D output gains axes of 1.
+    if rank < 4:
+        x = tf.reshape(x, tf.concat([shape[:1], tf.ones([4 - rank], tf.int32), shape[1:]], 0))
+    channels = x.shape[-1]
+    scale = tf.broadcast_to(tf.cast(scale, tf.float32), [channels])
+    offset = tf.broadcast_to(tf.cast(offset, tf.float32), [channels])
+    empty = tf.constant([], tf.float32)
+    # The raw op: tf.nn.fused_batch_norm raises epsilon to 1.001e-5, which would change
+    # ResNet50's 1.001e-5 little but a user's 1e-6 much.
+    normalized, mean, corrected_variance, *_ = gen_nn_ops.fused_batch_norm_v3(
+        x, scale, offset, empty, empty, epsilon=float(epsilon),
+        data_format="NHWC" if rank <= 4 else "NDHWC", is_training=True,
+    )
+    # The kernel returns the Bessel-corrected variance n / (n - 1) * population variance.
+    count = tf.cast(tf.size(x) // channels, tf.float32)
+    variance = corrected_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+    if rank < 4:
+        normalized = tf.reshape(normalized, shape)
+    return normalized, mean, variance
+
+
 def asymmetric_range(batch_min, batch_max):
     """The smallest range that holds the statistics and zero: ``[min(lo, 0), max(hi, 0)]``."""
     return ops.minimum(batch_min, 0.0), ops.maximum(batch_max, 0.0)
