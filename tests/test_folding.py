@@ -107,10 +107,15 @@ def test_inference_quantizes_the_folded_weights_as_deployed(kind, use_bias):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate_ops"])
 @pytest.mark.parametrize("kind", ["conv", "dense"])
-def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind):
+def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind, fused, monkeypatch):
     """With batch statistics the output is BN(conv(x, q(w f)) / f + b), and the moving
-    statistics move as Keras's BatchNormalization moves them on that tensor."""
+    statistics move as Keras's BatchNormalization moves them on that tensor, whether the
+    normalization runs as one fused kernel (TensorFlow, large tensors; forced here) or not."""
+    if fused and keras.backend.backend() != "tensorflow":
+        pytest.skip("the fused kernel is TensorFlow's")
+    monkeypatch.setattr(qops, "_FUSED_BATCH_NORM_MIN_ELEMENTS", 0 if fused else float("inf"))
     model = _model(kind, use_bias=True, output_quantized=False)
     folded = _folded(model)
     x = _inputs(model)

@@ -369,12 +369,17 @@ def _numpy_batch_norm(x, scale, offset, epsilon, upstream):
     return normalized * scale + offset, mean, variance, (d_x, (g * normalized).sum(axes), g.sum(axes))
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate_ops"])
 @pytest.mark.parametrize("shape", [(32, 5), (8, 6, 5), (4, 3, 6, 5), (2, 3, 2, 4, 5)], ids=["rank2", "rank3", "rank4", "rank5"])
 @pytest.mark.parametrize("epsilon", [1e-3, 1e-6], ids=["eps_1e-3", "eps_1e-6"])
-def test_batch_normalize_is_batch_normalization_with_population_statistics(shape, epsilon):
-    """Values, statistics and (on TensorFlow, where a fused kernel computes them) gradients
-    against float64 NumPy; an epsilon below the 1.001e-5 that ``tf.nn.fused_batch_norm``
-    imposes is kept, as Keras's BatchNormalization keeps it."""
+def test_batch_normalize_is_batch_normalization_with_population_statistics(shape, epsilon, fused, monkeypatch):
+    """Values, statistics and gradients against float64 NumPy, for the fused kernel (on
+    TensorFlow, for large tensors; forced here) and the separate ops; an epsilon below the
+    1.001e-5 that ``tf.nn.fused_batch_norm`` imposes is kept, as Keras's BatchNormalization
+    keeps it."""
+    if fused and BACKEND != "tensorflow":
+        pytest.skip("the fused kernel is TensorFlow's")
+    monkeypatch.setattr(qops, "_FUSED_BATCH_NORM_MIN_ELEMENTS", 0 if fused else float("inf"))
     rng = np.random.default_rng(3)
     # Channels of very different spread, one of them constant (variance 0: epsilon decides).
     # Spreads stay within a few digits of the mean: Keras's moments, which the other backends
@@ -390,7 +395,7 @@ def test_batch_normalize_is_batch_normalization_with_population_statistics(shape
     np.testing.assert_allclose(mean, want_mean, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(variance, want_variance, rtol=1e-4, atol=1e-7)
     if BACKEND != "tensorflow":
-        return
+        return  # the separate ops' gradients are the backend's autodiff of Keras's moments
     import tensorflow as tf
 
     @tf.function
