@@ -10,7 +10,9 @@ on a grid that the deployed model does not have.
 (until the statistics are frozen) it normalizes the output divided by the same per-channel
 factor, which is the convolution with the float weights up to their quantization, with the
 batch statistics, and updates the moving ones, as torch.ao's fused ConvBn modules do
-(Krishnamoorthi 2018, section 3.2). In inference, and in training once frozen, the output
+(Krishnamoorthi 2018, section 3.2); the division is applied to the quantized kernel before
+the convolution, where it costs a pass over the kernel instead of over the output. In
+inference, and in training once frozen, the output
 is ``conv(x, quantized folded weights) + folded bias``: exactly the deployed computation.
 """
 
@@ -116,10 +118,13 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
 
     def _fold_kernel(self, factor):
-        kernel = self.layer.kernel
+        return self._per_output_channel(self.layer.kernel, factor)
+
+    def _per_output_channel(self, kernel, vector):
+        """``kernel`` (shaped as the layer's) times one value per output channel."""
         if isinstance(self.layer, _DEPTHWISE):
-            factor = ops.reshape(factor, tuple(kernel.shape[-2:]))
-        return kernel * factor
+            vector = ops.reshape(vector, tuple(kernel.shape[-2:]))
+        return kernel * vector
 
     def folded_bias(self, factor=None):
         """The deployed bias: ``beta + (bias - moving_mean) * factor``."""
@@ -178,7 +183,8 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
                 return outputs
         factor = self._factor()
         quantized = self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
-        substitutes = {id(self.layer.kernel): quantized}
+        kernel = self._kernel_for_batch_statistics(quantized, factor) if training else quantized
+        substitutes = {id(self.layer.kernel): kernel}
         if getattr(self.layer, "use_bias", False):
             substitutes[id(self.layer.bias)] = ops.zeros(self.layer.bias.shape, self.layer.bias.dtype)
         convolved = run_with_substitutes(lambda: self.layer(inputs), self.layer.variables, substitutes)
@@ -208,19 +214,31 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             outputs = self.output_quantizer(outputs, False, self.output_vars)
         return outputs
 
+    def _frozen(self):
+        """Whether training has stopped using batch statistics (a boolean tensor)."""
+        return self.bn_steps >= float(self.freeze_bn_after_steps)
+
+    def _kernel_for_batch_statistics(self, quantized, factor):
+        """The kernel that training convolves with: ``q(w f) / f``, whose output is
+        ``conv(x, q(w f)) / f`` (up to rounding) with the division done on the kernel instead
+        of the far larger output; once the statistics are frozen, ``q(w f)`` itself."""
+        unfolded = self._per_output_channel(quantized, 1.0 / factor)
+        if self.bn_steps is None:
+            return unfolded
+        return ops.where(self._frozen(), quantized, unfolded)
+
     def _train_with_batch_statistics(self, convolved, factor):
-        """Normalize ``convolved / factor + bias`` with its batch statistics.
+        """Normalize ``convolved + bias`` (``convolved = conv(x, q(w f) / f)``) with its batch
+        statistics; once frozen, ``convolved + folded bias``: the deployed output.
 
         The bias shifts the mean and is removed by the normalization, so the normalized
-        tensor is that of ``convolved / factor``: one fused kernel each way on TensorFlow
+        tensor is that of ``convolved``: one fused kernel each way on TensorFlow
         (:func:`keras_qat.ops.batch_normalize`), cheaper than Keras 3's own BatchNormalization.
         """
         bn = self.batch_norm
         gamma = bn.gamma if bn.gamma is not None else 1.0
         beta = bn.beta if bn.beta is not None else 0.0
-        # A product with the reciprocal, not a division: the gradient with respect to the
-        # factor then costs one pass over the tensor instead of three.
-        normalized, mean, variance = qops.batch_normalize(convolved * (1.0 / factor), gamma, beta, bn.epsilon)
+        normalized, mean, variance = qops.batch_normalize(convolved, gamma, beta, bn.epsilon)
         batch_mean = ops.stop_gradient(mean)
         if getattr(self.layer, "use_bias", False):
             batch_mean = batch_mean + self.layer.bias
@@ -235,7 +253,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             bn.moving_mean.assign(new_mean)
             bn.moving_variance.assign(new_variance)
             return normalized
-        frozen = self.bn_steps >= float(self.freeze_bn_after_steps)
+        frozen = self._frozen()
         bn.moving_mean.assign(ops.where(frozen, bn.moving_mean.value, new_mean))
         bn.moving_variance.assign(ops.where(frozen, bn.moving_variance.value, new_variance))
         self.bn_steps.assign(self.bn_steps + 1.0)
