@@ -107,12 +107,20 @@ def test_inference_quantizes_the_folded_weights_as_deployed(kind, use_bias):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(params=["kernel", "output"], ids=["divides_kernel", "divides_output"])
+def divided(request, monkeypatch):
+    """Which tensor training divides by the BN factor (the smaller one, normally): both."""
+    monkeypatch.setattr(kq.QuantizeFoldedBatchNorm, "_divides_kernel", lambda self, inputs: request.param == "kernel")
+    return request.param
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate_ops"])
-@pytest.mark.parametrize("kind", ["conv", "dense"])
-def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind, fused, monkeypatch):
+@pytest.mark.parametrize("kind", ["conv", "depthwise", "dense"])
+def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind, fused, divided, monkeypatch):
     """With batch statistics the output is BN(conv(x, q(w f)) / f + b), and the moving
     statistics move as Keras's BatchNormalization moves them on that tensor, whether the
-    normalization runs as one fused kernel (TensorFlow, large tensors; forced here) or not."""
+    normalization runs as one fused kernel (TensorFlow, large tensors; forced here) or not,
+    and whether the kernel or the output is divided by f."""
     if fused and keras.backend.backend() != "tensorflow":
         pytest.skip("the fused kernel is TensorFlow's")
     monkeypatch.setattr(qops, "_FUSED_BATCH_NORM_MIN_ELEMENTS", 0 if fused else float("inf"))
@@ -132,7 +140,8 @@ def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind
 
     (_, _, variables), = folded.quantized_weights()  # the range this step observed
     lo, hi = to_numpy(variables["min_var"]), to_numpy(variables["max_var"])
-    quantized_kernel = tf_fake_quant(kernel, lo, hi, 8, True, -1 if kind == "conv" else None)
+    flat = kernel.reshape(kernel.shape[:-2] + (-1,)) if kind == "depthwise" else kernel
+    quantized_kernel = tf_fake_quant(flat, lo, hi, 8, True, None if kind == "dense" else -1).reshape(kernel.shape)
     raw = _tf_layer_output(folded.layer, x, quantized_kernel, 0.0) / factor + to_numpy(folded.layer.bias)
     want = to_numpy(reference(raw, training=True))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -140,7 +149,7 @@ def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind
     np.testing.assert_allclose(to_numpy(bn.moving_variance), to_numpy(reference.moving_variance), rtol=1e-4, atol=1e-5)
 
 
-def test_freezing_batch_statistics_makes_training_compute_the_deployed_output():
+def test_freezing_batch_statistics_makes_training_compute_the_deployed_output(divided):
     model = _model("conv", use_bias=True, freeze=2, output_quantized=False)
     folded = _folded(model)
     x = _inputs(model)

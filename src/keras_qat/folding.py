@@ -30,6 +30,10 @@ from keras_qat.quantizers import Quantizer
 
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
+#: The batch size that decides where training divides by the BN factor when a model is traced
+#: without a static batch size (:meth:`QuantizeFoldedBatchNorm._divides_kernel`).
+ASSUMED_BATCH_SIZE = 32
+
 
 def _deserialize_quantizer(value):
     if value is None or isinstance(value, Quantizer):
@@ -182,16 +186,11 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             if outputs is not None:
                 return outputs
         factor = self._factor()
-        quantized = self.weight_quantizer(self._fold_kernel(factor), training, self.kernel_vars)
-        kernel = self._kernel_for_batch_statistics(quantized, factor) if training else quantized
-        substitutes = {id(self.layer.kernel): kernel}
-        if getattr(self.layer, "use_bias", False):
-            substitutes[id(self.layer.bias)] = ops.zeros(self.layer.bias.shape, self.layer.bias.dtype)
-        convolved = run_with_substitutes(lambda: self.layer(inputs), self.layer.variables, substitutes)
-        if not training:
-            outputs = convolved + self.folded_bias(factor)
+        if training:
+            outputs = self._train(inputs, factor)
         else:
-            outputs = self._train_with_batch_statistics(convolved, factor)
+            quantized = self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars)
+            outputs = self._convolve(inputs, quantized) + self.folded_bias(factor)
         if self.output_quantizer is not None:
             outputs = self.output_quantizer(outputs, training, self.output_vars)
         elif emulation.enabled(training):
@@ -218,37 +217,90 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         """Whether training has stopped using batch statistics (a boolean tensor)."""
         return self.bn_steps >= float(self.freeze_bn_after_steps)
 
-    def _kernel_for_batch_statistics(self, quantized, factor):
-        """The kernel that training convolves with: ``q(w f) / f``, whose output is
-        ``conv(x, q(w f)) / f`` (up to rounding) with the division done on the kernel instead
-        of the far larger output; once the statistics are frozen, ``q(w f)`` itself."""
-        unfolded = self._per_output_channel(quantized, 1.0 / factor)
-        if self.bn_steps is None:
-            return unfolded
-        return ops.where(self._frozen(), quantized, unfolded)
+    def _convolve(self, inputs, kernel):
+        """The wrapped layer's output for ``kernel`` in place of its own, without its bias."""
+        substitutes = {id(self.layer.kernel): kernel}
+        if getattr(self.layer, "use_bias", False):
+            substitutes[id(self.layer.bias)] = ops.zeros(self.layer.bias.shape, self.layer.bias.dtype)
+        return run_with_substitutes(lambda: self.layer(inputs), self.layer.variables, substitutes)
 
-    def _train_with_batch_statistics(self, convolved, factor):
-        """Normalize ``convolved + bias`` (``convolved = conv(x, q(w f) / f)``) with its batch
-        statistics; once frozen, ``convolved + folded bias``: the deployed output.
+    def _train(self, inputs, factor):
+        """The training output: the convolution with the quantized folded kernel divided by
+        ``factor`` (which is the convolution with the float kernel up to its quantization),
+        normalized with its batch statistics; once frozen, the deployed output.
+
+        The division by ``factor`` is done on the kernel or on the output, whichever is
+        smaller (:meth:`_divides_kernel`): conv(x, q(w f) / f) is conv(x, q(w f)) / f up to
+        rounding, and the product and its gradient each cost a pass over the tensor divided.
+        """
+        folding = self._factor_for_batch_statistics(factor)
+        quantized = self.weight_quantizer(self._fold_kernel(folding), True, self.kernel_vars)
+        frozen = None if self.bn_steps is None else self._frozen()
+        if self._divides_kernel(inputs):
+            unfolded_kernel = self._per_output_channel(quantized, 1.0 / folding)
+            if frozen is not None:
+                unfolded_kernel = ops.where(frozen, quantized, unfolded_kernel)
+            unfolded = deployed = self._convolve(inputs, unfolded_kernel)
+        else:
+            deployed = self._convolve(inputs, quantized)
+            unfolded = deployed * (1.0 / folding)
+        outputs = self._normalize_with_batch_statistics(unfolded)
+        if frozen is None:
+            return outputs
+        return ops.where(frozen, deployed + self.folded_bias(factor), outputs)
+
+    def _divides_kernel(self, inputs) -> bool:
+        """Whether the kernel has no more elements than the output (of a batch of
+        :data:`ASSUMED_BATCH_SIZE` where the batch size is not known when traced)."""
+        output_shape = tuple(self.layer.compute_output_shape(tuple(inputs.shape)))
+        batch = output_shape[0] if output_shape[0] is not None else ASSUMED_BATCH_SIZE
+        output_size = batch
+        for size in output_shape[1:]:
+            if size is None:
+                return True
+            output_size *= int(size)
+        kernel_size = 1
+        for size in self.layer.kernel.shape:
+            kernel_size *= int(size)
+        return kernel_size <= output_size
+
+    def _factor_for_batch_statistics(self, factor):
+        """The factor that folds and unfolds the kernel while batch statistics normalize the
+        output: without a gradient there (with one once frozen).
+
+        Under the straight-through estimator ``q(w f) / f`` is ``w``: the two gradients with
+        respect to ``f``, through the fold and through the division, cancel up to the
+        quantization error, and each costs passes over the kernel as large as the
+        convolutions' on a late ResNet50 layer. Gamma's gradient then comes, as in the float
+        network, from the normalization's scale.
+        """
+        constant = ops.stop_gradient(factor)
+        if self.bn_steps is None:
+            return constant
+        return ops.where(self._frozen(), factor, constant)
+
+    def _normalize_with_batch_statistics(self, unfolded):
+        """Normalize ``unfolded + bias`` with its batch statistics and move the moving ones
+        (unless frozen).
 
         The bias shifts the mean and is removed by the normalization, so the normalized
-        tensor is that of ``convolved``: one fused kernel each way on TensorFlow
+        tensor is that of ``unfolded``: one fused kernel each way on TensorFlow
         (:func:`keras_qat.ops.batch_normalize`), cheaper than Keras 3's own BatchNormalization.
         """
         bn = self.batch_norm
         gamma = bn.gamma if bn.gamma is not None else 1.0
         beta = bn.beta if bn.beta is not None else 0.0
-        normalized, mean, variance = qops.batch_normalize(convolved, gamma, beta, bn.epsilon)
-        batch_mean = ops.stop_gradient(mean)
+        batch_bias = 0.0
         if getattr(self.layer, "use_bias", False):
-            batch_mean = batch_mean + self.layer.bias
-            # Normalization removes the bias: its gradient is exactly zero. Saying so keeps
-            # optimizers from warning that the variable has no gradient.
-            normalized = normalized + 0.0 * self.layer.bias
-        batch_variance = ops.stop_gradient(variance)
+            batch_bias = self.layer.bias
+            # Normalization removes the bias: its gradient is exactly zero. Saying so (on the
+            # offset, a vector, not on the output) keeps optimizers from warning that the
+            # variable has no gradient.
+            beta = beta + 0.0 * self.layer.bias
+        normalized, mean, variance = qops.batch_normalize(unfolded, gamma, beta, bn.epsilon)
         momentum = bn.momentum
-        new_mean = bn.moving_mean * momentum + batch_mean * (1.0 - momentum)
-        new_variance = bn.moving_variance * momentum + batch_variance * (1.0 - momentum)
+        new_mean = bn.moving_mean * momentum + (ops.stop_gradient(mean) + batch_bias) * (1.0 - momentum)
+        new_variance = bn.moving_variance * momentum + ops.stop_gradient(variance) * (1.0 - momentum)
         if self.bn_steps is None:
             bn.moving_mean.assign(new_mean)
             bn.moving_variance.assign(new_variance)
@@ -257,7 +309,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         bn.moving_mean.assign(ops.where(frozen, bn.moving_mean.value, new_mean))
         bn.moving_variance.assign(ops.where(frozen, bn.moving_variance.value, new_variance))
         self.bn_steps.assign(self.bn_steps + 1.0)
-        return ops.where(frozen, convolved + self.folded_bias(factor), normalized)
+        return normalized
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
