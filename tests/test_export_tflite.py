@@ -67,10 +67,31 @@ def digits_export(tmp_path_factory, digits_qat_8bit):
     return model, images[1400:], float_check, int8_check
 
 
+@pytest.fixture(scope="module")
+def digits_logits_export(tmp_path_factory, digits_qat_8bit):
+    """The same QAT model up to its logits (the quantized Dense before the softmax), converted."""
+    model = digits_qat_8bit
+    logits = keras.Model(model.inputs, model.get_layer("quant_classifier").output)
+    check = to_tflite(logits, tmp_path_factory.mktemp("digits_logits") / "logits.tflite")
+    return logits, digits_data()[0][1400:], check
+
+
 def _assert_agrees(report: AgreementReport, check: TFLiteCheck):
     message = f"{report}\n{check}"
     assert report.identical_fraction == 1.0, message
     assert report.max_step_difference == 0, message
+    assert report.argmax_agreement == 1.0, message
+
+
+def _assert_agrees_up_to_softmax_ties(report: AgreementReport, check: TFLiteCheck):
+    """A model that ends in a softmax: LiteRT's int8 SOFTMAX approximates the exponential its
+    own way, and keras-qat's integer softmax (the ``.kqat`` one: a fixed-point table normalized
+    in integers) can round a probability that lies within those approximations' error of a
+    half step to the other neighbour: one step on that output (measured: 1 of 3970 outputs of
+    this model, a probability of 207.4997/256). Everything before the softmax is exact
+    (:func:`test_digits_cnn_tflite_agrees_with_the_qat_model_exactly_up_to_the_softmax`)."""
+    message = f"{report}\n{check}"
+    assert report.max_step_difference <= 1, message
     assert report.argmax_agreement == 1.0, message
 
 
@@ -84,11 +105,13 @@ def test_digits_cnn_converts_to_integer_only_ops_each_quantized_once(digits_expo
 
 
 @needs_tensorflow
-def test_digits_cnn_tflite_agrees_with_the_qat_model(digits_export):
-    model, held_out, check, _ = digits_export
-    report = compare(model, check.path, held_out)
+def test_digits_cnn_tflite_agrees_with_the_qat_model_exactly_up_to_the_softmax(digits_logits_export, digits_export):
+    logits, held_out, logits_check = digits_logits_export
+    report = compare(logits, logits_check.path, held_out)
     assert report.samples == len(held_out)
-    _assert_agrees(report, check)
+    _assert_agrees(report, logits_check)
+    model, held_out, check, _ = digits_export
+    _assert_agrees_up_to_softmax_ties(compare(model, check.path, held_out), check)
 
 
 @needs_tensorflow
@@ -97,7 +120,7 @@ def test_int8_io_has_int8_inputs_and_outputs_and_agrees(digits_export):
     interpreter = _interpreter(check.path)
     assert [d["dtype"] for d in interpreter.get_input_details()] == [np.int8]
     assert [d["dtype"] for d in interpreter.get_output_details()] == [np.int8]
-    _assert_agrees(compare(model, check.path, held_out), check)
+    _assert_agrees_up_to_softmax_ties(compare(model, check.path, held_out), check)
 
 
 @needs_tensorflow
