@@ -11,8 +11,8 @@ on a grid that the deployed model does not have.
 factor, which is the convolution with the float weights up to their quantization, with the
 batch statistics, and updates the moving ones, as torch.ao's fused ConvBn modules do
 (Krishnamoorthi 2018, section 3.2); the division is applied to the quantized kernel before
-the convolution, where it costs a pass over the kernel instead of over the output. In
-inference, and in training once frozen, the output
+the convolution or to its output, whichever is smaller. In inference, and in training once
+frozen, the output
 is ``conv(x, quantized folded weights) + folded bias``: exactly the deployed computation.
 """
 

@@ -352,8 +352,8 @@ def batch_normalize(x, scale, offset, epsilon: float):
     :data:`_FUSED_BATCH_NORM_MIN_ELEMENTS` elements per example, outside a multi-replica step,
     this is one fused kernel forward and one backward (``FusedBatchNormV3``), where the same
     formula in separate ops (Keras 3's BatchNormalization) costs a reduction, a squared
-    difference and their gradients each: on MobileNetV2 the unfused form takes about 40% of
-    the QAT training step.
+    difference and their gradients each: on MobileNetV2 the folded layers' normalization in
+    that form took about 40% of the QAT training step (107 ms a step, 63 ms without it).
     """
     fusable = (
         keras.backend.backend() == "tensorflow"
@@ -383,14 +383,14 @@ def _fused_batch_normalize_tf(x, scale, offset, epsilon: float):
     scale = tf.broadcast_to(tf.cast(scale, tf.float32), [channels])
     offset = tf.broadcast_to(tf.cast(offset, tf.float32), [channels])
     empty = tf.constant([], tf.float32)
-    # The raw op: tf.nn.fused_batch_norm raises epsilon to 1.001e-5, which would change
-    # ResNet50's 1.001e-5 little but a user's 1e-6 much.
+    # The raw op: tf.nn.fused_batch_norm raises an epsilon below 1.001e-5 to that value, where
+    # Keras's BatchNormalization keeps a user's 1e-6.
     normalized, mean, corrected_variance, *_ = gen_nn_ops.fused_batch_norm_v3(
         x, scale, offset, empty, empty, epsilon=float(epsilon),
         data_format="NHWC" if rank <= 4 else "NDHWC", is_training=True,
     )
     # The kernel returns the Bessel-corrected variance n / (n - 1) * population variance.
-    count = tf.cast(tf.size(x) // channels, tf.float32)
+    count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
     variance = corrected_variance * ((count - 1.0) / tf.maximum(count, 1.0))
     if rank < 4:
         normalized = tf.reshape(normalized, shape)
