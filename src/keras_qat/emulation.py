@@ -176,14 +176,23 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
     return linear_map(layer, ops.cast(x, "float64"), ops.cast(w, "float64"))
 
 
-def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
-    """Whether :func:`kernel_inference` reproduces ``layer``'s integer kernel."""
+def has_linear_map(layer) -> bool:
+    """Whether :func:`linear_map` computes ``layer``'s linear map (its call without bias and
+    activation, bit for bit): a Dense, Conv or DepthwiseConv, channels last, valid or same
+    padding, one group."""
     return (
         kind_of(layer) is not None
         and kind_of(layer).integer_op in KERNEL_OPS
         and getattr(layer, "data_format", "channels_last") == "channels_last"
         and getattr(layer, "padding", "valid") in ("valid", "same")
         and getattr(layer, "groups", 1) == 1
+    )
+
+
+def supports_kernel(layer, weight_quantizer: Quantizer) -> bool:
+    """Whether :func:`kernel_inference` reproduces ``layer``'s integer kernel."""
+    return (
+        has_linear_map(layer)
         and activation_name(getattr(layer, "activation", "linear")) in CLAMP_ACTIVATIONS
         and getattr(weight_quantizer, "symmetric", False)
     )

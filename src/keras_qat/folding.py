@@ -218,7 +218,14 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         return self.bn_steps >= float(self.freeze_bn_after_steps)
 
     def _convolve(self, inputs, kernel):
-        """The wrapped layer's output for ``kernel`` in place of its own, without its bias."""
+        """The wrapped layer's output for ``kernel`` in place of its own, without its bias.
+
+        Its linear map itself where :func:`keras_qat.emulation.linear_map` has it: calling the
+        layer with a zero bias would add that bias, and sum the output's gradient for it, on
+        every step. Otherwise the layer's own call, its variables substituted.
+        """
+        if emulation.has_linear_map(self.layer):
+            return emulation.linear_map(self.layer, inputs, kernel)
         substitutes = {id(self.layer.kernel): kernel}
         if getattr(self.layer, "use_bias", False):
             substitutes[id(self.layer.bias)] = ops.zeros(self.layer.bias.shape, self.layer.bias.dtype)
