@@ -240,9 +240,9 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         smaller (:meth:`_divides_kernel`): conv(x, q(w f) / f) is conv(x, q(w f)) / f up to
         rounding, and the product and its gradient each cost a pass over the tensor divided.
         """
-        folding = self._factor_for_batch_statistics(factor)
-        quantized = self.weight_quantizer(self._fold_kernel(folding), True, self.kernel_vars)
         frozen = None if self.bn_steps is None else self._frozen()
+        folding = self._factor_for_batch_statistics(factor, frozen)
+        quantized = self.weight_quantizer(self._fold_kernel(folding), True, self.kernel_vars)
         if self._divides_kernel(inputs):
             unfolded_kernel = self._per_output_channel(quantized, 1.0 / folding)
             if frozen is not None:
@@ -251,7 +251,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         else:
             deployed = self._convolve(inputs, quantized)
             unfolded = deployed * (1.0 / folding)
-        outputs = self._normalize_with_batch_statistics(unfolded)
+        outputs = self._normalize_with_batch_statistics(unfolded, frozen)
         if frozen is None:
             return outputs
         return ops.where(frozen, deployed + self.folded_bias(factor), outputs)
@@ -271,7 +271,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             kernel_size *= int(size)
         return kernel_size <= output_size
 
-    def _factor_for_batch_statistics(self, factor):
+    def _factor_for_batch_statistics(self, factor, frozen):
         """The factor that folds and unfolds the kernel while batch statistics normalize the
         output: without a gradient there (with one once frozen).
 
@@ -282,13 +282,13 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         network, from the normalization's scale.
         """
         constant = ops.stop_gradient(factor)
-        if self.bn_steps is None:
+        if frozen is None:
             return constant
-        return ops.where(self._frozen(), factor, constant)
+        return ops.where(frozen, factor, constant)
 
-    def _normalize_with_batch_statistics(self, unfolded):
+    def _normalize_with_batch_statistics(self, unfolded, frozen):
         """Normalize ``unfolded + bias`` with its batch statistics and move the moving ones
-        (unless frozen).
+        (unless ``frozen``, a boolean tensor, or None where statistics never freeze).
 
         The bias shifts the mean and is removed by the normalization, so the normalized
         tensor is that of ``unfolded``: one fused kernel each way on TensorFlow
@@ -308,11 +308,10 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         momentum = bn.momentum
         new_mean = bn.moving_mean * momentum + (ops.stop_gradient(mean) + batch_bias) * (1.0 - momentum)
         new_variance = bn.moving_variance * momentum + ops.stop_gradient(variance) * (1.0 - momentum)
-        if self.bn_steps is None:
+        if frozen is None:
             bn.moving_mean.assign(new_mean)
             bn.moving_variance.assign(new_variance)
             return normalized
-        frozen = self._frozen()
         bn.moving_mean.assign(ops.where(frozen, bn.moving_mean.value, new_mean))
         bn.moving_variance.assign(ops.where(frozen, bn.moving_variance.value, new_variance))
         self.bn_steps.assign(self.bn_steps + 1.0)
