@@ -59,9 +59,18 @@ def _inputs(model, batch=8, seed=0):
 
 
 def _numpy_fold(folded):
-    """The folded kernel and bias, in float32 NumPy, from the layer's variables."""
+    """The folded kernel and bias, in float32 NumPy, from the layer's variables.
+
+    The BN factor is the layer's own, checked here against NumPy's ``gamma /
+    sqrt(moving_variance + epsilon)`` to the float32 rounding of the two formulas: the layer
+    computes ``gamma * rsqrt(...)`` in the backend, whose rsqrt is up to 2 ulp from the correctly
+    rounded value on TensorFlow and JAX (NumPy's quotient up to 1), and one ulp of the factor
+    can move a folded weight across a half step of its grid.
+    """
     bn, layer = folded.batch_norm, folded.layer
-    factor = to_numpy(bn.gamma) / np.sqrt(to_numpy(bn.moving_variance) + np.float32(EPSILON))
+    factor = to_numpy(folded._factor())
+    numpy_factor = to_numpy(bn.gamma) / np.sqrt(to_numpy(bn.moving_variance) + np.float32(EPSILON))
+    np.testing.assert_allclose(factor, numpy_factor, rtol=4 * np.finfo(np.float32).eps, atol=0)
     kernel = to_numpy(layer.kernel)
     shaped = factor.reshape(kernel.shape[-2:]) if isinstance(layer, keras.layers.DepthwiseConv2D) else factor
     bias = to_numpy(layer.bias) if layer.use_bias else np.float32(0)
@@ -134,8 +143,8 @@ def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind
 
     folded(x, training=True)  # a first step moves the statistics away from their start
     reference.set_weights(bn.get_weights())
-    factor = to_numpy(bn.gamma) / np.sqrt(to_numpy(bn.moving_variance) + np.float32(EPSILON))
     kernel, _ = _numpy_fold(folded)  # folded with the statistics this step starts from
+    factor = to_numpy(folded._factor())
     got = to_numpy(folded(x, training=True))
 
     (_, _, variables), = folded.quantized_weights()  # the range this step observed
