@@ -92,6 +92,26 @@ def test_codes_of_fake_quantized_values_dequantize_to_them(bits):
     assert same_bits(grid.dequantize(codes), on_grid)
 
 
+@pytest.mark.parametrize("bits", [2, 8, 16])
+def test_codes_in_a_graph_are_the_exact_codes_of_every_value_on_the_grid(bits):
+    """The graph's codes (a multiply by the scale's reciprocal) equal NumPy's (a float32 division)
+    for every code of asymmetric grids of small, unit and large scales, as TF's fake quantization
+    writes the values."""
+    import keras
+
+    lo, hi = _random_ranges(16, seed=bits)
+    steps = np.arange(2**bits, dtype=np.float32)[:, None]
+    x = (lo + steps * (hi - lo) / np.float32(2**bits - 1)).astype(np.float32)  # every code, per range
+    on_grid = tf_fake_quant(x, lo, hi, bits, False, axis=-1)
+    grid = from_range(lo, hi, bits, narrow_range=False, axes=(1,))
+    exact = grid.centered_codes(on_grid)
+    in_graph = keras.ops.convert_to_numpy(grid.centered_codes(keras.ops.convert_to_tensor(on_grid), xp=keras.ops))
+    np.testing.assert_array_equal(in_graph, exact)
+    zero_point = grid.along(grid.zero_point, on_grid.shape)
+    assert all(len(np.unique(exact[:, c])) == 2**bits for c in range(exact.shape[1]) if grid.scale[c] > 0)
+    np.testing.assert_array_equal(exact + zero_point, np.clip(exact + zero_point, grid.qmin, grid.qmax))
+
+
 @given(
     bits=st.integers(2, 16),
     narrow=st.booleans(),
