@@ -92,8 +92,10 @@ def _random_case(rng):
 
 @pytest.fixture
 def fused_for_every_size(monkeypatch):
-    """Run the fused training kernel even on the small tensors of the random pool."""
+    """Run the training kernels (the fused per-axis one, the per-tensor one with separate
+    gradients) even on the small tensors of the random pool."""
     monkeypatch.setattr(qops, "_FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(qops, "_SEPARATE_GRADIENTS_MIN_ELEMENTS", 0)
 
 
 @pytest.mark.usefixtures("fused_for_every_size")

@@ -642,9 +642,11 @@ def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
     import tensorflow as tf
 
     if not axes:
-        return tf.quantization.fake_quant_with_min_max_vars(
-            x, min, max, num_bits=num_bits, narrow_range=narrow_range
-        )
+        if exportable or _is_small(x, _SEPARATE_GRADIENTS_MIN_ELEMENTS):
+            return tf.quantization.fake_quant_with_min_max_vars(
+                x, min, max, num_bits=num_bits, narrow_range=narrow_range
+            )
+        return _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range)
     moved, layout = _to_channels_last(
         x, axes, shape_fn=_tf_shape_list, reshape=tf.reshape, transpose=tf.transpose
     )
@@ -728,13 +730,21 @@ def _low_bit_for_export(x, min, max, num_bits, narrow_range, axes):
 _FUSED_MIN_ELEMENTS = 32_768
 
 
-def _is_small(x) -> bool:
+#: Below this many elements TF's per-tensor op, gradient included, is faster than
+#: :func:`_per_tensor_with_separate_gradients_tf`, whose gradient adds a dozen small ops and an
+#: XLA launch (the digits CNN's 32x8x8x16 activations trained 7% slower with it).
+_SEPARATE_GRADIENTS_MIN_ELEMENTS = 131_072
+
+
+def _is_small(x, min_elements: int | None = None) -> bool:
+    """Whether ``x`` has fewer than ``min_elements`` (default :data:`_FUSED_MIN_ELEMENTS`)
+    elements, all of its dimensions known."""
     size = 1
     for dim in x.shape:
         if dim is None:
             return False
         size *= int(dim)
-    return size < _FUSED_MIN_ELEMENTS
+    return size < (_FUSED_MIN_ELEMENTS if min_elements is None else min_elements)
 
 
 def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
@@ -761,6 +771,54 @@ def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
         return out, grad
 
     return kernel(x, min, max)
+
+
+def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
+    """TF's per-tensor fake quant, its gradients computed apart: the input's as one XLA
+    kernel, the range's as their own sums, which a training graph drops where the range is
+    not trained (the moving-average activation ranges of the default schemes).
+
+    TF's gradient op computes all three in one kernel, three passes over the tensor: it cost
+    25 ms of a 345 ms ResNet50 step at batch 32, where the input's gradient alone as one XLA
+    kernel takes half of its time (0.64 against 1.25 ms on a 2-million-element tensor).
+    """
+    import tensorflow as tf
+
+    input_gradient = _tf_per_tensor_input_gradient()
+    x = tf.convert_to_tensor(x)
+    qmin, qmax = quant_range(num_bits, narrow_range)
+
+    @tf.custom_gradient
+    def kernel(x, min, max):
+        out = tf.quantization.fake_quant_with_min_max_vars(x, min, max, num_bits=num_bits, narrow_range=narrow_range)
+
+        def grad(upstream):
+            grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
+            zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
+            d_x = input_gradient(x, upstream, grid.nudged_min, grid.nudged_max, zero_range)
+            below = tf.cast(x < grid.nudged_min, tf.float32)
+            above = tf.cast(x > grid.nudged_max, tf.float32)
+            d_min = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * below))
+            d_max = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * above))
+            return d_x, d_min, d_max
+
+        return out, grad
+
+    return kernel(x, min, max)
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_per_tensor_input_gradient():
+    """The XLA kernel of the input's gradient of :func:`_per_tensor_with_separate_gradients_tf`:
+    the upstream gradient inside the nudged range, 0 outside, all of it for a ``[0, 0]`` range."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def input_gradient(x, upstream, nudged_min, nudged_max, zero_range):
+        inside = tf.cast(tf.logical_and(x >= nudged_min, x <= nudged_max), tf.float32)
+        return tf.where(zero_range, upstream, upstream * inside)
+
+    return input_gradient
 
 
 @functools.lru_cache(maxsize=None)
