@@ -758,7 +758,7 @@ def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
     """
     import tensorflow as tf
 
-    forward, backward = _tf_fused_kernels()
+    forward, input_gradient, range_gradient = _tf_fused_kernels()
     x = tf.convert_to_tensor(x)  # a variable's value: the custom gradient below takes tensors
     qmin, qmax = quant_range(num_bits, narrow_range)
     qmin_f, qmax_f = tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax))
@@ -768,7 +768,10 @@ def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
         out, nudged_min, nudged_max, zero_range = forward(x, min, max, qmin_f, qmax_f)
 
         def grad(upstream):
-            return backward(x, upstream, nudged_min, nudged_max, zero_range)
+            # Two kernels, so that a graph drops the range's sums where the range is not
+            # trained (a weight's last-value range): they cost twice the input's gradient.
+            d_x = input_gradient(x, upstream, nudged_min, nudged_max, zero_range)
+            return (d_x, *range_gradient(x, upstream, nudged_min, nudged_max, zero_range))
 
         return out, grad
 
@@ -786,7 +789,7 @@ def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
     """
     import tensorflow as tf
 
-    input_gradient = _tf_per_tensor_input_gradient()
+    _, input_gradient, _ = _tf_fused_kernels()
     x = tf.convert_to_tensor(x)
     qmin, qmax = quant_range(num_bits, narrow_range)
 
@@ -810,23 +813,10 @@ def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
 
 
 @functools.lru_cache(maxsize=None)
-def _tf_per_tensor_input_gradient():
-    """The XLA kernel of the input's gradient of :func:`_per_tensor_with_separate_gradients_tf`:
-    the upstream gradient inside the nudged range, 0 outside, all of it for a ``[0, 0]`` range."""
-    import tensorflow as tf
-
-    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def input_gradient(x, upstream, nudged_min, nudged_max, zero_range):
-        inside = tf.cast(tf.logical_and(x >= nudged_min, x <= nudged_max), tf.float32)
-        return tf.where(zero_range, upstream, upstream * inside)
-
-    return input_gradient
-
-
-@functools.lru_cache(maxsize=None)
 def _tf_fused_kernels():
-    """The forward (the grid, then an XLA kernel) and the backward XLA kernel of
-    :func:`_fused_per_channel_tf`."""
+    """The forward (the grid, then an XLA kernel) of :func:`_fused_per_channel_tf`, and the XLA
+    kernels of its backward: the input's gradient (which per-tensor ranges share) and the
+    range's per channel."""
     import tensorflow as tf
 
     def uncontracted_product(a, b):
@@ -855,17 +845,22 @@ def _tf_fused_kernels():
         return out, grid.nudged_min, grid.nudged_max, zero_range
 
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def backward(x, upstream, nudged_min, nudged_max, zero_range):
+    def input_gradient(x, upstream, nudged_min, nudged_max, zero_range):
+        """The upstream gradient inside the nudged range, 0 outside; all of it for ``[0, 0]``."""
         inside = tf.cast(tf.logical_and(x >= nudged_min, x <= nudged_max), tf.float32)
+        return tf.where(zero_range, upstream, upstream * inside)
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def range_gradient(x, upstream, nudged_min, nudged_max, zero_range):
+        """Per channel (the last axis), the upstream gradient summed below and above the range."""
         below = tf.cast(x < nudged_min, tf.float32)
         above = tf.cast(x > nudged_max, tf.float32)
         rows = tf.range(tf.rank(x) - 1)  # all but the channel axis; constant under XLA
-        d_x = tf.where(zero_range, upstream, upstream * inside)
         d_min = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * below, axis=rows))
         d_max = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * above, axis=rows))
-        return d_x, d_min, d_max
+        return d_min, d_max
 
-    return forward, backward
+    return forward, input_gradient, range_gradient
 
 
 def _tf_shape_list(t):
