@@ -93,9 +93,9 @@ def _random_case(rng):
 @pytest.fixture
 def fused_for_every_size(monkeypatch):
     """Run the training kernels (the fused per-axis one, the per-tensor one with separate
-    gradients) even on the small tensors of the random pool."""
+    gradients, the compiled per-channel range) even on the small tensors of the random pool."""
     monkeypatch.setattr(qops, "_FUSED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(qops, "_SEPARATE_GRADIENTS_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(qops, "_LARGE_TENSOR_MIN_ELEMENTS", 0)
 
 
 @pytest.mark.usefixtures("fused_for_every_size")
@@ -283,13 +283,18 @@ def test_symmetric_range_puts_zero_on_the_middle_code(num_bits, narrow):
     np.testing.assert_allclose(zero_point, 2 ** (num_bits - 1), atol=1e-3)
 
 
-def test_reduce_range_per_axis_any_axis_and_flattened_axes():
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager", "compiled"])
+def test_reduce_range_per_axis_any_axis_and_flattened_axes(in_graph):
+    """Eagerly, and in a graph (where TensorFlow reduces per channel in one XLA kernel)."""
+    reduce_range = compiled(qops.reduce_range, static_argnums=(1,)) if in_graph else qops.reduce_range
     x = np.random.default_rng(1).normal(size=(2, 3, 4, 5)).astype(np.float32)
-    lo, hi = qops.reduce_range(x, axis=1)
-    assert np.array_equal(to_numpy(lo), x.min(axis=(0, 2, 3)))
-    lo, hi = qops.reduce_range(x, axis=(2, 3))
+    lo, hi = reduce_range(x, 1)
+    assert np.array_equal(to_numpy(lo), x.min(axis=(0, 2, 3))) and np.array_equal(to_numpy(hi), x.max(axis=(0, 2, 3)))
+    lo, hi = reduce_range(x, (2, 3))
+    assert np.array_equal(to_numpy(lo), x.min(axis=(0, 1)).reshape(-1))
     assert np.array_equal(to_numpy(hi), x.max(axis=(0, 1)).reshape(-1))
-    lo, hi = qops.reduce_range(x)
+    lo, hi = reduce_range(x, None)
     assert float(to_numpy(lo)) == x.min() and float(to_numpy(hi)) == x.max()
 
 

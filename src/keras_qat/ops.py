@@ -297,10 +297,38 @@ def reduce_range(x, axis: Axis = None):
         return ops.min(x), ops.max(x)
     axes = normalize_axes(axis, len(x.shape), "reduce_range")
     others = tuple(a for a in range(len(x.shape)) if a not in axes)
-    lo, hi = ops.min(x, axis=others), ops.max(x, axis=others)
+    if _reduces_compiled(x):
+        lo, hi = _tf_min_max()(x, others)
+    else:
+        lo, hi = ops.min(x, axis=others), ops.max(x, axis=others)
     if len(axes) > 1:
         lo, hi = ops.reshape(lo, (-1,)), ops.reshape(hi, (-1,))
     return lo, hi
+
+
+def _reduces_compiled(x) -> bool:
+    """Whether :func:`reduce_range` takes a per-channel range as one XLA kernel: on TensorFlow,
+    in a graph, for a tensor of at least :data:`_LARGE_TENSOR_MIN_ELEMENTS` elements.
+    TF's Min and Max reduce across the channels of a weight in two passes that cost four times
+    the compiled one's (1.06 against 0.27 ms on a 3x3x512x512 kernel): every weight's range,
+    every step. Below that size the kernel's launch costs more than it saves."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly() and not _is_small(x, _LARGE_TENSOR_MIN_ELEMENTS)
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_min_max():
+    """``x``'s min and max over the axes ``others`` (a static tuple), as one XLA kernel."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def min_max(x, others):
+        return tf.reduce_min(x, axis=others), tf.reduce_max(x, axis=others)
+
+    return min_max
 
 
 def _replica_context():
@@ -644,7 +672,7 @@ def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
     import tensorflow as tf
 
     if not axes:
-        if exportable or _is_small(x, _SEPARATE_GRADIENTS_MIN_ELEMENTS):
+        if exportable or _is_small(x, _LARGE_TENSOR_MIN_ELEMENTS):
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, min, max, num_bits=num_bits, narrow_range=narrow_range
             )
@@ -732,10 +760,11 @@ def _low_bit_for_export(x, min, max, num_bits, narrow_range, axes):
 _FUSED_MIN_ELEMENTS = 32_768
 
 
-#: Below this many elements TF's per-tensor op, gradient included, is faster than
-#: :func:`_per_tensor_with_separate_gradients_tf`, whose gradient adds a dozen small ops and an
-#: XLA launch (the digits CNN's 32x8x8x16 activations trained 7% slower with it).
-_SEPARATE_GRADIENTS_MIN_ELEMENTS = 131_072
+#: From this many elements training graphs take XLA kernels where TF's ops make extra passes
+#: (:func:`_per_tensor_with_separate_gradients_tf`, :func:`reduce_range` per channel); below it
+#: their launch and the small ops around them cost more than they save (the digits CNN's
+#: 32x8x8x16 activations trained 7% slower with the per-tensor gradients).
+_LARGE_TENSOR_MIN_ELEMENTS = 131_072
 
 
 def _is_small(x, min_elements: int | None = None) -> bool:
