@@ -122,3 +122,33 @@ def test_the_integer_softmax_writes_only_grids_the_runtime_writes(quantizer, exp
     """As the runtime's SoftmaxOutput: 1/scale levels at 8 bits and more, so only a fixed range
     whose scale is 1/integer; any grid below 8 bits."""
     assert emulation.writes_integer_softmax(quantizer) is expected
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the tails compile with XLA on TensorFlow only")
+@pytest.mark.parametrize(
+    "multipliers", [[0.0123, 0.5, 1.9, 2.0**-7], [0.0123, 2.0**-30, 0.3]], ids=["clipped fits", "a tiny multiplier"]
+)
+def test_a_compiled_tail_picks_the_exact_form_itself(multipliers):
+    """A kernel's compiled requantization tail, given whether the clipped form fits, computes
+    NumPy's codes times the scale near every tie, for multipliers where the clipped form fits
+    and with one where it does not (2**-30), which takes the split form."""
+    import tensorflow as tf
+
+    from keras_qat.grid import from_range
+    from keras_qat.integer import Requantize
+
+    ops = keras.ops
+    out = from_range(np.float32(-1.5), np.float32(7.0), 8).as_signed()
+    requantize = Requantize.lower(np.array(multipliers), out, "relu6")
+    ties = np.round((np.arange(-140, 140)[:, None] + 0.5) / np.array(multipliers)[None, :]).astype(np.int64)
+    accumulator = np.clip(np.concatenate([ties + d for d in (-1, 0, 1)]), -(2**31) + 1, 2**31 - 1)  # int32
+    graph = Requantize.lower(ops.convert_to_tensor(np.array(multipliers)), out, "relu6", xp=ops)
+    fits = graph.clipped_fits(ops)
+    assert bool(ops.convert_to_numpy(fits)) == (min(multipliers) > 2.0**-20)
+    bias = ops.zeros((), "float64")
+    arguments = (graph.float64_multiplier(ops), ops.cast(graph.zero_point, "float32"), graph.low, graph.high, out.scale)
+    tail = tf.function(lambda acc: emulation._kernel_output.compiled(acc, bias, *arguments, fits))
+    # float64, as a wide accumulator comes (float32 ones are exact below 2**24 only)
+    got = ops.convert_to_numpy(tail(ops.convert_to_tensor(accumulator.astype(np.float64))))
+    want = (requantize(accumulator) - out.zero_point).astype(np.float32) * np.float32(out.scale)
+    assert np.array_equal(got, want)
