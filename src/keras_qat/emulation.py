@@ -290,6 +290,8 @@ class _Requantization(NamedTuple):
 
 
 def _requantization(fn) -> _Requantization:
+    """``fn`` (``fn(*arguments, form)``) as a :class:`_Requantization`."""
+
     def in_either_form(*arguments):
         *arguments, clipped_fits = arguments
         return ops.cond(clipped_fits, lambda: fn(*arguments, "clipped"), lambda: fn(*arguments, "split"))
