@@ -7,8 +7,9 @@ and QAT in this environment, tfmot float and QAT in the one ``make bench-env`` c
 needs tf-keras). Each builds its model, times its first inference call (tracing included),
 and warms up. Then ``--rounds`` rounds ask every process in turn, in an order that reverses
 each round, for ``--steps`` training steps (steady state: per-step times between batch ends,
-each synced) and ``--steps`` inference calls (``predict_on_batch``), so that noise from the
-machine reaches all four alike. Medians over every round's steps.
+each synced) and ``--steps`` inference calls (``predict_on_batch``, after one untimed call as
+the first training step is untimed), so that noise from the machine reaches all four alike.
+Medians over every round's steps.
 
 The table gives, per model: the QAT step over tfmot's QAT step, over Keras 3's float step;
 QAT inference over the same system's float inference; the first inference call over the
@@ -206,7 +207,8 @@ def main(argv=None) -> int:
     note = (
         f"Measured {datetime.date.today().isoformat()} by `{command.strip()}` in {time.time() - started:.0f} s on "
         f"{os.cpu_count()} cores; batch 32, each system's default 8-bit scheme, SGD, no XLA; {args.rounds} rounds of "
-        f"{args.steps} steps and {args.steps} inference calls per process, alternating; tfmot: {tfmot_note}. "
+        f"{args.steps} steps and {args.steps} inference calls per process (each after one untimed), alternating; "
+        f"tfmot: {tfmot_note}. "
         "\"QAT extra MiB\": peak resident memory growth of the QAT process minus the float one's."
     )
     payload = {"machine": machine_info(), "note": note, "results": results,

@@ -11,7 +11,8 @@ on stdin and reads one JSON line back:
 * ``step N``: ``fit`` over N copies of the fixed batch; the per-step times between batch ends,
   each synced by reading the loss (a callback; ``fit``'s own wall time would include a tf.data
   timer at its end).
-* ``infer N``: N ``predict_on_batch`` calls on the fixed batch, each timed.
+* ``infer N``: one untimed ``predict_on_batch`` call on the fixed batch (the process was idle
+  while the others ran, as ``step``'s first batch, which no interval times), then N, each timed.
 * ``memory``: peak resident memory so far (``VmHWM``) and the memory before ``setup``.
 """
 
@@ -122,6 +123,7 @@ class Worker:
         return [(b - a) * 1e3 for a, b in zip(ends, ends[1:])]
 
     def infer(self, count: int) -> list[float]:
+        np.asarray(self.model.predict_on_batch(self.x))  # after idling: caches and threads warm up
         times = []
         for _ in range(count):
             started = time.perf_counter()
