@@ -128,7 +128,7 @@ def test_the_integer_softmax_writes_only_grids_the_runtime_writes(quantizer, exp
 @pytest.mark.parametrize(
     "multipliers", [[0.0123, 0.5, 1.9, 2.0**-7], [0.0123, 2.0**-30, 0.3]], ids=["clipped fits", "a tiny multiplier"]
 )
-def test_a_compiled_tail_picks_the_exact_form_itself(multipliers):
+def test_a_compiled_tail_told_whether_the_clipped_form_fits_is_exact(multipliers):
     """A kernel's compiled requantization tail, given whether the clipped form fits, computes
     NumPy's codes times the scale near every tie, for multipliers where the clipped form fits
     and with one where it does not (2**-30), which takes the split form."""
