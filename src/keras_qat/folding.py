@@ -261,15 +261,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         :data:`ASSUMED_BATCH_SIZE` where the batch size is not known when traced)."""
         output_shape = tuple(self.layer.compute_output_shape(tuple(inputs.shape)))
         batch = output_shape[0] if output_shape[0] is not None else ASSUMED_BATCH_SIZE
-        output_size = batch
-        for size in output_shape[1:]:
-            if size is None:
-                return True
-            output_size *= int(size)
-        kernel_size = 1
-        for size in self.layer.kernel.shape:
-            kernel_size *= int(size)
-        return kernel_size <= output_size
+        return qops.static_size(self.layer.kernel.shape) <= batch * qops.static_size(output_shape[1:])
 
     def _factor_for_batch_statistics(self, factor, frozen):
         """The factor that folds and unfolds the kernel while batch statistics normalize the

@@ -159,14 +159,19 @@ def compiles(x, min_elements: int = 0) -> bool:
     return not tf.executing_eagerly() and _elements_per_example(x) >= min_elements
 
 
-def _elements_per_example(x) -> float:
-    """The static number of elements of ``x`` after its first axis (infinite where unknown)."""
+def static_size(shape) -> float:
+    """The number of elements of a tensor of static ``shape`` (infinite where a size is unknown)."""
     count = 1
-    for size in tuple(x.shape)[1:]:
+    for size in tuple(shape):
         if size is None:
             return float("inf")
         count *= int(size)
     return count
+
+
+def _elements_per_example(x) -> float:
+    """The static number of elements of ``x`` after its first axis (infinite where unknown)."""
+    return static_size(tuple(x.shape)[1:])
 
 
 def shared(fn):
@@ -770,12 +775,7 @@ _LARGE_TENSOR_MIN_ELEMENTS = 131_072
 def _is_small(x, min_elements: int | None = None) -> bool:
     """Whether ``x`` has fewer than ``min_elements`` (default :data:`_FUSED_MIN_ELEMENTS`)
     elements, all of its dimensions known."""
-    size = 1
-    for dim in x.shape:
-        if dim is None:
-            return False
-        size *= int(dim)
-    return size < (_FUSED_MIN_ELEMENTS if min_elements is None else min_elements)
+    return static_size(x.shape) < (_FUSED_MIN_ELEMENTS if min_elements is None else min_elements)
 
 
 def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
