@@ -102,6 +102,16 @@ def host():
     return QuantizerHost()
 
 
+@pytest.fixture
+def fused_for_every_size(monkeypatch):
+    """Run the training kernels (the fused per-axis one, the per-tensor one with separate
+    gradients, the compiled per-channel range) even on small tensors."""
+    from keras_qat import ops as qops
+
+    monkeypatch.setattr(qops, "_FUSED_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(qops, "_LARGE_TENSOR_MIN_ELEMENTS", 0)
+
+
 # ---- exact fixed-point arithmetic (the oracle of keras_qat.fixed_point) ----
 
 

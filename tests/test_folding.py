@@ -158,6 +158,42 @@ def test_training_normalizes_with_batch_statistics_as_keras_batch_norm_does(kind
     np.testing.assert_allclose(to_numpy(bn.moving_variance), to_numpy(reference.moving_variance), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("kind", ["conv", "depthwise"])
+def test_training_hands_the_kernel_and_factor_to_the_quantizer_with_the_products_results(kind, divided, monkeypatch):
+    """The quantizer given the kernel and the BN factor (its kernels multiply inside) trains
+    as the quantizer given their product: the same output, ranges and moving statistics, bit
+    for bit, and on TensorFlow the same gradients, over three steps."""
+    model = _model(kind, use_bias=True, output_quantized=False)
+    folded = _folded(model)
+    x = _inputs(model)
+    start = [to_numpy(w) for w in folded.weights]
+    runs = {}
+    for takes_factor in (True, False):
+        monkeypatch.setattr(type(folded.weight_quantizer), "takes_channel_factor", takes_factor)
+        for variable, value in zip(folded.weights, start):
+            variable.assign(value)
+        runs[takes_factor] = [_training_step(folded, x) for _ in range(3)]
+    for step, (given_factor, given_product) in enumerate(zip(runs[True], runs[False])):
+        assert len(given_factor) == len(given_product)
+        for got, want in zip(given_factor, given_product):
+            assert same_bits(got, want), step
+
+
+def _training_step(folded, x):
+    """The training output, every variable of the layer afterwards and, on TensorFlow, the
+    gradients of the output's sum for the trainable ones."""
+    if keras.backend.backend() != "tensorflow":
+        return [to_numpy(folded(x, training=True))] + [to_numpy(w) for w in folded.weights]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = folded(x, training=True)
+        total = tf.reduce_sum(out * np.linspace(-1, 1, out.shape[-1], dtype="float32"))
+    gradients = tape.gradient(total, [w.value for w in folded.trainable_weights])
+    return [to_numpy(out)] + [to_numpy(w) for w in folded.weights] + [g.numpy() for g in gradients]
+
+
 def test_freezing_batch_statistics_makes_training_compute_the_deployed_output(divided):
     model = _model("conv", use_bias=True, freeze=2, output_quantized=False)
     folded = _folded(model)

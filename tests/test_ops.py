@@ -90,14 +90,6 @@ def _random_case(rng):
     return x, lo, hi, num_bits, narrow, axis, kind
 
 
-@pytest.fixture
-def fused_for_every_size(monkeypatch):
-    """Run the training kernels (the fused per-axis one, the per-tensor one with separate
-    gradients, the compiled per-channel range) even on the small tensors of the random pool."""
-    monkeypatch.setattr(qops, "_FUSED_MIN_ELEMENTS", 0)
-    monkeypatch.setattr(qops, "_LARGE_TENSOR_MIN_ELEMENTS", 0)
-
-
 @pytest.mark.usefixtures("fused_for_every_size")
 @pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
 def test_matches_tensorflow_bit_for_bit_on_10000_random_cases(exportable):
@@ -204,13 +196,13 @@ def test_gradients_match_tensorflow(per_channel, kind, exportable):
             np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=tolerance)
 
 
-def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True):
+def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True, factor=None):
     """Gradients of keras_qat's fake_quant on the active backend."""
     if BACKEND == "jax":
         import jax
 
         def loss(x, lo, hi):
-            out = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
+            out = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable, factor=factor)
             return (out * upstream).sum()
 
         return [np.asarray(g) for g in jax.grad(loss, argnums=(0, 1, 2))(x, lo, hi)]
@@ -218,7 +210,7 @@ def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True
         import torch
 
         x, lo, hi = (torch.tensor(v, requires_grad=True) for v in (x, lo, hi))
-        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
+        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable, factor=factor)
         y.backward(torch.tensor(upstream))
         return [v.grad.numpy() for v in (x, lo, hi)]
     import tensorflow as tf
@@ -226,8 +218,79 @@ def _keras_gradients(keras, x, lo, hi, upstream, num_bits, axis, exportable=True
     x, lo, hi = (tf.constant(v) for v in (x, lo, hi))
     with tf.GradientTape() as tape:
         tape.watch([x, lo, hi])
-        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable)
+        y = qops.fake_quant(x, lo, hi, num_bits=num_bits, axis=axis, exportable=exportable, factor=factor)
     return [g.numpy() for g in tape.gradient(y, [x, lo, hi], output_gradients=tf.constant(upstream))]
+
+
+# ---- a channel factor (a folded kernel's w * f, never multiplied out) --------------------
+
+
+def _channel_product(x, factor, axis):
+    """NumPy's float32 product of ``x`` and one factor per channel of ``axis`` (flattened row-major)."""
+    axes = qops.normalize_axes(axis, x.ndim)
+    shape = [x.shape[a] if a in axes else 1 for a in range(x.ndim)]
+    return (x * factor.reshape(shape)).astype(np.float32)
+
+
+def _random_factor(rng, size):
+    """Per-channel factors of both signs and many magnitudes, as BN factors can be."""
+    factor = 10.0 ** rng.uniform(-2, 2, size=size) * np.where(rng.random(size) < 0.2, -1.0, 1.0)
+    return factor.astype(np.float32)
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
+def test_a_channel_factor_quantizes_as_the_product_would_bit_for_bit(exportable):
+    """``fake_quant(x, ..., factor=f)`` is TF's fake quant of ``x * f``, on 2,000 random cases,
+    through TF's ops (which multiply first) and the fused kernel (which multiplies inside)."""
+    rng = np.random.default_rng(20261129)
+    differing, cases = [], 0
+    while cases < 2_000:
+        x, lo, hi, num_bits, narrow, axis, kind = _random_case(rng)
+        if axis is None:
+            continue
+        cases += 1
+        factor = _random_factor(rng, lo.shape)
+        got = to_numpy(
+            qops.fake_quant(x, lo, hi, num_bits=num_bits, narrow_range=narrow, axis=axis, exportable=exportable, factor=factor)
+        )
+        want = tf_fake_quant(_channel_product(x, factor, axis), *_oracle_range(lo, hi), num_bits, narrow, axis)
+        if not same_bits(got, want):
+            differing.append((cases, kind, num_bits, narrow, axis, x.shape))
+    assert not differing, f"{len(differing)} cases differ from TF, first: {differing[:5]}"
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
+@pytest.mark.parametrize("kind", ["straddle", "positive", "zero_zero"])
+def test_a_channel_factor_passes_the_products_gradient_to_the_input(kind, exportable):
+    """d/dx is TF's straight-through gradient at ``x * f`` times ``f`` (TF's Mul gradient),
+    exactly; d/dmin and d/dmax are TF's sums at the product."""
+    import keras
+
+    rng = np.random.default_rng(12)
+    shape = (6, 5, 4)
+    for num_bits in (2, 8, 16):
+        lo, hi = _random_range(rng, kind, (4,))
+        factor = _random_factor(rng, (4,))
+        x = _random_input(rng, shape, lo, hi, -1) / factor
+        upstream = rng.normal(size=shape).astype(np.float32)
+        d_product, d_min, d_max = tf_gradients(_channel_product(x, factor, -1), lo, hi, upstream, num_bits, False, True)
+        got = _keras_gradients(keras, x, lo, hi, upstream, num_bits, -1, exportable, factor=factor)
+        assert np.array_equal(got[0], d_product * factor)
+        tolerance = 1e-6 * np.abs(upstream).sum()
+        np.testing.assert_allclose(got[1], d_min, rtol=1e-6, atol=tolerance)
+        np.testing.assert_allclose(got[2], d_max, rtol=1e-6, atol=tolerance)
+
+
+def test_a_channel_factor_is_refused_per_tensor_and_checked_per_channel():
+    x = np.ones((2, 3), np.float32)
+    with pytest.raises(ValueError, match="per-tensor quantization .axis=None. takes none"):
+        qops.fake_quant(x, -1.0, 1.0, factor=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match=r"per-axis factor must have shape \(3,\)"):
+        qops.fake_quant(x, -np.ones(3, np.float32), np.ones(3, np.float32), axis=-1, factor=np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="pass axis=... with it"):
+        qops.reduce_range(x, None, np.ones(3, np.float32))
 
 
 # ---- degenerate ranges ------------------------------------------------------------------
@@ -296,6 +359,24 @@ def test_reduce_range_per_axis_any_axis_and_flattened_axes(in_graph):
     assert np.array_equal(to_numpy(hi), x.max(axis=(0, 1)).reshape(-1))
     lo, hi = reduce_range(x, None)
     assert float(to_numpy(lo)) == x.min() and float(to_numpy(hi)) == x.max()
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("in_graph", [False, True], ids=["eager", "compiled"])
+def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph):
+    """The products of the channel's own min and max (swapped where the factor is negative)
+    are the min and max of the products, bit for bit: rounding is monotonic."""
+    rng = np.random.default_rng(2)
+    reduce_range = compiled(qops.reduce_range, static_argnums=(1,)) if in_graph else qops.reduce_range
+    x = (rng.normal(size=(3, 3, 4, 6)) * 10.0 ** rng.uniform(-3, 3, size=(3, 3, 4, 6))).astype(np.float32)
+    for axis in (-1, (2, 3)):
+        axes = qops.normalize_axes(axis, x.ndim)
+        count = qops.channel_count(x.shape, axes)
+        factor = _random_factor(rng, (count,))
+        factor[0] = -factor[0] if factor[0] > 0 else factor[0]  # a negative factor, at least
+        product = _channel_product(x, factor, axis).reshape(-1, count)  # channels last, flattened
+        lo, hi = reduce_range(x, axis, factor)
+        assert same_bits(to_numpy(lo), product.min(axis=0)) and same_bits(to_numpy(hi), product.max(axis=0))
 
 
 # ---- bad input ------------------------------------------------------------------------------

@@ -130,6 +130,69 @@ def test_last_value_takes_the_batch_range_in_training_and_keeps_it_in_inference(
     assert same_bits(out, tf_fake_quant(second, lo, hi, 6, False, -1))
 
 
+@pytest.mark.parametrize("quantizer_cls", ALL_QUANTIZERS + (kq.LSQQuantizer, kq.PACTQuantizer), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("kernels", ["small", "fused"])
+def test_a_channel_factor_quantizes_and_moves_the_range_as_the_product_would(quantizer_cls, symmetric, kernels, request):
+    """``quantizer(w, training, vars, factor=f)``: the output, the range variables and the
+    gradient of ``w`` are those of ``quantizer(w * f, ...)``, over three training steps and in
+    inference, for a depthwise kernel's flattened channels (some factors negative); with
+    TF's ops for small tensors, and with the training kernels that multiply inside."""
+    if quantizer_cls is kq.PACTQuantizer and symmetric:
+        pytest.skip("PACT learns an asymmetric clipping range")
+    if kernels == "fused":
+        request.getfixturevalue("fused_for_every_size")
+    rng = np.random.default_rng(9)
+    layer = keras.layers.DepthwiseConv2D(3, depth_multiplier=2)
+    layer.build((None, 8, 8, 3))
+    quantizer = quantizer_cls(num_bits=5, per_axis=True, symmetric=symmetric)
+    with_factor, host_a = _build(quantizer, layer.kernel, layer=layer)
+    with_product, host_b = _build(quantizer, layer.kernel, layer=layer)
+    factor = (10.0 ** rng.uniform(-1, 1, size=6) * [1, -1, 1, 1, -1, 1]).astype(np.float32)
+    for step in range(4):
+        kernel = (rng.normal(size=(3, 3, 3, 2)) * (step + 1)).astype(np.float32)
+        training = step < 3
+        got, d_got = _output_and_gradient(lambda w: quantizer(w, training, with_factor, factor=factor), kernel)
+        want, d_want = _output_and_gradient(
+            lambda w: quantizer(w * factor.reshape(3, 2), training, with_product), kernel
+        )
+        assert same_bits(got, want), step
+        assert np.array_equal(d_got, d_want), step
+        for key in with_product:
+            assert same_bits(to_numpy(with_factor[key]), to_numpy(with_product[key])), (step, key)
+
+
+def _output_and_gradient(fn, x):
+    """``fn(x)`` and the gradient of its sum with respect to ``x``, on the active backend."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        out = fn(x)
+        return to_numpy(out), np.asarray(jax.grad(lambda v: fn(v).sum())(x))
+    if keras.backend.backend() == "torch":
+        import torch
+
+        value = torch.tensor(x, requires_grad=True)
+        out = fn(value)
+        out.sum().backward()
+        return to_numpy(out.detach()), value.grad.numpy()
+    import tensorflow as tf
+
+    value = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(value)
+        out = fn(value)
+    return to_numpy(out), tape.gradient(out, value).numpy()
+
+
+def test_a_channel_factor_needs_a_per_axis_quantizer():
+    quantizer = kq.LastValueQuantizer(per_axis=False)
+    x = np.ones((4, 3), np.float32)
+    weights, _ = _build(quantizer, x)
+    with pytest.raises(ValueError, match="LastValueQuantizer: factor= scales the channels of a per-axis quantizer"):
+        quantizer(x, True, weights, factor=np.ones(3, np.float32))
+
+
 # ---- MovingAverage -----------------------------------------------------------------------
 
 

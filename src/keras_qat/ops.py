@@ -293,11 +293,23 @@ def _check_concrete_range(min, max, owner: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def reduce_range(x, axis: Axis = None):
+def reduce_range(x, axis: Axis = None, factor=None):
     """Min and max of ``x``: scalars when ``axis`` is None, else one per channel of ``axis``.
 
     Several axes are flattened row-major into one channel axis (see :func:`normalize_axes`).
+
+    With ``factor`` (one value per channel of ``axis``), the min and max of
+    ``channel_product(x, factor, axis)``, without computing that product: rounding a product
+    is monotonic in each operand, so per channel they are the products of ``x``'s own min and
+    max, swapped where the factor is negative, bit for bit (for finite values).
     """
+    if factor is not None:
+        if axis is None:
+            raise ValueError("reduce_range: factor scales the channels of an axis; pass axis=... with it.")
+        lo, hi = reduce_range(x, axis)
+        factor = ops.cast(factor, lo.dtype)
+        lo, hi, positive = lo * factor, hi * factor, factor >= 0.0
+        return ops.where(positive, lo, hi), ops.where(positive, hi, lo)
     if axis is None:
         return ops.min(x), ops.max(x)
     axes = normalize_axes(axis, len(x.shape), "reduce_range")
@@ -595,6 +607,14 @@ def _from_channels_last(y, layout: _ChannelsLast, reshape, transpose):
     return y
 
 
+def channel_product(x, factor, axis: Axis):
+    """``x`` times one value of ``factor`` per channel of ``axis`` (several axes flattened
+    row-major, as :func:`normalize_axes` describes): a folded kernel ``w * f``."""
+    axes = normalize_axes(axis, len(x.shape), "channel_product")
+    shape = [int(x.shape[a]) if a in axes else 1 for a in range(len(x.shape))]
+    return x * ops.reshape(ops.cast(factor, x.dtype), shape)
+
+
 # --------------------------------------------------------------------------------------
 # fake_quant
 # --------------------------------------------------------------------------------------
@@ -609,6 +629,7 @@ def fake_quant(
     axis: Axis = None,
     *,
     exportable: bool = True,
+    factor=None,
 ):
     """Quantize ``x`` to ``num_bits`` on the grid of ``[min, max]`` and dequantize it.
 
@@ -626,6 +647,11 @@ def fake_quant(
             turns into quantization. ``False`` allows a faster fused kernel for per-axis
             ranges with the same output and gradients; the quantizers use it everywhere but
             in a converter's trace (:func:`exporting`).
+        factor: per-axis only: quantize ``channel_product(x, factor, axis)`` (one value per
+            channel, a constant: no gradient flows to it), the same bits and the same
+            gradient for ``x`` as quantizing the product. The fused kernel multiplies inside
+            its forward and backward passes, so the product (a folded kernel ``w * f``) is
+            neither materialized nor kept for the backward pass; other paths multiply first.
 
     Returns:
         A tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
@@ -639,7 +665,17 @@ def fake_quant(
     per_axis = axis is not None
     axes = normalize_axes(axis, len(x.shape)) if per_axis else ()
     _check_range_shape(x, min, max, axes, per_axis)
+    if factor is not None:
+        if not per_axis:
+            raise ValueError(
+                "fake_quant: factor scales each channel of a per-axis quantization; per-tensor "
+                "quantization (axis=None) takes none. Multiply the tensor first."
+            )
+        _check_range_shape(x, factor, factor, axes, per_axis, names=("factor",))
+        factor = ops.stop_gradient(ops.cast(factor, "float32"))
     if num_bits < 8 and is_exporting() and keras.backend.backend() == "tensorflow":
+        if factor is not None:
+            x = channel_product(x, factor, axes)
         return _low_bit_for_export(x, min, max, num_bits, narrow_range, axes)
     if _is_concrete(min) and _is_concrete(max):
         # The same float32 arithmetic in NumPy: one conversion each instead of six eager ops.
@@ -648,14 +684,16 @@ def fake_quant(
         min, max = _sanitize_range(min, max)
     compute = x if dtype == "float32" else ops.cast(x, "float32")
     if keras.backend.backend() == "tensorflow":
-        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes, exportable)
+        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes, exportable, factor)
     else:
+        if factor is not None:
+            compute = channel_product(compute, factor, axes)
         out = _fake_quant_portable(compute, min, max, num_bits, narrow_range, axes)
     return out if dtype == "float32" else ops.cast(out, dtype)
 
 
-def _check_range_shape(x, min, max, axes, per_axis) -> None:
-    for name, value in (("min", min), ("max", max)):
+def _check_range_shape(x, min, max, axes, per_axis, names=("min", "max")) -> None:
+    for name, value in zip(names, (min, max)):
         shape = tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
         if not per_axis:
             if shape not in ((),):
@@ -672,8 +710,9 @@ def _check_range_shape(x, min, max, axes, per_axis) -> None:
             )
 
 
-def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
-    """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization."""
+def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable, factor=None):
+    """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization
+    (``factor`` multiplied first), or the fused kernels (``factor`` multiplied inside)."""
     import tensorflow as tf
 
     if not axes:
@@ -687,11 +726,13 @@ def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable):
     )
     # TF's per-channel gradient op takes rank <= 4; the fused kernel takes any rank.
     if exportable or (_is_small(moved) and len(moved.shape) <= 4):
+        if factor is not None:
+            moved = moved * factor  # channels last: the factor broadcasts along the last axis
         y = tf.quantization.fake_quant_with_min_max_vars_per_channel(
             moved, min, max, num_bits=num_bits, narrow_range=narrow_range
         )
     else:
-        y = _fused_per_channel_tf(moved, min, max, num_bits, narrow_range)
+        y = _fused_per_channel_tf(moved, min, max, num_bits, narrow_range, factor)
     return _from_channels_last(y, layout, reshape=tf.reshape, transpose=tf.transpose)
 
 
@@ -778,29 +819,33 @@ def _is_small(x, min_elements: int | None = None) -> bool:
     return static_size(x.shape) < (_FUSED_MIN_ELEMENTS if min_elements is None else min_elements)
 
 
-def _fused_per_channel_tf(x, min, max, num_bits, narrow_range):
-    """TF's per-channel fake quant (channels last) as fused XLA kernels, with TF's gradient.
+def _fused_per_channel_tf(x, min, max, num_bits, narrow_range, factor=None):
+    """TF's per-channel fake quant (channels last) of ``x * factor`` (one constant per
+    channel; 1 without) as fused XLA kernels, with TF's gradient.
 
     The grid is computed per channel with ordinary TF ops (:func:`nudge`); the per-element
     work, forward and backward, runs as one XLA kernel each. Products that TF rounds before
-    adding are kept from being contracted into fused multiply-adds, as on JAX.
+    adding are kept from being contracted into fused multiply-adds, as on JAX. The kernels
+    multiply by the factor themselves: the backward pass keeps ``x`` (a variable's value, which
+    costs nothing to keep) instead of the product, a tensor as large.
     """
     import tensorflow as tf
 
     forward, input_gradient, range_gradient = _tf_fused_kernels()
     x = tf.convert_to_tensor(x)  # a variable's value: the custom gradient below takes tensors
+    factor = tf.ones_like(min) if factor is None else tf.convert_to_tensor(factor)
     qmin, qmax = quant_range(num_bits, narrow_range)
     qmin_f, qmax_f = tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax))
 
     @tf.custom_gradient
     def kernel(x, min, max):
-        out, nudged_min, nudged_max, zero_range = forward(x, min, max, qmin_f, qmax_f)
+        out, nudged_min, nudged_max, zero_range = forward(x, factor, min, max, qmin_f, qmax_f)
 
         def grad(upstream):
             # Two kernels, so that a graph drops the range's sums where the range is not
             # trained (a weight's last-value range): they cost twice the input's gradient.
-            d_x = input_gradient(x, upstream, nudged_min, nudged_max, zero_range)
-            return (d_x, *range_gradient(x, upstream, nudged_min, nudged_max, zero_range))
+            d_x = input_gradient(x, factor, upstream, nudged_min, nudged_max, zero_range)
+            return (d_x, *range_gradient(x, factor, upstream, nudged_min, nudged_max, zero_range))
 
         return out, grad
 
@@ -830,9 +875,10 @@ def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
         def grad(upstream):
             grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
             zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
-            d_x = input_gradient(x, upstream, grid.nudged_min, grid.nudged_max, zero_range)
+            one = tf.ones_like(min)
+            d_x = input_gradient(x, one, upstream, grid.nudged_min, grid.nudged_max, zero_range)
             # One channel: the per-channel sums over the tensor as a column.
-            column = (tf.reshape(x, (-1, 1)), tf.reshape(upstream, (-1, 1)))
+            column = (tf.reshape(x, (-1, 1)), one, tf.reshape(upstream, (-1, 1)))
             d_min, d_max = range_gradient(*column, grid.nudged_min, grid.nudged_max, zero_range)
             return d_x, tf.reshape(d_min, ()), tf.reshape(d_max, ())
 
@@ -856,34 +902,41 @@ def _tf_fused_kernels():
         bits = tf.bitwise.bitwise_or(tf.bitcast(product, tf.uint32), nan_flag)
         return tf.bitcast(bits, tf.float32)
 
+    # Each kernel takes ``x`` and its ``factor`` (per channel, the last axis; 1 where there is
+    # none) and quantizes their product, rounded once as TF's Mul rounds it: a lone product
+    # feeding a clamp or a comparison, which no multiply-add can absorb.
+
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def fused_forward(x, nudged_min, nudged_max, scale, inv_scale, quant_zero, zero_range):
-        shifted = tf.maximum(tf.minimum(x, nudged_max), nudged_min) - nudged_min
+    def fused_forward(x, factor, nudged_min, nudged_max, scale, inv_scale, quant_zero, zero_range):
+        shifted = tf.maximum(tf.minimum(x * factor, nudged_max), nudged_min) - nudged_min
         out = tf.floor(uncontracted_product(shifted, inv_scale) - quant_zero + 0.5) * scale
         return tf.where(zero_range, 0.0, out)
 
     @tf.function(autograph=False, reduce_retracing=True)
-    def forward(x, min, max, qmin_f, qmax_f):
+    def forward(x, factor, min, max, qmin_f, qmax_f):
         # The grid with TF's ops in a graph function (not XLA), then the XLA kernel: in eager
         # mode one call instead of ~25 eager ops; inside a graph the same ops, inlined. The
         # integer range comes in as tensors, so that one trace serves every bit width.
         grid = _nudge(min, max, qmin_f, qmax_f)
         zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
         quant_zero = tf.floor(-grid.nudged_min * grid.inv_scale + 0.5)
-        out = fused_forward(x, grid.nudged_min, grid.nudged_max, grid.scale, grid.inv_scale, quant_zero, zero_range)
+        out = fused_forward(x, factor, grid.nudged_min, grid.nudged_max, grid.scale, grid.inv_scale, quant_zero, zero_range)
         return out, grid.nudged_min, grid.nudged_max, zero_range
 
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def input_gradient(x, upstream, nudged_min, nudged_max, zero_range):
-        """The upstream gradient inside the nudged range, 0 outside; all of it for ``[0, 0]``."""
-        inside = tf.cast(tf.logical_and(x >= nudged_min, x <= nudged_max), tf.float32)
-        return tf.where(zero_range, upstream, upstream * inside)
+    def input_gradient(x, factor, upstream, nudged_min, nudged_max, zero_range):
+        """The upstream gradient inside the nudged range, 0 outside, all of it for ``[0, 0]``;
+        times the factor, as TF's Mul passes a product's gradient to ``x``."""
+        product = x * factor
+        inside = tf.cast(tf.logical_and(product >= nudged_min, product <= nudged_max), tf.float32)
+        return tf.where(zero_range, upstream, upstream * inside) * factor
 
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def range_gradient(x, upstream, nudged_min, nudged_max, zero_range):
+    def range_gradient(x, factor, upstream, nudged_min, nudged_max, zero_range):
         """Per channel (the last axis), the upstream gradient summed below and above the range."""
-        below = tf.cast(x < nudged_min, tf.float32)
-        above = tf.cast(x > nudged_max, tf.float32)
+        product = x * factor
+        below = tf.cast(product < nudged_min, tf.float32)
+        above = tf.cast(product > nudged_max, tf.float32)
         rows = tf.range(tf.rank(x) - 1)  # all but the channel axis; constant under XLA
         d_min = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * below, axis=rows))
         d_max = tf.where(zero_range, 0.0, tf.reduce_sum(upstream * above, axis=rows))

@@ -66,6 +66,12 @@ class Quantizer:
         """Return ``inputs`` fake-quantized; update ``weights`` from the data if training."""
         raise NotImplementedError(f"{type(self).__name__} must implement __call__().")
 
+    #: Whether ``__call__`` takes ``factor=``: quantize ``inputs`` times one constant per
+    #: channel (:func:`keras_qat.ops.channel_product`) as it would quantize that product. A
+    #: folded Conv+BatchNorm layer then hands over its kernel and BN factor instead of their
+    #: product, which fused kernels never store (:meth:`keras_qat.folding.QuantizeFoldedBatchNorm._train`).
+    takes_channel_factor: bool = False
+
     def range_of(self, weights: dict[str, Any]):
         """``(min, max)``: the range the tensor is quantized on outside training, which
         inference and every export read: the range variables (a learned symmetric range
@@ -228,20 +234,23 @@ class _RangeQuantizer(Quantizer):
 
     # ---- the call ---------------------------------------------------------------------
 
-    def __call__(self, inputs, training, weights: dict[str, Any], **kwargs):
-        inputs = ops.convert_to_tensor(inputs)
-        dtype = keras.backend.standardize_dtype(inputs.dtype)
-        if "float" not in dtype:
-            raise ValueError(
-                f"{type(self).__name__}: inputs must be floating point, got dtype {dtype}; "
-                "integer tensors (ids, masks) should be left unquantized."
-            )
+    takes_channel_factor = True
+
+    def __call__(self, inputs, training, weights: dict[str, Any], factor=None, **kwargs):
+        """``inputs`` fake-quantized (see the module docstring); with ``factor`` (per-axis
+        quantizers: one constant per channel), ``inputs`` times ``factor`` per channel, as
+        :attr:`Quantizer.takes_channel_factor` describes."""
+        inputs = self._float_tensor(inputs)
         axes = self._call_axes(inputs, weights)
+        if factor is not None:
+            self._check_factor(axes)
         observer = qops.current_observer()
         if observer is not None:  # calibrating: the observer records the tensor
+            if factor is not None:
+                inputs = qops.channel_product(inputs, ops.stop_gradient(factor), axes)
             return observer(self, inputs, weights, axes)
         if training:
-            range_min, range_max = self._training_range(inputs, axes, weights)
+            range_min, range_max = self._training_range(inputs, axes, weights, factor)
         else:
             range_min, range_max = self.range_of(weights)
         return qops.fake_quant(
@@ -254,16 +263,40 @@ class _RangeQuantizer(Quantizer):
             # Only a converter's trace needs TF's own ops; training and the QAT model's
             # inference take the fused kernel (bit-identical, 10-20 times faster per channel).
             exportable=qops.is_exporting(),
+            factor=factor,
         )
 
-    def _training_range(self, inputs, axes, weights):
+    def _check_factor(self, axes: tuple[int, ...]) -> None:
+        if not axes:
+            raise ValueError(
+                f"{type(self).__name__}: factor= scales the channels of a per-axis quantizer; "
+                "this one is per tensor (per_axis=False). Multiply the tensor first."
+            )
+
+    def _float_tensor(self, inputs):
+        """``inputs`` as a tensor, refused unless floating point."""
+        inputs = ops.convert_to_tensor(inputs)
+        dtype = keras.backend.standardize_dtype(inputs.dtype)
+        if "float" not in dtype:
+            raise ValueError(
+                f"{type(self).__name__}: inputs must be floating point, got dtype {dtype}; "
+                "integer tensors (ids, masks) should be left unquantized."
+            )
+        return inputs
+
+    def _training_range(self, inputs, axes, weights, factor=None):
+        """The range this training step quantizes on (of ``inputs`` times ``factor`` where one
+        is given), and the range variables moved to it."""
         raise NotImplementedError
 
-    def observed_range(self, inputs, axes: tuple[int, ...]):
-        """The range of ``inputs`` under this quantizer's rules (zero included, symmetric or not),
-        over the global batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
+    def observed_range(self, inputs, axes: tuple[int, ...], factor=None):
+        """The range of ``inputs`` (times ``factor`` per channel, where given) under this
+        quantizer's rules (zero included, symmetric or not), over the global batch when a
+        distributed step splits it (:func:`keras_qat.ops.global_range`)."""
+        if factor is not None:
+            factor = ops.cast(ops.stop_gradient(factor), "float32")
         batch_min, batch_max = qops.global_range(
-            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None)
+            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor)
         )
         if self.symmetric:
             return qops.symmetric_range(batch_min, batch_max, self.num_bits, self.narrow_range)
@@ -289,8 +322,8 @@ class LastValueQuantizer(_RangeQuantizer):
 
     observer = "last_value"
 
-    def _training_range(self, inputs, axes, weights):
-        range_min, range_max = self.observed_range(inputs, axes)
+    def _training_range(self, inputs, axes, weights, factor=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor)
         weights["min_var"].assign(range_min)
         weights["max_var"].assign(range_max)
         return range_min, range_max
@@ -335,8 +368,8 @@ class MovingAverageQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights):
-        range_min, range_max = self.observed_range(inputs, axes)
+    def _training_range(self, inputs, axes, weights, factor=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor)
         steps = weights["steps"] + 1.0
         # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
         # exactly 1 at the first step.
@@ -362,8 +395,8 @@ class AllValuesQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights):
-        range_min, range_max = self.observed_range(inputs, axes)
+    def _training_range(self, inputs, axes, weights, factor=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor)
         first = weights["steps"] == 0.0
         new_min = ops.where(first, range_min, ops.minimum(weights["min_var"], range_min))
         new_max = ops.where(first, range_max, ops.maximum(weights["max_var"], range_max))
@@ -444,7 +477,7 @@ class FixedQuantizer(_RangeQuantizer):
             )
         return np.array(lo, np.float32), np.array(hi, np.float32)
 
-    def _training_range(self, inputs, axes, weights):
+    def _training_range(self, inputs, axes, weights, factor=None):
         return weights["min_var"], weights["max_var"]
 
 
