@@ -134,3 +134,48 @@ def test_a_relu_called_twice_clamps_both_inputs():
     x = np.random.default_rng(0).uniform(-4, 4, (64, 4)).astype("float32")
     got = keras.ops.convert_to_numpy(model(x, training=False))
     assert got.min() >= 0.0, "a negative value passed the shared ReLU"
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_a_relu_layer_hands_its_activation_to_its_quantizer_with_the_same_training(activation, monkeypatch):
+    """In training a ReLU/ReLU6 layer leaves its activation to its output quantizer (whose
+    kernel keeps a byte per element for the backward pass) and the model trains as when the
+    layer runs it: the same outputs, variables and, on TensorFlow, gradients, over three
+    steps, bit for bit."""
+    inputs = keras.Input((6, 6, 3))
+    x = L.Conv2D(4, 3, padding="same")(inputs)
+    x = L.BatchNormalization(gamma_initializer=keras.initializers.Constant(5.0))(x)  # many values above 6
+    x = (L.ReLU(6.0) if activation == "relu6" else L.Activation("relu"))(x)
+    x = L.Conv2D(5, 1)(x)
+    model = kq.quantize_model(keras.Model(inputs, x))
+    relu = [layer for layer in model.layers if isinstance(layer, kq.QuantizeWrapper) and kq.registry.clamp_activation(layer.layer)]
+    assert len(relu) == 1
+    data = np.random.default_rng(4).normal(size=(8, 6, 6, 3)).astype("float32") * 3
+    start = [to_numpy(w) for w in model.weights]
+    runs = {}
+    for hands_over in (True, False):
+        monkeypatch.setattr(kq.quantizers._RangeQuantizer, "takes_activation", hands_over)
+        expected = hands_over and keras.backend.backend() == "tensorflow"
+        assert relu[0]._quantizes_activation_itself(keras.ops.ones((8, 6, 6, 4)), True) is expected
+        for variable, value in zip(model.weights, start):
+            variable.assign(value)
+        runs[hands_over] = [_model_training_step(model, data) for _ in range(3)]
+    for step, (handed, kept) in enumerate(zip(runs[True], runs[False])):
+        assert len(handed) == len(kept)
+        for got, want in zip(handed, kept):
+            assert same_bits(got, want), step
+
+
+def _model_training_step(model, data):
+    """The training output, every variable afterwards and, on TensorFlow, the gradients of a
+    weighted sum of the output for the trainable ones."""
+    if keras.backend.backend() != "tensorflow":
+        return [to_numpy(model(data, training=True))] + [to_numpy(w) for w in model.weights]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = model(data, training=True)
+        total = tf.reduce_sum(out * np.linspace(-1, 1, out.shape[-1], dtype="float32"))
+    gradients = tape.gradient(total, [w.value for w in model.trainable_weights])
+    return [to_numpy(out)] + [to_numpy(w) for w in model.weights] + [g.numpy() for g in gradients]

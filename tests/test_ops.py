@@ -283,6 +283,68 @@ def test_a_channel_factor_passes_the_products_gradient_to_the_input(kind, export
         np.testing.assert_allclose(got[2], d_max, rtol=1e-6, atol=tolerance)
 
 
+def _tf_activation(x, activation):
+    import tensorflow as tf
+
+    return (tf.nn.relu6 if activation == "relu6" else tf.nn.relu)(x).numpy()
+
+
+def _activation_input(rng, shape, lo, hi):
+    """Values around the range and the activation's kinks: exact zeros, exact sixes, the range's
+    ends, and values either side of each."""
+    x = _random_input(rng, shape, lo, hi, None)
+    flat = x.reshape(-1)
+    picks = rng.integers(0, flat.size, size=max(4, flat.size // 3))
+    special = np.array([0.0, -0.0, 6.0, lo, hi, np.nextafter(np.float32(6.0), 7), np.nextafter(np.float32(0.0), -1)], np.float32)
+    flat[picks] = special[rng.integers(0, special.size, size=picks.size)]
+    return x
+
+
+@pytest.mark.usefixtures("fused_for_every_size")
+@pytest.mark.parametrize("exportable", [True, False], ids=["exportable", "training_kernel"])
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_an_activation_quantizes_as_tensorflows_activation_then_fake_quant(activation, exportable):
+    """``fake_quant(x, ..., activation=a)`` per tensor: the bits of TF's fake quant of TF's
+    Relu/Relu6 of ``x``, and exactly the gradient of ``x`` that the two ops give (their masks'
+    product), the range's gradients as TF's sums; on 300 random cases of every range kind."""
+    import tensorflow as tf
+    import keras
+
+    rng = np.random.default_rng(31)
+    differing = []
+    for case in range(300):
+        kind = RANGE_KINDS[case % len(RANGE_KINDS)]
+        num_bits, narrow = int(rng.integers(2, 17)), bool(rng.integers(0, 2))
+        lo, hi = _random_range(rng, kind, ())
+        x = _activation_input(rng, SHAPES[case % len(SHAPES)], lo, hi)
+        got = to_numpy(qops.fake_quant(x, lo, hi, num_bits=num_bits, narrow_range=narrow, exportable=exportable, activation=activation))
+        want = tf_fake_quant(_tf_activation(x, activation), *_oracle_range(lo, hi), num_bits, narrow)
+        if not same_bits(got, want):
+            differing.append((case, kind, num_bits, narrow))
+        if case % 10 or BACKEND != "tensorflow":
+            continue
+        upstream = rng.normal(size=x.shape).astype(np.float32)
+        values, ends = tf.constant(x), [tf.constant(v) for v in _oracle_range(lo, hi)]
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch([values, *ends])
+            chained = tf.quantization.fake_quant_with_min_max_vars(
+                (tf.nn.relu6 if activation == "relu6" else tf.nn.relu)(values), *ends, num_bits=num_bits, narrow_range=narrow
+            )
+            ours = qops.fake_quant(values, *ends, num_bits=num_bits, narrow_range=narrow, exportable=exportable, activation=activation)
+        want_grads = tape.gradient(chained, [values, *ends], output_gradients=upstream)
+        got_grads = tape.gradient(ours, [values, *ends], output_gradients=upstream)
+        assert np.array_equal(got_grads[0].numpy(), want_grads[0].numpy()), (case, kind)
+        tolerance = 1e-6 * np.abs(upstream).sum()
+        for g, w in zip(got_grads[1:], want_grads[1:]):
+            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=1e-6, atol=tolerance)
+    assert not differing, f"{len(differing)} cases differ from TF, first: {differing[:5]}"
+
+
+def test_an_activation_is_one_that_fake_quant_knows():
+    with pytest.raises(ValueError, match=r"activation must be one of \('relu', 'relu6'\) or None, got 'gelu'"):
+        qops.fake_quant(np.ones(3, np.float32), -1.0, 1.0, activation="gelu")
+
+
 def test_a_channel_factor_is_refused_per_tensor_and_checked_per_channel():
     x = np.ones((2, 3), np.float32)
     with pytest.raises(ValueError, match="per-tensor quantization .axis=None. takes none"):
@@ -377,6 +439,9 @@ def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph
         product = _channel_product(x, factor, axis).reshape(-1, count)  # channels last, flattened
         lo, hi = reduce_range(x, axis, factor)
         assert same_bits(to_numpy(lo), product.min(axis=0)) and same_bits(to_numpy(hi), product.max(axis=0))
+        activated = np.minimum(np.maximum(product, 0), 6)
+        lo, hi = reduce_range(x, axis, factor, "relu6")
+        assert same_bits(to_numpy(lo), activated.min(axis=0)) and same_bits(to_numpy(hi), activated.max(axis=0))
 
 
 # ---- bad input ------------------------------------------------------------------------------

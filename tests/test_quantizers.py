@@ -162,6 +162,35 @@ def test_a_channel_factor_quantizes_and_moves_the_range_as_the_product_would(qua
             assert same_bits(to_numpy(with_factor[key]), to_numpy(with_product[key])), (step, key)
 
 
+@pytest.mark.parametrize("quantizer_cls", ALL_QUANTIZERS + (kq.LSQQuantizer, kq.PACTQuantizer), ids=lambda c: c.__name__)
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+@pytest.mark.parametrize("kernels", ["small", "fused"])
+def test_an_activation_quantizes_and_moves_the_range_as_its_output_would(quantizer_cls, activation, kernels, request):
+    """``quantizer(x, training, vars, activation=a)``: the output, the range variables and the
+    gradient of ``x`` are those of ``quantizer(a(x), ...)``, over three training steps and in
+    inference; with TF's ops for small tensors, and with the training kernels that apply the
+    activation inside."""
+    if kernels == "fused":
+        request.getfixturevalue("fused_for_every_size")
+    rng = np.random.default_rng(10)
+    quantizer = quantizer_cls(num_bits=6)
+    shape = (4, 5, 5, 3)
+    given_activation, _ = _build(quantizer, np.zeros(shape, np.float32), name="output")
+    given_output, _ = _build(quantizer, np.zeros(shape, np.float32), name="output")
+    apply = keras.ops.relu if activation == "relu" else keras.ops.relu6
+    for step in range(4):
+        x = (rng.normal(size=shape) * 4 + step).astype(np.float32)
+        x.reshape(-1)[::7] = 0.0
+        x.reshape(-1)[3::11] = 6.0
+        training = step < 3
+        got, d_got = _output_and_gradient(lambda v: quantizer(v, training, given_activation, activation=activation), x)
+        want, d_want = _output_and_gradient(lambda v: quantizer(apply(v), training, given_output), x)
+        assert same_bits(got, want), step
+        assert np.array_equal(d_got, d_want), step
+        for key in given_output:
+            assert same_bits(to_numpy(given_activation[key]), to_numpy(given_output[key])), (step, key)
+
+
 def _output_and_gradient(fn, x):
     """``fn(x)`` and the gradient of its sum with respect to ``x``, on the active backend."""
     if keras.backend.backend() == "jax":
@@ -183,6 +212,14 @@ def _output_and_gradient(fn, x):
         tape.watch(value)
         out = fn(value)
     return to_numpy(out), tape.gradient(out, value).numpy()
+
+
+def test_an_activation_is_one_the_quantizer_can_apply():
+    quantizer = kq.MovingAverageQuantizer()
+    x = np.ones((4, 3), np.float32)
+    weights, _ = _build(quantizer, x)
+    with pytest.raises(ValueError, match="MovingAverageQuantizer: activation= must be one of"):
+        quantizer(x, True, weights, activation="tanh")
 
 
 def test_a_channel_factor_needs_a_per_axis_quantizer():

@@ -484,6 +484,9 @@ class QuantizeWrapper(keras.layers.Wrapper):
             exported = qops.export_hook("upsample")(self.layer, inputs)
         if exported is not None:
             return exported
+        if not kwargs and self._quantizes_activation_itself(inputs, training):
+            (quantizer, variables), = self._output_vars
+            return quantizer(inputs, True, variables, activation=clamp_activation(self.layer))
         substitutes = {}
         if self._weight_vars:
             quantized = [quantizer(weight, training, qvars) for weight, quantizer, qvars in self._weight_vars]
@@ -512,6 +515,23 @@ class QuantizeWrapper(keras.layers.Wrapper):
         flat = keras.tree.flatten(outputs)
         flat = [quantizer(t, training, qvars) for t, (quantizer, qvars) in zip(flat, self._output_vars)]
         return keras.tree.pack_sequence_as(outputs, flat)
+
+    def _quantizes_activation_itself(self, inputs, training: bool) -> bool:
+        """Whether a ReLU/ReLU6 layer leaves its activation to its output quantizer in this
+        training step: a quantizer that takes it (:attr:`~keras_qat.quantizers.Quantizer.takes_activation`),
+        per tensor, on a tensor whose fake quant applies it inside
+        (:func:`keras_qat.ops.fuses_activation`). The backward pass then keeps a byte per
+        element instead of the activation's output, which the next layer keeps quantized."""
+        if not training or self._weight_vars or self._activations or len(self._output_vars) != 1:
+            return False
+        quantizer, _ = self._output_vars[0]
+        return (
+            clamp_activation(self.layer) is not None
+            and getattr(quantizer, "takes_activation", False)
+            and not quantizer.per_axis
+            and not self.inherits_input_grid
+            and qops.fuses_activation(inputs)
+        )
 
     def _exported_linear(self, inputs, kwargs):
         """While an exporter traces the model: a kernel layer traced the exporter's way (its

@@ -84,7 +84,7 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights, factor=None):
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
         """The range this batch quantizes on: the learned one, or the batch's own on the
         first step of a range that nothing set yet (then stored)."""
         # Tensors, not the variables: JAX no longer converts a Keras variable inside its ops.
@@ -93,20 +93,20 @@ class _LearnedRangeQuantizer(_RangeQuantizer):
             ops.equal(ops.convert_to_tensor(weights["steps"]), 0.0),
             ops.logical_and(ops.all(ops.equal(stored_min, INITIAL_RANGE[0])), ops.all(ops.equal(stored_max, INITIAL_RANGE[1]))),
         )
-        observed_min, observed_max = self.observed_range(inputs, axes, factor)
+        observed_min, observed_max = self.observed_range(inputs, axes, factor, activation)
         range_min = ops.where(first, ops.stop_gradient(observed_min), stored_min)
         range_max = ops.where(first, ops.stop_gradient(observed_max), stored_max)
         weights["steps"].assign(weights["steps"] + 1.0)
         return self.valid_range(range_min, range_max)
 
-    def __call__(self, inputs, training, weights: dict[str, Any], factor=None, **kwargs):
+    def __call__(self, inputs, training, weights: dict[str, Any], factor=None, activation=None, **kwargs):
         if not training or qops.current_observer() is not None:
-            return super().__call__(inputs, training, weights, factor=factor, **kwargs)
+            return super().__call__(inputs, training, weights, factor=factor, activation=activation, **kwargs)
         inputs = ops.convert_to_tensor(inputs)
         axes = self._call_axes(inputs, weights)
-        if factor is not None:  # the learned range's gradient needs the product itself
-            self._check_factor(axes)
-            inputs = qops.channel_product(inputs, ops.stop_gradient(factor), axes)
+        self._check_input_ops(axes, factor, activation)
+        # The learned range's gradients need the values themselves.
+        inputs = qops.before_quantization(inputs, axes, factor, activation)
         range_min, range_max = self._learned_range(inputs, axes, weights)
         # What inference and every export read: the range this step quantized on.
         weights["min_var"].assign(ops.stop_gradient(range_min))

@@ -293,23 +293,28 @@ def _check_concrete_range(min, max, owner: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def reduce_range(x, axis: Axis = None, factor=None):
+def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = None):
     """Min and max of ``x``: scalars when ``axis`` is None, else one per channel of ``axis``.
 
     Several axes are flattened row-major into one channel axis (see :func:`normalize_axes`).
 
-    With ``factor`` (one value per channel of ``axis``), the min and max of
-    ``channel_product(x, factor, axis)``, without computing that product: rounding a product
-    is monotonic in each operand, so per channel they are the products of ``x``'s own min and
-    max, swapped where the factor is negative, bit for bit (for finite values).
+    With ``factor`` (one value per channel of ``axis``) and ``activation`` (see
+    :func:`fake_quant`), the min and max of ``activation(channel_product(x, factor, axis))``,
+    without computing that tensor: rounding a product is monotonic in each operand and so are
+    ReLU and ReLU6, so they are those ops applied to ``x``'s own min and max (swapped where
+    the factor is negative), bit for bit (for finite values).
     """
-    if factor is not None:
-        if axis is None:
+    if factor is not None or activation is not None:
+        if factor is not None and axis is None:
             raise ValueError("reduce_range: factor scales the channels of an axis; pass axis=... with it.")
         lo, hi = reduce_range(x, axis)
-        factor = ops.cast(factor, lo.dtype)
-        lo, hi, positive = lo * factor, hi * factor, factor >= 0.0
-        return ops.where(positive, lo, hi), ops.where(positive, hi, lo)
+        if factor is not None:
+            factor = ops.cast(factor, lo.dtype)
+            lo, hi, positive = lo * factor, hi * factor, factor >= 0.0
+            lo, hi = ops.where(positive, lo, hi), ops.where(positive, hi, lo)
+        if activation is not None:
+            lo, hi = _activate(lo, activation), _activate(hi, activation)
+        return lo, hi
     if axis is None:
         return ops.min(x), ops.max(x)
     axes = normalize_axes(axis, len(x.shape), "reduce_range")
@@ -607,6 +612,33 @@ def _from_channels_last(y, layout: _ChannelsLast, reshape, transpose):
     return y
 
 
+#: The activations :func:`fake_quant` can apply itself: a clamp, exact and monotonic.
+ACTIVATIONS = ("relu", "relu6")
+
+
+def _activate(x, activation: str):
+    """``keras.ops.relu`` or ``relu6`` of ``x`` (TensorFlow's Relu and Relu6 ops on TensorFlow,
+    what Keras's ReLU layers run there)."""
+    return ops.relu(x) if activation == "relu" else ops.relu6(x)
+
+
+def fuses_activation(x) -> bool:
+    """Whether :func:`fake_quant` given ``x`` and ``activation=`` (per tensor, in training, not
+    while a converter traces) applies the activation inside its kernel, whose backward pass
+    keeps a byte per element instead of the activation's output: on TensorFlow, from
+    :data:`_LARGE_TENSOR_MIN_ELEMENTS` elements."""
+    return keras.backend.backend() == "tensorflow" and not is_exporting() and not _is_small(x, _LARGE_TENSOR_MIN_ELEMENTS)
+
+
+def before_quantization(x, axes: tuple[int, ...], factor=None, activation: str | None = None):
+    """What :func:`fake_quant` quantizes given ``factor`` and ``activation``, computed:
+    ``activation(channel_product(x, factor, axes))``, each op where given, the factor a
+    constant (no gradient flows to it)."""
+    if factor is not None:
+        x = channel_product(x, ops.stop_gradient(factor), axes)
+    return x if activation is None else _activate(x, activation)
+
+
 def channel_product(x, factor, axis: Axis):
     """``x`` times one value of ``factor`` per channel of ``axis`` (several axes flattened
     row-major, as :func:`normalize_axes` describes): a folded kernel ``w * f``."""
@@ -630,6 +662,7 @@ def fake_quant(
     *,
     exportable: bool = True,
     factor=None,
+    activation: str | None = None,
 ):
     """Quantize ``x`` to ``num_bits`` on the grid of ``[min, max]`` and dequantize it.
 
@@ -652,6 +685,12 @@ def fake_quant(
             gradient for ``x`` as quantizing the product. The fused kernel multiplies inside
             its forward and backward passes, so the product (a folded kernel ``w * f``) is
             neither materialized nor kept for the backward pass; other paths multiply first.
+        activation: ``"relu"`` or ``"relu6"``: quantize that activation of ``x`` (after the
+            factor), the same bits and gradients as ``keras.ops.relu``/``relu6`` before the
+            fake quant. The per-tensor training kernel of large tensors
+            (:func:`fuses_activation`) applies it inside and keeps one byte per element for the
+            backward pass, instead of the activation's output (which the float network keeps
+            once, as the next layer's input, and fake quantization would keep a second time).
 
     Returns:
         A tensor of ``x``'s shape and dtype whose values lie on the quantization grid.
@@ -673,22 +712,22 @@ def fake_quant(
             )
         _check_range_shape(x, factor, factor, axes, per_axis, names=("factor",))
         factor = ops.stop_gradient(ops.cast(factor, "float32"))
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"fake_quant: activation must be one of {ACTIVATIONS} or None, got {activation!r}.")
     if num_bits < 8 and is_exporting() and keras.backend.backend() == "tensorflow":
-        if factor is not None:
-            x = channel_product(x, factor, axes)
-        return _low_bit_for_export(x, min, max, num_bits, narrow_range, axes)
+        return _low_bit_for_export(before_quantization(x, axes, factor, activation), min, max, num_bits, narrow_range, axes)
     if _is_concrete(min) and _is_concrete(max):
         # The same float32 arithmetic in NumPy: one conversion each instead of six eager ops.
         min, max = (ops.convert_to_tensor(v) for v in sanitized_range(min, max, np))
     else:
         min, max = _sanitize_range(min, max)
     compute = x if dtype == "float32" else ops.cast(x, "float32")
+    if activation is not None and (per_axis or exportable or not fuses_activation(compute)):
+        compute, factor, activation = before_quantization(compute, axes, factor, activation), None, None
     if keras.backend.backend() == "tensorflow":
-        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes, exportable, factor)
+        out = _fake_quant_tf(compute, min, max, num_bits, narrow_range, axes, exportable, factor, activation)
     else:
-        if factor is not None:
-            compute = channel_product(compute, factor, axes)
-        out = _fake_quant_portable(compute, min, max, num_bits, narrow_range, axes)
+        out = _fake_quant_portable(before_quantization(compute, axes, factor, None), min, max, num_bits, narrow_range, axes)
     return out if dtype == "float32" else ops.cast(out, dtype)
 
 
@@ -710,12 +749,15 @@ def _check_range_shape(x, min, max, axes, per_axis, names=("min", "max")) -> Non
             )
 
 
-def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable, factor=None):
+def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable, factor=None, activation=None):
     """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization
-    (``factor`` multiplied first), or the fused kernels (``factor`` multiplied inside)."""
+    (``factor`` multiplied first), or the fused kernels (``factor`` multiplied inside;
+    ``activation`` applied inside, per tensor: :func:`fake_quant` applies it first elsewhere)."""
     import tensorflow as tf
 
     if not axes:
+        if activation is not None:
+            return _activation_then_per_tensor_tf(x, min, max, num_bits, narrow_range, activation)
         if exportable or _is_small(x, _LARGE_TENSOR_MIN_ELEMENTS):
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, min, max, num_bits=num_bits, narrow_range=narrow_range
@@ -885,6 +927,73 @@ def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
         return out, grad
 
     return kernel(x, min, max)
+
+
+def _activation_then_per_tensor_tf(x, min, max, num_bits, narrow_range, activation):
+    """TF's Relu or Relu6 of ``x``, then TF's per-tensor fake quant, as one op whose backward
+    pass keeps one byte per element: where the gradient passes to ``x`` (the activation's
+    gradient, TF's ``features > 0`` (``and < 6``) on its output, times the fake quant's
+    straight-through mask), and where the activation lies below or above the range (the
+    range's gradients). Neither the activation's output nor ``x`` waits for the backward pass.
+    """
+    import tensorflow as tf
+
+    classify, input_gradient, range_gradient = _tf_activation_kernels()
+    x = tf.convert_to_tensor(x)
+    qmin, qmax = quant_range(num_bits, narrow_range)
+    cap = tf.constant(np.float32(6.0 if activation == "relu6" else np.inf))
+
+    @tf.custom_gradient
+    def kernel(x, min, max):
+        activated = tf.nn.relu6(x) if activation == "relu6" else tf.nn.relu(x)
+        out = tf.quantization.fake_quant_with_min_max_vars(activated, min, max, num_bits=num_bits, narrow_range=narrow_range)
+        grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
+        zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
+        where = classify(activated, grid.nudged_min, grid.nudged_max, zero_range, cap)
+
+        def grad(upstream):
+            return (input_gradient(upstream, where), *range_gradient(upstream, where))
+
+        return out, grad
+
+    return kernel(x, min, max)
+
+
+#: The classes :func:`_activation_then_per_tensor_tf` keeps per element.
+_BLOCKED, _PASSES, _BELOW, _ABOVE = 0, 1, 2, 3
+
+
+@functools.lru_cache(maxsize=None)
+def _tf_activation_kernels():
+    """The XLA kernels of :func:`_activation_then_per_tensor_tf`: the class of each element
+    (uint8), and from it the input's gradient and the range's."""
+    import tensorflow as tf
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def classify(activated, nudged_min, nudged_max, zero_range, cap):
+        """The class of each element of an activation's output (``activated``, of an
+        activation clamped to ``[0, cap]``)."""
+        active = tf.logical_and(activated > 0.0, activated < cap)
+        inside = tf.logical_and(activated >= nudged_min, activated <= nudged_max)
+        passes = tf.logical_and(active, tf.logical_or(zero_range, inside))
+        below = tf.logical_and(tf.logical_not(zero_range), activated < nudged_min)
+        above = tf.logical_and(tf.logical_not(zero_range), activated > nudged_max)
+        return tf.where(passes, np.uint8(_PASSES), tf.where(below, np.uint8(_BELOW), tf.where(above, np.uint8(_ABOVE), np.uint8(_BLOCKED))))
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def input_gradient(upstream, where):
+        """The upstream gradient where it passes both the activation and the fake quant, else 0:
+        the product of TF's two masks with it."""
+        return upstream * tf.cast(tf.equal(where, np.uint8(_PASSES)), tf.float32)
+
+    @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
+    def range_gradient(upstream, where):
+        """The upstream gradient summed below and above the range (0 for ``[0, 0]``)."""
+        below = tf.cast(tf.equal(where, np.uint8(_BELOW)), tf.float32)
+        above = tf.cast(tf.equal(where, np.uint8(_ABOVE)), tf.float32)
+        return tf.reduce_sum(upstream * below), tf.reduce_sum(upstream * above)
+
+    return classify, input_gradient, range_gradient
 
 
 @functools.lru_cache(maxsize=None)

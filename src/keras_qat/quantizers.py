@@ -72,6 +72,12 @@ class Quantizer:
     #: product, which fused kernels never store (:meth:`keras_qat.folding.QuantizeFoldedBatchNorm._train`).
     takes_channel_factor: bool = False
 
+    #: Whether ``__call__`` takes ``activation=`` (``"relu"``, ``"relu6"``): quantize that
+    #: activation of ``inputs`` as it would quantize the activation's output. A ReLU layer then
+    #: hands over its input, and large tensors keep a byte per element for the backward pass
+    #: instead of the activation's output (:func:`keras_qat.ops.fuses_activation`).
+    takes_activation: bool = False
+
     def range_of(self, weights: dict[str, Any]):
         """``(min, max)``: the range the tensor is quantized on outside training, which
         inference and every export read: the range variables (a learned symmetric range
@@ -235,22 +241,21 @@ class _RangeQuantizer(Quantizer):
     # ---- the call ---------------------------------------------------------------------
 
     takes_channel_factor = True
+    takes_activation = True
 
-    def __call__(self, inputs, training, weights: dict[str, Any], factor=None, **kwargs):
+    def __call__(self, inputs, training, weights: dict[str, Any], factor=None, activation=None, **kwargs):
         """``inputs`` fake-quantized (see the module docstring); with ``factor`` (per-axis
-        quantizers: one constant per channel), ``inputs`` times ``factor`` per channel, as
-        :attr:`Quantizer.takes_channel_factor` describes."""
+        quantizers: one constant per channel), ``inputs`` times ``factor`` per channel, and with
+        ``activation``, that activation of them, as :attr:`Quantizer.takes_channel_factor` and
+        :attr:`Quantizer.takes_activation` describe."""
         inputs = self._float_tensor(inputs)
         axes = self._call_axes(inputs, weights)
-        if factor is not None:
-            self._check_factor(axes)
+        self._check_input_ops(axes, factor, activation)
         observer = qops.current_observer()
         if observer is not None:  # calibrating: the observer records the tensor
-            if factor is not None:
-                inputs = qops.channel_product(inputs, ops.stop_gradient(factor), axes)
-            return observer(self, inputs, weights, axes)
+            return observer(self, qops.before_quantization(inputs, axes, factor, activation), weights, axes)
         if training:
-            range_min, range_max = self._training_range(inputs, axes, weights, factor)
+            range_min, range_max = self._training_range(inputs, axes, weights, factor, activation)
         else:
             range_min, range_max = self.range_of(weights)
         return qops.fake_quant(
@@ -264,13 +269,20 @@ class _RangeQuantizer(Quantizer):
             # inference take the fused kernel (bit-identical, 10-20 times faster per channel).
             exportable=qops.is_exporting(),
             factor=factor,
+            activation=activation,
         )
 
-    def _check_factor(self, axes: tuple[int, ...]) -> None:
-        if not axes:
+    def _check_input_ops(self, axes: tuple[int, ...], factor, activation) -> None:
+        """Refuse a ``factor`` for a per-tensor quantizer and an activation it cannot apply."""
+        if factor is not None and not axes:
             raise ValueError(
                 f"{type(self).__name__}: factor= scales the channels of a per-axis quantizer; "
                 "this one is per tensor (per_axis=False). Multiply the tensor first."
+            )
+        if activation is not None and activation not in qops.ACTIVATIONS:
+            raise ValueError(
+                f"{type(self).__name__}: activation= must be one of {qops.ACTIVATIONS} or None, "
+                f"got {activation!r}; apply other activations before quantizing."
             )
 
     def _float_tensor(self, inputs):
@@ -284,19 +296,19 @@ class _RangeQuantizer(Quantizer):
             )
         return inputs
 
-    def _training_range(self, inputs, axes, weights, factor=None):
-        """The range this training step quantizes on (of ``inputs`` times ``factor`` where one
-        is given), and the range variables moved to it."""
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
+        """The range this training step quantizes on (of ``activation(inputs * factor)``, each
+        where given), and the range variables moved to it."""
         raise NotImplementedError
 
-    def observed_range(self, inputs, axes: tuple[int, ...], factor=None):
-        """The range of ``inputs`` (times ``factor`` per channel, where given) under this
-        quantizer's rules (zero included, symmetric or not), over the global batch when a
-        distributed step splits it (:func:`keras_qat.ops.global_range`)."""
+    def observed_range(self, inputs, axes: tuple[int, ...], factor=None, activation=None):
+        """The range of ``inputs`` (times ``factor`` per channel, then ``activation``, where
+        given) under this quantizer's rules (zero included, symmetric or not), over the global
+        batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
         if factor is not None:
             factor = ops.cast(ops.stop_gradient(factor), "float32")
         batch_min, batch_max = qops.global_range(
-            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor)
+            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
         )
         if self.symmetric:
             return qops.symmetric_range(batch_min, batch_max, self.num_bits, self.narrow_range)
@@ -322,8 +334,8 @@ class LastValueQuantizer(_RangeQuantizer):
 
     observer = "last_value"
 
-    def _training_range(self, inputs, axes, weights, factor=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor)
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
         weights["min_var"].assign(range_min)
         weights["max_var"].assign(range_max)
         return range_min, range_max
@@ -368,8 +380,8 @@ class MovingAverageQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights, factor=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor)
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
         steps = weights["steps"] + 1.0
         # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
         # exactly 1 at the first step.
@@ -395,8 +407,8 @@ class AllValuesQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights, factor=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor)
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
+        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
         first = weights["steps"] == 0.0
         new_min = ops.where(first, range_min, ops.minimum(weights["min_var"], range_min))
         new_max = ops.where(first, range_max, ops.maximum(weights["max_var"], range_max))
@@ -477,7 +489,7 @@ class FixedQuantizer(_RangeQuantizer):
             )
         return np.array(lo, np.float32), np.array(hi, np.float32)
 
-    def _training_range(self, inputs, axes, weights, factor=None):
+    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
         return weights["min_var"], weights["max_var"]
 
 
