@@ -308,7 +308,6 @@ def test_an_activation_quantizes_as_tensorflows_activation_then_fake_quant(activ
     Relu/Relu6 of ``x``, and exactly the gradient of ``x`` that the two ops give (their masks'
     product), the range's gradients as TF's sums; on 300 random cases of every range kind."""
     import tensorflow as tf
-    import keras
 
     rng = np.random.default_rng(31)
     differing = []

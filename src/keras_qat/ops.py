@@ -34,8 +34,9 @@ time and costs about 20 times its per-tensor kernel (80 ms forward and backward 
 sees (it traces inside :func:`exporting`), call :func:`fake_quant` with ``exportable=False`` and
 get the same arithmetic as one fused XLA kernel per direction, bit-identical to TF's op
 (tested against it). Their per-tensor fake quant of large tensors keeps TF's forward op but
-computes the input's gradient as one XLA kernel and the range's apart, so that an untrained
-range costs no pass over the tensor.
+keeps a byte per element for the backward pass (where the gradient passes, where the value
+lies below or above the range) and computes the input's gradient and the range's apart, so
+that an untrained range costs no pass over the tensor.
 """
 
 from __future__ import annotations
@@ -751,18 +752,16 @@ def _check_range_shape(x, min, max, axes, per_axis, names=("min", "max")) -> Non
 
 def _fake_quant_tf(x, min, max, num_bits, narrow_range, axes, exportable, factor=None, activation=None):
     """TensorFlow backend: TF's own ops, which the TFLite converter folds into quantization
-    (``factor`` multiplied first), or the fused kernels (``factor`` multiplied inside;
+    (``factor`` multiplied first), or the training kernels (``factor`` multiplied inside;
     ``activation`` applied inside, per tensor: :func:`fake_quant` applies it first elsewhere)."""
     import tensorflow as tf
 
     if not axes:
-        if activation is not None:
-            return _activation_then_per_tensor_tf(x, min, max, num_bits, narrow_range, activation)
         if exportable or _is_small(x, _LARGE_TENSOR_MIN_ELEMENTS):
             return tf.quantization.fake_quant_with_min_max_vars(
                 x, min, max, num_bits=num_bits, narrow_range=narrow_range
             )
-        return _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range)
+        return _per_tensor_keeping_classes_tf(x, min, max, num_bits, narrow_range, activation)
     moved, layout = _to_channels_last(
         x, axes, shape_fn=_tf_shape_list, reshape=tf.reshape, transpose=tf.transpose
     )
@@ -849,7 +848,7 @@ _FUSED_MIN_ELEMENTS = 32_768
 
 
 #: From this many elements training graphs take XLA kernels where TF's ops make extra passes
-#: (:func:`_per_tensor_with_separate_gradients_tf`, :func:`reduce_range` per channel); below it
+#: (:func:`_per_tensor_keeping_classes_tf`, :func:`reduce_range` per channel); below it
 #: their launch and the small ops around them cost more than they save (the digits CNN's
 #: 32x8x8x16 activations trained 7% slower with the per-tensor gradients).
 _LARGE_TENSOR_MIN_ELEMENTS = 131_072
@@ -894,62 +893,34 @@ def _fused_per_channel_tf(x, min, max, num_bits, narrow_range, factor=None):
     return kernel(x, min, max)
 
 
-def _per_tensor_with_separate_gradients_tf(x, min, max, num_bits, narrow_range):
-    """TF's per-tensor fake quant, its gradients computed apart, with the kernels of
-    :func:`_fused_per_channel_tf`: the input's, and the range's sums, which a training graph
-    drops where the range is not trained (the moving-average activation ranges of the default
-    schemes).
+def _per_tensor_keeping_classes_tf(x, min, max, num_bits, narrow_range, activation=None):
+    """TF's per-tensor fake quant (of TF's Relu or Relu6 of ``x``, with ``activation``) as one op
+    whose backward pass keeps one byte per element instead of a float: its class, where the
+    gradient passes to ``x`` (the fake quant's straight-through mask, times the activation's
+    own, TF's ``features > 0`` (``and < 6``) on its output) and where the value lies below or
+    above the range (the range's gradients).
 
-    TF's gradient op computes all three in one kernel, three passes over the tensor: it cost
-    25 ms of a 345 ms ResNet50 step at batch 32, where the input's gradient alone as one XLA
-    kernel takes half of its time (0.64 against 1.25 ms on a 2-million-element tensor).
+    TF's gradient op keeps the quantized tensor itself and computes all three gradients in one
+    kernel, three passes: 25 ms of a 345 ms ResNet50 step at batch 32. Here the range's sums
+    are a kernel of their own, which a graph drops where the range is not trained (the
+    moving-average ranges of the default schemes); and neither ``x`` nor the activation's
+    output waits for the backward pass (the float network keeps the activation's output once,
+    as the next layer's input, and a second copy cost ResNet50 85 MiB).
     """
     import tensorflow as tf
 
-    _, input_gradient, range_gradient = _tf_fused_kernels()
-    x = tf.convert_to_tensor(x)
-    qmin, qmax = quant_range(num_bits, narrow_range)
-
-    @tf.custom_gradient
-    def kernel(x, min, max):
-        out = tf.quantization.fake_quant_with_min_max_vars(x, min, max, num_bits=num_bits, narrow_range=narrow_range)
-
-        def grad(upstream):
-            grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
-            zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
-            one = tf.ones_like(min)
-            d_x = input_gradient(x, one, upstream, grid.nudged_min, grid.nudged_max, zero_range)
-            # One channel: the per-channel sums over the tensor as a column.
-            column = (tf.reshape(x, (-1, 1)), one, tf.reshape(upstream, (-1, 1)))
-            d_min, d_max = range_gradient(*column, grid.nudged_min, grid.nudged_max, zero_range)
-            return d_x, tf.reshape(d_min, ()), tf.reshape(d_max, ())
-
-        return out, grad
-
-    return kernel(x, min, max)
-
-
-def _activation_then_per_tensor_tf(x, min, max, num_bits, narrow_range, activation):
-    """TF's Relu or Relu6 of ``x``, then TF's per-tensor fake quant, as one op whose backward
-    pass keeps one byte per element: where the gradient passes to ``x`` (the activation's
-    gradient, TF's ``features > 0`` (``and < 6``) on its output, times the fake quant's
-    straight-through mask), and where the activation lies below or above the range (the
-    range's gradients). Neither the activation's output nor ``x`` waits for the backward pass.
-    """
-    import tensorflow as tf
-
-    classify, input_gradient, range_gradient = _tf_activation_kernels()
+    classify, input_gradient, range_gradient = _tf_class_kernels()
     x = tf.convert_to_tensor(x)
     qmin, qmax = quant_range(num_bits, narrow_range)
     cap = tf.constant(np.float32(6.0 if activation == "relu6" else np.inf))
 
     @tf.custom_gradient
     def kernel(x, min, max):
-        activated = tf.nn.relu6(x) if activation == "relu6" else tf.nn.relu(x)
+        activated = x if activation is None else tf.nn.relu6(x) if activation == "relu6" else tf.nn.relu(x)
         out = tf.quantization.fake_quant_with_min_max_vars(activated, min, max, num_bits=num_bits, narrow_range=narrow_range)
         grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
         zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
-        where = classify(activated, grid.nudged_min, grid.nudged_max, zero_range, cap)
+        where = classify(activated, grid.nudged_min, grid.nudged_max, zero_range, cap, activation is not None)
 
         def grad(upstream):
             return (input_gradient(upstream, where), *range_gradient(upstream, where))
@@ -959,21 +930,21 @@ def _activation_then_per_tensor_tf(x, min, max, num_bits, narrow_range, activati
     return kernel(x, min, max)
 
 
-#: The classes :func:`_activation_then_per_tensor_tf` keeps per element.
+#: The classes :func:`_per_tensor_keeping_classes_tf` keeps per element.
 _BLOCKED, _PASSES, _BELOW, _ABOVE = 0, 1, 2, 3
 
 
 @functools.lru_cache(maxsize=None)
-def _tf_activation_kernels():
-    """The XLA kernels of :func:`_activation_then_per_tensor_tf`: the class of each element
+def _tf_class_kernels():
+    """The XLA kernels of :func:`_per_tensor_keeping_classes_tf`: the class of each element
     (uint8), and from it the input's gradient and the range's."""
     import tensorflow as tf
 
     @tf.function(jit_compile=True, autograph=False, reduce_retracing=True)
-    def classify(activated, nudged_min, nudged_max, zero_range, cap):
-        """The class of each element of an activation's output (``activated``, of an
-        activation clamped to ``[0, cap]``)."""
-        active = tf.logical_and(activated > 0.0, activated < cap)
+    def classify(activated, nudged_min, nudged_max, zero_range, cap, clamped: bool):
+        """The class of each element of the tensor quantized (``activated``; where ``clamped``,
+        the output of an activation that passes gradients inside ``(0, cap)``)."""
+        active = tf.logical_and(activated > 0.0, activated < cap) if clamped else tf.ones_like(activated, tf.bool)
         inside = tf.logical_and(activated >= nudged_min, activated <= nudged_max)
         passes = tf.logical_and(active, tf.logical_or(zero_range, inside))
         below = tf.logical_and(tf.logical_not(zero_range), activated < nudged_min)
@@ -999,8 +970,7 @@ def _tf_activation_kernels():
 @functools.lru_cache(maxsize=None)
 def _tf_fused_kernels():
     """The forward (the grid, then an XLA kernel) of :func:`_fused_per_channel_tf`, and the XLA
-    kernels of its backward: the input's gradient (which per-tensor ranges share) and the
-    range's per channel."""
+    kernels of its backward: the input's gradient and the range's, per channel."""
     import tensorflow as tf
 
     def uncontracted_product(a, b):
