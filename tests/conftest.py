@@ -143,6 +143,38 @@ def exact_multiply_single_rounding(x: int, m0: int, shift: int) -> int:
 # ---- the digits CNN that the export and runtime tests train ----
 
 
+def training_step_results(layer, x) -> list[np.ndarray]:
+    """One training call of ``layer`` (a layer or a model) on ``x``: its output, every variable
+    afterwards and, on TensorFlow, the gradients of a weighted sum of the output for the
+    trainable ones; to compare two ways of training bit for bit."""
+    if keras.backend.backend() != "tensorflow":
+        return [to_numpy(layer(x, training=True))] + [to_numpy(w) for w in layer.weights]
+    import tensorflow as tf
+
+    with tf.GradientTape() as tape:
+        out = layer(x, training=True)
+        total = tf.reduce_sum(out * np.linspace(-1, 1, out.shape[-1], dtype="float32"))
+    gradients = tape.gradient(total, [w.value for w in layer.trainable_weights])
+    return [to_numpy(out)] + [to_numpy(w) for w in layer.weights] + [g.numpy() for g in gradients]
+
+
+def assert_trains_alike(layer, x, settings, steps: int = 3) -> None:
+    """``layer`` trained ``steps`` times on ``x`` from the same variables under each setting
+    (a callable that sets one way of training up) gives the same results
+    (:func:`training_step_results`), bit for bit."""
+    start = [to_numpy(w) for w in layer.weights]
+    runs = []
+    for setting in settings:
+        setting()
+        for variable, value in zip(layer.weights, start):
+            variable.assign(value)
+        runs.append([training_step_results(layer, x) for _ in range(steps)])
+    for run in runs[1:]:
+        for step, (got, want) in enumerate(zip(run, runs[0])):
+            assert len(got) == len(want)
+            assert all(same_bits(a, b) for a, b in zip(got, want)), f"step {step} differs"
+
+
 def fit_briefly(model, x, y, epochs=1):
     """Compile with Adam(1e-2) and fit silently: the short training the export tests use."""
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")

@@ -12,7 +12,7 @@ import pytest
 
 import keras_qat as kq
 from keras_qat import ops as qops
-from tests.conftest import same_bits, tf_fake_quant, to_numpy
+from tests.conftest import assert_trains_alike, same_bits, tf_fake_quant, to_numpy
 
 pytestmark = pytest.mark.api
 
@@ -167,31 +167,11 @@ def test_training_hands_the_kernel_and_factor_to_the_quantizer_with_the_products
     model = _model(kind, use_bias=True, output_quantized=False)
     folded = _folded(model)
     x = _inputs(model)
-    start = [to_numpy(w) for w in folded.weights]
-    runs = {}
-    for takes_factor in (True, False):
-        monkeypatch.setattr(type(folded.weight_quantizer), "takes_channel_factor", takes_factor)
-        for variable, value in zip(folded.weights, start):
-            variable.assign(value)
-        runs[takes_factor] = [_training_step(folded, x) for _ in range(3)]
-    for step, (given_factor, given_product) in enumerate(zip(runs[True], runs[False])):
-        assert len(given_factor) == len(given_product)
-        for got, want in zip(given_factor, given_product):
-            assert same_bits(got, want), step
-
-
-def _training_step(folded, x):
-    """The training output, every variable of the layer afterwards and, on TensorFlow, the
-    gradients of the output's sum for the trainable ones."""
-    if keras.backend.backend() != "tensorflow":
-        return [to_numpy(folded(x, training=True))] + [to_numpy(w) for w in folded.weights]
-    import tensorflow as tf
-
-    with tf.GradientTape() as tape:
-        out = folded(x, training=True)
-        total = tf.reduce_sum(out * np.linspace(-1, 1, out.shape[-1], dtype="float32"))
-    gradients = tape.gradient(total, [w.value for w in folded.trainable_weights])
-    return [to_numpy(out)] + [to_numpy(w) for w in folded.weights] + [g.numpy() for g in gradients]
+    quantizer_class = type(folded.weight_quantizer)
+    assert_trains_alike(folded, x, [
+        lambda: monkeypatch.setattr(quantizer_class, "takes_channel_factor", True),
+        lambda: monkeypatch.setattr(quantizer_class, "takes_channel_factor", False),
+    ])
 
 
 def test_freezing_batch_statistics_makes_training_compute_the_deployed_output(divided):
