@@ -428,7 +428,7 @@ def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph
     """The products of the channel's own min and max (swapped where the factor is negative)
     are the min and max of the products, bit for bit: rounding is monotonic."""
     rng = np.random.default_rng(2)
-    reduce_range = compiled(qops.reduce_range, static_argnums=(1,)) if in_graph else qops.reduce_range
+    reduce_range = compiled(qops.reduce_range, static_argnums=(1, 3)) if in_graph else qops.reduce_range
     x = (rng.normal(size=(3, 3, 4, 6)) * 10.0 ** rng.uniform(-3, 3, size=(3, 3, 4, 6))).astype(np.float32)
     for axis in (-1, (2, 3)):
         axes = qops.normalize_axes(axis, x.ndim)
@@ -436,7 +436,7 @@ def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph
         factor = _random_factor(rng, (count,))
         factor[0] = -factor[0] if factor[0] > 0 else factor[0]  # a negative factor, at least
         product = _channel_product(x, factor, axis).reshape(-1, count)  # channels last, flattened
-        lo, hi = reduce_range(x, axis, factor)
+        lo, hi = reduce_range(x, axis, factor, None)
         assert same_bits(to_numpy(lo), product.min(axis=0)) and same_bits(to_numpy(hi), product.max(axis=0))
         activated = np.minimum(np.maximum(product, 0), 6)
         lo, hi = reduce_range(x, axis, factor, "relu6")

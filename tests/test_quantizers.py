@@ -154,7 +154,7 @@ def test_a_channel_factor_quantizes_and_moves_the_range_as_the_product_would(qua
         training = step < 3
         got, d_got = _output_and_gradient(lambda w: quantizer(w, training, with_factor, factor=factor), kernel)
         want, d_want = _output_and_gradient(
-            lambda w: quantizer(w * factor.reshape(3, 2), training, with_product), kernel
+            lambda w: quantizer(w * keras.ops.convert_to_tensor(factor.reshape(3, 2)), training, with_product), kernel
         )
         assert same_bits(got, want), step
         assert np.array_equal(d_got, d_want), step

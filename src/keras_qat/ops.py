@@ -636,7 +636,7 @@ def before_quantization(x, axes: tuple[int, ...], factor=None, activation: str |
     ``activation(channel_product(x, factor, axes))``, each op where given, the factor a
     constant (no gradient flows to it)."""
     if factor is not None:
-        x = channel_product(x, ops.stop_gradient(factor), axes)
+        x = channel_product(x, ops.stop_gradient(ops.convert_to_tensor(factor)), axes)
     return x if activation is None else _activate(x, activation)
 
 

@@ -306,7 +306,7 @@ class _RangeQuantizer(Quantizer):
         given) under this quantizer's rules (zero included, symmetric or not), over the global
         batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
         if factor is not None:
-            factor = ops.cast(ops.stop_gradient(factor), "float32")
+            factor = ops.stop_gradient(ops.convert_to_tensor(factor, "float32"))
         batch_min, batch_max = qops.global_range(
             *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
         )
