@@ -704,14 +704,14 @@ def fake_quant(
     _check_concrete_range(min, max, "fake_quant")
     per_axis = axis is not None
     axes = normalize_axes(axis, len(x.shape)) if per_axis else ()
-    _check_range_shape(x, min, max, axes, per_axis)
+    _check_per_channel_shapes(x, {"min": min, "max": max}, axes, per_axis)
     if factor is not None:
         if not per_axis:
             raise ValueError(
                 "fake_quant: factor scales each channel of a per-axis quantization; per-tensor "
                 "quantization (axis=None) takes none. Multiply the tensor first."
             )
-        _check_range_shape(x, factor, factor, axes, per_axis, names=("factor",))
+        _check_per_channel_shapes(x, {"factor": factor}, axes, per_axis)
         factor = ops.stop_gradient(ops.cast(factor, "float32"))
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"fake_quant: activation must be one of {ACTIVATIONS} or None, got {activation!r}.")
@@ -732,8 +732,9 @@ def fake_quant(
     return out if dtype == "float32" else ops.cast(out, dtype)
 
 
-def _check_range_shape(x, min, max, axes, per_axis, names=("min", "max")) -> None:
-    for name, value in zip(names, (min, max)):
+def _check_per_channel_shapes(x, values: dict, axes, per_axis) -> None:
+    """Each of ``values`` (by argument name) a scalar per tensor, or one entry per channel."""
+    for name, value in values.items():
         shape = tuple(np.shape(value)) if not hasattr(value, "shape") else tuple(value.shape)
         if not per_axis:
             if shape not in ((),):
