@@ -33,7 +33,7 @@ from keras_qat import ops as qops
 from keras_qat import fixed_point as fp
 from keras_qat.errors import InexactInferenceWarning
 from keras_qat.format.manifest import SOFTMAX_BITS
-from keras_qat.grid import IntegerGrid, along_axes, codes_at_scale, from_range
+from keras_qat.grid import IntegerGrid, along_axes, codes_at_reciprocal, codes_at_scale, from_range, reciprocal_scale
 from keras_qat.registry import CLAMP_ACTIVATIONS, activation_name, kind_of
 from keras_qat.spec import TensorSpec
 from keras_qat.quantizers import Quantizer
@@ -247,7 +247,7 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     if activation == "linear":
         activation = out.activation
     w_spec = spec_of(kernel_source)
-    in_scale, w_scale, bias_codes, multiplier, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
+    in_reciprocal, w_reciprocal, bias_codes, multiplier, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
         *_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source),
         bias,
         _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
@@ -255,8 +255,8 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     )
     # A shared function's outputs come without static shapes; the convolution needs its
     # input's channels known (Keras compiles a convolution of unknown channels with XLA).
-    x = codes_at_scale(inputs, ops.reshape(in_scale, ()), ops)
-    w = codes_at_scale(kernel, along_axes(w_scale, w_spec.axes, tuple(kernel.shape), ops), ops)
+    x = codes_at_reciprocal(inputs, ops.reshape(in_reciprocal, ()), ops)
+    w = codes_at_reciprocal(kernel, along_axes(w_reciprocal, w_spec.axes, tuple(kernel.shape), ops), ops)
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits
     )
@@ -300,10 +300,12 @@ def _requantization(fn) -> _Requantization:
 
 
 def _static(spec: TensorSpec) -> tuple:
-    """``spec`` as plain values: a shared function (:func:`keras_qat.ops.shared`) is traced once
-    per distinct value of its non-tensor arguments, and TensorFlow compares other objects by
-    identity."""
-    return (int(spec.bits), bool(spec.narrow_range), bool(spec.symmetric), tuple(int(a) for a in spec.axes), str(spec.observer))
+    """What a grid's arithmetic reads of ``spec``, as plain values: a shared function
+    (:func:`keras_qat.ops.shared`) is traced once per distinct value of its non-tensor arguments,
+    and TensorFlow compares other objects by identity. The ranges arrive as vectors (one entry
+    per channel) whatever the channel axes are, so only whether there are any matters: a
+    convolution's kernel and a depthwise one's share a trace."""
+    return (int(spec.bits), bool(spec.narrow_range), bool(spec.symmetric), (0,) if spec.axes else ())
 
 
 def _range_tensors(source: Source) -> tuple:
@@ -316,7 +318,8 @@ def _kernel_parameters_fn(
     activation: str, single_rounding: bool,
 ):
     """A kernel's integer parameters from its three ranges (:meth:`keras_qat.integer.KernelOp.lower`;
-    the specs as :func:`_static` gives them): the input, weight and output scales, the bias
+    the specs as :func:`_static` gives them): the reciprocals of the input and weight scales
+    (:func:`keras_qat.grid.reciprocal_scale`, what their codes are computed with), the output scale, the bias
     codes (0 without a bias), the multiplier as its float64 constants
     (:meth:`keras_qat.integer.Requantize.float64_multiplier`), the output zero point, the
     clamp, and whether the requantization's clipped form is exact
@@ -328,7 +331,7 @@ def _kernel_parameters_fn(
     requantize = op.requantize
     bias_codes = op.bias if op.bias is not None else ops.zeros((), "float64")
     return (
-        in_grid.scale, w_grid.scale, bias_codes, requantize.float64_multiplier(ops),
+        reciprocal_scale(in_grid.scale, ops), reciprocal_scale(w_grid.scale, ops), bias_codes, requantize.float64_multiplier(ops),
         ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
         requantize.clipped_fits(ops),
     )

@@ -254,7 +254,18 @@ def codes_at_scale(on_grid, scale, xp):
     it), and the reciprocal's and the product's roundings add at most ``2**-7`` steps more: far
     from the half step where rounding would change.
     """
-    return xp.round(on_grid * (1.0 / xp.where(xp.equal(scale, 0.0), xp.ones_like(scale), scale)))
+    return codes_at_reciprocal(on_grid, reciprocal_scale(scale, xp), xp)
+
+
+def reciprocal_scale(scale, xp):
+    """``1 / scale`` (1 where the scale is 0) in a graph: what :func:`codes_at_scale` multiplies
+    by, which a caller that quantizes many tensors on one grid computes once."""
+    return 1.0 / xp.where(xp.equal(scale, 0.0), xp.ones_like(scale), scale)
+
+
+def codes_at_reciprocal(on_grid, reciprocal, xp):
+    """:func:`codes_at_scale` given the scale's :func:`reciprocal_scale`."""
+    return xp.round(on_grid * reciprocal)
 
 
 def sanitized_range(range_min, range_max, xp=np):
