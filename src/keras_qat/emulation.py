@@ -253,9 +253,13 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
         _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
         rounds_once(layer, kernel_source.quantizer),
     )
-    # A shared function's outputs come without static shapes; the convolution needs its
-    # input's channels known (Keras compiles a convolution of unknown channels with XLA).
-    x = codes_at_reciprocal(inputs, ops.reshape(in_reciprocal, ()), ops)
+    # A shared function traced for several shapes returns its outputs without static shapes;
+    # the convolution needs its operands' channels known (Keras compiles a convolution of
+    # unknown channels with XLA).
+    if tuple(in_reciprocal.shape) != ():
+        in_reciprocal = ops.reshape(in_reciprocal, ())
+    w_reciprocal = qops.with_static_shape(w_reciprocal, (qops.channel_count(tuple(kernel.shape), w_spec.axes),) if w_spec.axes else ())
+    x = codes_at_reciprocal(inputs, in_reciprocal, ops)
     w = codes_at_reciprocal(kernel, along_axes(w_reciprocal, w_spec.axes, tuple(kernel.shape), ops), ops)
     accumulator = _accumulate(
         layer, x, w, _reduction_terms(layer), in_source.quantizer.num_bits, kernel_source.quantizer.num_bits

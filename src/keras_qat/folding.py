@@ -41,6 +41,34 @@ def _deserialize_quantizer(value):
     return keras.saving.deserialize_keras_object(value)
 
 
+def _batch_norm_factor(gamma, moving_variance, epsilon: float):
+    """``gamma / sqrt(moving_variance + epsilon)`` per channel (gamma 1 where None); 1 where it is 0."""
+    gamma = ops.ones_like(moving_variance) if gamma is None else gamma
+    # gamma * rsqrt(...), not gamma / sqrt(...): graph optimizers (Grappler, the TFLite
+    # converter's) rewrite the latter into the former, and the two differ in the last bit,
+    # which moves the rare folded weight within an ulp of a half step to the next integer.
+    factor = gamma * ops.rsqrt(moving_variance + epsilon)
+    # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
+    # the normalized output there is beta either way.
+    return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
+
+
+def _folded_bias(factor, moving_mean, beta, bias):
+    """The deployed bias ``beta + (bias - moving_mean) * factor`` (beta and bias 0 where None)."""
+    return (0.0 if beta is None else beta) + ((0.0 if bias is None else bias) - moving_mean) * factor
+
+
+def _deployed_fold_fn(gamma, moving_variance, moving_mean, beta, bias, epsilon: float):
+    """The BN factor and the folded bias, as the QAT model's inference computes them."""
+    factor = _batch_norm_factor(gamma, moving_variance, epsilon)
+    return factor, _folded_bias(factor, moving_mean, beta, bias)
+
+
+#: :func:`_deployed_fold_fn` as one op per layer of an inference graph (:func:`keras_qat.ops.shared`):
+#: the same arithmetic, traced once for every folded layer instead of a dozen ops in each.
+_deployed_fold = qops.shared(_deployed_fold_fn)
+
+
 @keras.saving.register_keras_serializable(package="keras_qat")
 class QuantizeFoldedBatchNorm(keras.layers.Layer):
     """``layer`` (Conv1D, Conv2D, DepthwiseConv2D or Dense, linear, channels last) with the
@@ -112,14 +140,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
     def _factor(self):
         """``gamma / sqrt(moving_variance + epsilon)`` per output channel; 1 where it is 0."""
         bn = self.batch_norm
-        gamma = bn.gamma if bn.gamma is not None else ops.ones_like(bn.moving_variance)
-        # gamma * rsqrt(...), not gamma / sqrt(...): graph optimizers (Grappler, the TFLite
-        # converter's) rewrite the latter into the former, and the two differ in the last bit,
-        # which moves the rare folded weight within an ulp of a half step to the next integer.
-        factor = gamma * ops.rsqrt(bn.moving_variance + bn.epsilon)
-        # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
-        # the normalized output there is beta either way.
-        return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
+        return _batch_norm_factor(bn.gamma, bn.moving_variance, bn.epsilon)
 
     def _fold_kernel(self, factor):
         return self._per_output_channel(self.layer.kernel, factor)
@@ -134,9 +155,11 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         """The deployed bias: ``beta + (bias - moving_mean) * factor``."""
         bn = self.batch_norm
         factor = self._factor() if factor is None else factor
-        bias = self.layer.bias if getattr(self.layer, "use_bias", False) else 0.0
-        beta = bn.beta if bn.beta is not None else 0.0
-        return beta + (bias - bn.moving_mean) * factor
+        return _folded_bias(factor, bn.moving_mean, bn.beta, self._bias())
+
+    def _bias(self):
+        """The layer's bias variable, or None."""
+        return self.layer.bias if getattr(self.layer, "use_bias", False) else None
 
     def unquantized_kernel(self):
         """The folded kernel before weight quantization: the real values its quantizer rounds."""
@@ -163,12 +186,15 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             target = linking.output_target(self)
         if target is None or len(sources) != 1 or sources[0] is None:
             return None
-        factor = self._factor()
+        bn = self.batch_norm
+        factor, bias = _deployed_fold(bn.gamma, bn.moving_variance, bn.moving_mean, bn.beta, self._bias(), bn.epsilon)
+        channels = tuple(bn.moving_variance.shape)
+        factor, bias = qops.with_static_shape(factor, channels), qops.with_static_shape(bias, channels)
         return emulation.kernel_inference(
             self.layer,
             inputs,
             self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars),
-            self.folded_bias(factor),
+            bias,
             sources[0],
             self.kernel_source(),
             target,

@@ -236,6 +236,8 @@ def along_axes(values, axes: Sequence[int], shape: Sequence[int], xp=np):
     ``axes`` is empty."""
     if not axes:
         return values
+    if tuple(axes) == (len(shape) - 1,) and len(getattr(values, "shape", np.shape(values))) == 1:
+        return values  # one value per channel of the last axis broadcasts as it is
     broadcast = [1] * len(shape)
     for axis in axes:
         broadcast[axis] = int(shape[axis])
