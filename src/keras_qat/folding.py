@@ -335,7 +335,7 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
         bn = self.batch_norm
         gamma = bn.gamma if bn.gamma is not None else 1.0
         beta = bn.beta if bn.beta is not None else 0.0
-        batch_bias = 0.0
+        batch_bias = None
         if getattr(self.layer, "use_bias", False):
             batch_bias = self.layer.bias
             # Normalization removes the bias: its gradient is exactly zero. Saying so (on the
@@ -344,8 +344,11 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             beta = beta + 0.0 * self.layer.bias
         normalized, mean, variance = qops.batch_normalize(unfolded, gamma, beta, bn.epsilon)
         momentum = bn.momentum
-        new_mean = bn.moving_mean * momentum + (ops.stop_gradient(mean) + batch_bias) * (1.0 - momentum)
-        new_variance = bn.moving_variance * momentum + ops.stop_gradient(variance) * (1.0 - momentum)
+        # The moving statistics are assigned, never differentiated: no stop_gradient needed.
+        if batch_bias is not None:
+            mean = mean + batch_bias
+        new_mean = bn.moving_mean * momentum + mean * (1.0 - momentum)
+        new_variance = bn.moving_variance * momentum + variance * (1.0 - momentum)
         if frozen is None:
             bn.moving_mean.assign(new_mean)
             bn.moving_variance.assign(new_variance)

@@ -463,7 +463,9 @@ def symmetric_range(batch_min, batch_max, num_bits: int, narrow_range: bool):
     middle code (int8: -128..127 with zero point 0).
     """
     num_bits = validate_num_bits(num_bits, "symmetric_range")
-    ratio = -1.0 if narrow_range else -((2**num_bits) - 2) / (2**num_bits)
+    if narrow_range:  # dividing or multiplying by -1 is negating, exactly
+        return ops.minimum(batch_min, ops.negative(batch_max)), ops.maximum(batch_max, ops.negative(batch_min))
+    ratio = -((2**num_bits) - 2) / (2**num_bits)
     range_min = ops.minimum(batch_min, ops.divide(batch_max, ratio))
     range_max = ops.maximum(batch_max, ops.multiply(batch_min, ratio))
     return range_min, range_max
@@ -636,8 +638,25 @@ def before_quantization(x, axes: tuple[int, ...], factor=None, activation: str |
     ``activation(channel_product(x, factor, axes))``, each op where given, the factor a
     constant (no gradient flows to it)."""
     if factor is not None:
-        x = channel_product(x, ops.stop_gradient(ops.convert_to_tensor(factor)), axes)
+        x = channel_product(x, without_gradient(factor, keras.backend.standardize_dtype(x.dtype)), axes)
     return x if activation is None else _activate(x, activation)
+
+
+def without_gradient(x, dtype: str = "float32"):
+    """``x`` as a ``dtype`` tensor through which no gradient flows: ``stop_gradient``, except
+    where ``x`` already is one's output (a folded layer's BN factor, passed on to its quantizer
+    and the quantizer's range), which a second would only add an op to every training graph."""
+    x = ops.cast(ops.convert_to_tensor(x), dtype)
+    return x if _is_stop_gradient_output(x) else ops.stop_gradient(x)
+
+
+def _is_stop_gradient_output(x) -> bool:
+    """Whether ``x`` is a TensorFlow graph tensor computed by StopGradient."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return tf.is_symbolic_tensor(x) and x.op.type == "StopGradient"
 
 
 def channel_product(x, factor, axis: Axis):
@@ -712,7 +731,7 @@ def fake_quant(
                 "quantization (axis=None) takes none. Multiply the tensor first."
             )
         _check_per_channel_shapes(x, {"factor": factor}, axes, per_axis)
-        factor = ops.stop_gradient(ops.cast(factor, "float32"))
+        factor = without_gradient(factor)
     if activation is not None and activation not in ACTIVATIONS:
         raise ValueError(f"fake_quant: activation must be one of {ACTIVATIONS} or None, got {activation!r}.")
     if num_bits < 8 and is_exporting() and keras.backend.backend() == "tensorflow":

@@ -306,7 +306,7 @@ class _RangeQuantizer(Quantizer):
         given) under this quantizer's rules (zero included, symmetric or not), over the global
         batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
         if factor is not None:
-            factor = ops.stop_gradient(ops.convert_to_tensor(factor, "float32"))
+            factor = qops.without_gradient(factor)
         batch_min, batch_max = qops.global_range(
             *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
         )
@@ -384,11 +384,12 @@ class MovingAverageQuantizer(_RangeQuantizer):
         range_min, range_max = self.observed_range(inputs, axes, factor, activation)
         steps = weights["steps"] + 1.0
         # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
-        # exactly 1 at the first step.
-        decay = ops.convert_to_tensor(np.float32(self.ema_decay))
-        rate = (1.0 - decay) / (1.0 - ops.power(decay, steps))
-        new_min = range_min * rate + weights["min_var"] * (1.0 - rate)
-        new_max = range_max * rate + weights["max_var"] * (1.0 - rate)
+        # exactly 1 at the first step; 1 - d in float32, as a graph would subtract it.
+        decay = np.float32(self.ema_decay)
+        rate = (np.float32(1.0) - decay) / (1.0 - ops.power(decay, steps))
+        keep = 1.0 - rate
+        new_min = range_min * rate + weights["min_var"] * keep
+        new_max = range_max * rate + weights["max_var"] * keep
         weights["steps"].assign(steps)
         weights["min_var"].assign(new_min)
         weights["max_var"].assign(new_max)
