@@ -938,9 +938,8 @@ def _per_tensor_keeping_classes_tf(x, min, max, num_bits, narrow_range, activati
     def kernel(x, min, max):
         activated = x if activation is None else tf.nn.relu6(x) if activation == "relu6" else tf.nn.relu(x)
         out = tf.quantization.fake_quant_with_min_max_vars(activated, min, max, num_bits=num_bits, narrow_range=narrow_range)
-        grid = _nudge(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
-        zero_range = tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
-        where = classify(activated, grid.nudged_min, grid.nudged_max, zero_range, cap, activation is not None)
+        nudged_min, nudged_max, zero_range = _nudged_bounds(min, max, tf.constant(np.float32(qmin)), tf.constant(np.float32(qmax)))
+        where = classify(activated, nudged_min, nudged_max, zero_range, cap, activation is not None)
 
         def grad(upstream):
             return (input_gradient(upstream, where), *range_gradient(upstream, where))
@@ -948,6 +947,19 @@ def _per_tensor_keeping_classes_tf(x, min, max, num_bits, narrow_range, activati
         return out, grad
 
     return kernel(x, min, max)
+
+
+def _nudged_bounds_fn(min, max, qmin_f, qmax_f):
+    """The nudged range of ``[min, max]`` (:func:`nudge`) and whether the range is ``[0, 0]``."""
+    import tensorflow as tf
+
+    grid = _nudge(min, max, qmin_f, qmax_f)
+    return grid.nudged_min, grid.nudged_max, tf.logical_and(tf.equal(min, 0.0), tf.equal(max, 0.0))
+
+
+#: :func:`_nudged_bounds_fn` as one op of a training graph, the same TF ops traced once
+#: (:func:`shared`) for every quantizer instead of two dozen scalar ops in each.
+_nudged_bounds = shared(_nudged_bounds_fn)
 
 
 #: The classes :func:`_per_tensor_keeping_classes_tf` keeps per element.
