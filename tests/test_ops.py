@@ -521,6 +521,25 @@ def _numpy_batch_norm(x, scale, offset, epsilon, upstream):
     return normalized * scale + offset, mean, variance, (d_x, (g * normalized).sum(axes), g.sum(axes))
 
 
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the fused kernel is TensorFlow's")
+@pytest.mark.parametrize("shape", [(3, 7, 5), (6, 4, 3, 5), (7, 3, 5)], ids=["rank3", "rank4", "rank3_odd"])
+def test_fused_batch_normalize_statistics_alike_for_static_and_unknown_shapes(shape, monkeypatch):
+    """The fused kernel's population variance (its Bessel-corrected one rescaled) is bit for bit
+    the same whether the element count is known when traced (the factor computed in NumPy) or
+    only when run (in the graph)."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(qops, "_FUSED_BATCH_NORM_MIN_ELEMENTS", 0)
+    rng = np.random.default_rng(11)
+    x = (rng.normal(size=shape) * rng.uniform(0.01, 30.0, shape[-1]) + 0.5).astype(np.float32)
+    scale, offset = np.ones(shape[-1], np.float32), np.zeros(shape[-1], np.float32)
+    unknown = tf.TensorSpec([None] * len(shape[:-1]) + [shape[-1]], tf.float32)
+    dynamic = tf.function(lambda x: qops.batch_normalize(x, scale, offset, 1e-3), input_signature=[unknown])
+    static = tf.function(lambda x: qops.batch_normalize(x, scale, offset, 1e-3))
+    for got, want in zip(dynamic(tf.constant(x)), static(tf.constant(x))):
+        np.testing.assert_array_equal(got.numpy(), want.numpy())
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate_ops"])
 @pytest.mark.parametrize("shape", [(32, 5), (8, 6, 5), (4, 3, 6, 5), (2, 3, 2, 4, 5)], ids=["rank2", "rank3", "rank4", "rank5"])
 @pytest.mark.parametrize("epsilon", [1e-3, 1e-6], ids=["eps_1e-3", "eps_1e-6"])

@@ -433,8 +433,7 @@ def _fused_batch_normalize_tf(x, scale, offset, epsilon: float):
     if rank < 4:
         x = tf.reshape(x, tf.concat([shape[:1], tf.ones([4 - rank], tf.int32), shape[1:]], 0))
     channels = x.shape[-1]
-    scale = tf.broadcast_to(tf.cast(scale, tf.float32), [channels])
-    offset = tf.broadcast_to(tf.cast(offset, tf.float32), [channels])
+    scale, offset = (_channel_vector_tf(v, channels) for v in (scale, offset))
     empty = tf.constant([], tf.float32)
     # The raw op: tf.nn.fused_batch_norm raises an epsilon below 1.001e-5 to that value, where
     # Keras's BatchNormalization keeps a user's 1e-6.
@@ -442,12 +441,27 @@ def _fused_batch_normalize_tf(x, scale, offset, epsilon: float):
         x, scale, offset, empty, empty, epsilon=float(epsilon),
         data_format="NHWC" if rank <= 4 else "NDHWC", is_training=True,
     )
-    # The kernel returns the Bessel-corrected variance n / (n - 1) * population variance.
-    count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
-    variance = corrected_variance * ((count - 1.0) / tf.maximum(count, 1.0))
+    # The kernel returns the Bessel-corrected variance n / (n - 1) * population variance; the
+    # inverse factor in float32, from the static shape where it is known (the same float32
+    # arithmetic, no ops).
+    static_count = static_size(x.shape) / int(channels)
+    if static_count != float("inf"):
+        count = np.float32(static_count)
+        variance = corrected_variance * ((count - np.float32(1.0)) / np.maximum(count, np.float32(1.0)))
+    else:
+        count = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+        variance = corrected_variance * ((count - 1.0) / tf.maximum(count, 1.0))
     if rank < 4:
         normalized = tf.reshape(normalized, shape)
     return normalized, mean, variance
+
+
+def _channel_vector_tf(value, channels: int):
+    """``value`` (a scalar or one per channel) as a float32 vector of ``channels`` entries."""
+    import tensorflow as tf
+
+    value = tf.cast(value, tf.float32)
+    return value if tuple(value.shape) == (channels,) else tf.broadcast_to(value, [channels])
 
 
 def asymmetric_range(batch_min, batch_max):
