@@ -161,3 +161,30 @@ def test_a_relu_layer_hands_its_activation_to_its_quantizer_with_the_same_traini
         lambda: monkeypatch.setattr(quantizer_class, "takes_activation", True),
         lambda: monkeypatch.setattr(quantizer_class, "takes_activation", False),
     ])
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras compiles TensorFlow steps with XLA on request")
+def test_a_step_compiled_with_xla_trains_as_the_graph_step():
+    """Keras compiles the whole training step with XLA where asked (``jit_compile=True``; its
+    default on GPUs): the shared range updates, the byte-per-element fake quant and the
+    per-channel kernels then run inside one compiled step. It moves the ranges and the moving
+    statistics as the uncompiled step does; XLA's convolutions round differently, so up to
+    float32 rounding of values near 1."""
+    inputs = keras.Input((32, 32, 3))
+    x = L.Conv2D(16, 3, padding="same", use_bias=False)(inputs)
+    x = L.ReLU(6.0)(L.BatchNormalization()(x))  # 8 x 32 x 32 x 16: the large-tensor kernels
+    x = L.DepthwiseConv2D(3, padding="same")(x)
+    x = L.Add()([x, L.ReLU()(L.BatchNormalization()(x))])
+    outputs = L.Dense(4)(L.GlobalAveragePooling2D()(x))
+    rng = np.random.default_rng(6)
+    data, labels = rng.normal(size=(8, 32, 32, 3)).astype("float32"), rng.integers(0, 4, 8)
+    states = []
+    for jit_compile in (False, True):
+        keras.utils.set_random_seed(3)
+        model = kq.quantize_model(keras.Model(inputs, outputs))
+        model.compile(keras.optimizers.SGD(0.0), keras.losses.SparseCategoricalCrossentropy(from_logits=True), jit_compile=jit_compile)
+        model.fit(data, labels, batch_size=8, epochs=2, verbose=0)
+        states.append({v.path: to_numpy(v) for v in model.non_trainable_variables})
+    assert states[0].keys() == states[1].keys()
+    for path in states[0]:
+        np.testing.assert_allclose(states[1][path], states[0][path], rtol=1e-5, atol=1e-6, err_msg=path)

@@ -345,6 +345,29 @@ def test_ranges_update_in_fit_and_predict_matches_tensorflow(quantizer_cls):
     assert same_bits(out, tf_fake_quant(x, lo, hi, 4, False, -1))
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the shared update function is TensorFlow's")
+@pytest.mark.parametrize("quantizer_cls", ALL_QUANTIZERS[:3], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("per_axis", [False, True], ids=["per_tensor", "per_axis"])
+@pytest.mark.parametrize("shape", [(4, 6, 6, 3), (8, 64, 64, 4)], ids=["inlined", "called"])
+def test_a_graph_moves_the_ranges_as_eager_execution_does(quantizer_cls, per_axis, shape):
+    """In a TensorFlow graph a range's observation and update run as one function shared by
+    every quantizer of the same settings (inlined below the large-tensor size, called above);
+    over three training steps it gives the outputs and range variables that eager execution,
+    which runs the update's ops one by one, gives, bit for bit."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(8)
+    batches = [(rng.normal(size=shape) * (step + 1) + step).astype(np.float32) for step in range(3)]
+    eager_quantizer, graph_quantizer = (quantizer_cls(num_bits=5, per_axis=per_axis) for _ in range(2))
+    eager_weights, _ = _build(eager_quantizer, batches[0], "activation")
+    graph_weights, _ = _build(graph_quantizer, batches[0], "activation")
+    step = tf.function(lambda x: graph_quantizer(x, True, graph_weights))
+    for x in batches:
+        assert same_bits(to_numpy(step(tf.constant(x))), to_numpy(eager_quantizer(x, True, eager_weights)))
+        for key in eager_weights:
+            assert same_bits(to_numpy(graph_weights[key]), to_numpy(eager_weights[key])), key
+
+
 def test_initial_range_before_any_training_is_tfmots():
     assert kqq.INITIAL_RANGE == (-6.0, 6.0)
     quantizer = kq.MovingAverageQuantizer(num_bits=8)

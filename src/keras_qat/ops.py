@@ -192,6 +192,44 @@ def shared(fn):
     )
 
 
+def shared_update(fn):
+    """:func:`shared` for a computation that assigns variables (a quantizer's range update): the
+    Keras variables among its arguments reach ``fn`` as TensorFlow's own ``tf.Variable``, so
+    that one trace serves every quantizer's variables. ``fn`` itself in eager execution, on
+    other backends, and in a multi-replica step, whose collectives
+    (:func:`global_range`) stay in the step's own graph.
+
+    Where the first argument has fewer than :data:`_LARGE_TENSOR_MIN_ELEMENTS` elements, the
+    function is inlined when the graph runs: a call of its own costs a small model's step more
+    than the memory of its ops saves (the digits CNN: 2.8 against 2.7 ms in one process).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    inlined = tf.function(fn, autograph=False, reduce_retracing=True)
+    called = tf.function(fn, autograph=False, reduce_retracing=True, experimental_attributes={"_noinline": True})
+
+    @functools.wraps(fn)
+    def call(*args):
+        if tf.executing_eagerly() or _replica_context() is not None:
+            return fn(*args)
+        function = inlined if _is_small(args[0], _LARGE_TENSOR_MIN_ELEMENTS) else called
+        return function(*(_tf_variable(a) if isinstance(a, keras.Variable) else a for a in args))
+
+    return call
+
+
+def _tf_variable(variable):
+    """The ``tf.Variable`` that holds a Keras variable's value on TensorFlow."""
+    import tensorflow as tf
+
+    value = getattr(variable, "_value", None)
+    if not isinstance(value, tf.Variable):
+        raise TypeError(f"keras_qat: no tf.Variable behind the Keras variable {variable.path!r}.")
+    return value
+
+
 def with_static_shape(x, shape):
     """``x`` with its static shape set to ``shape`` in a TensorFlow graph, where the output of a
     :func:`compiled` or :func:`shared` function (traced for any shape) has lost it; ``x`` as it

@@ -296,23 +296,100 @@ class _RangeQuantizer(Quantizer):
             )
         return inputs
 
+    #: How a training step moves the range variables to the batch's range: a name in
+    #: :data:`_RANGE_UPDATES` and its static arguments (see :meth:`_range_update`).
+    range_update: tuple | None = None
+
+    def _range_update(self) -> tuple:
+        """:attr:`range_update` (a subclass with arguments, such as a decay, builds it here)."""
+        if self.range_update is None:
+            raise NotImplementedError(f"{type(self).__name__} must define range_update or _training_range.")
+        return self.range_update
+
     def _training_range(self, inputs, axes, weights, factor=None, activation=None):
         """The range this training step quantizes on (of ``activation(inputs * factor)``, each
-        where given), and the range variables moved to it."""
-        raise NotImplementedError
+        where given), and the range variables moved to it: the batch's range, observed and
+        applied by :meth:`_range_update`'s rule, as one shared op of a TensorFlow graph."""
+        # No gradient reaches the range (nor, through it, the inputs): the function's inputs say so.
+        return _observe_and_update(
+            ops.stop_gradient(inputs), None if factor is None else qops.without_gradient(factor),
+            weights["min_var"], weights["max_var"], weights.get("steps"),
+            self._range_update(), tuple(axes), activation, bool(self.symmetric), int(self.num_bits), bool(self.narrow_range),
+        )
 
     def observed_range(self, inputs, axes: tuple[int, ...], factor=None, activation=None):
         """The range of ``inputs`` (times ``factor`` per channel, then ``activation``, where
         given) under this quantizer's rules (zero included, symmetric or not), over the global
         batch when a distributed step splits it (:func:`keras_qat.ops.global_range`)."""
-        if factor is not None:
-            factor = qops.without_gradient(factor)
-        batch_min, batch_max = qops.global_range(
-            *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
-        )
-        if self.symmetric:
-            return qops.symmetric_range(batch_min, batch_max, self.num_bits, self.narrow_range)
-        return qops.asymmetric_range(batch_min, batch_max)
+        factor = None if factor is None else qops.without_gradient(factor)
+        return _observed_range(inputs, factor, tuple(axes), activation, self.symmetric, self.num_bits, self.narrow_range)
+
+
+def _observed_range(inputs, factor, axes: tuple[int, ...], activation, symmetric: bool, num_bits: int, narrow_range: bool):
+    """:meth:`_RangeQuantizer.observed_range` from the quantizer's settings."""
+    batch_min, batch_max = qops.global_range(
+        *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
+    )
+    if symmetric:
+        return qops.symmetric_range(batch_min, batch_max, num_bits, narrow_range)
+    return qops.asymmetric_range(batch_min, batch_max)
+
+
+def _last_value_update(batch_min, batch_max, min_var, max_var, steps):
+    """The batch's range, stored as it is."""
+    min_var.assign(batch_min)
+    max_var.assign(batch_max)
+    return batch_min, batch_max
+
+
+def _moving_average_update(batch_min, batch_max, min_var, max_var, steps, ema_decay: float):
+    """The bias-corrected moving average (:class:`MovingAverageQuantizer`), stored."""
+    steps_now = steps + 1.0
+    # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
+    # exactly 1 at the first step; 1 - d in float32, as a graph would subtract it.
+    decay = np.float32(ema_decay)
+    rate = (np.float32(1.0) - decay) / (1.0 - ops.power(decay, steps_now))
+    keep = 1.0 - rate
+    new_min = batch_min * rate + min_var * keep
+    new_max = batch_max * rate + max_var * keep
+    steps.assign(steps_now)
+    min_var.assign(new_min)
+    max_var.assign(new_max)
+    return new_min, new_max
+
+
+def _all_values_update(batch_min, batch_max, min_var, max_var, steps):
+    """The running min and max (:class:`AllValuesQuantizer`), stored; the first batch's own."""
+    first = ops.equal(steps, 0.0)
+    new_min = ops.where(first, batch_min, ops.minimum(min_var, batch_min))
+    new_max = ops.where(first, batch_max, ops.maximum(max_var, batch_max))
+    steps.assign(steps + 1.0)
+    min_var.assign(new_min)
+    max_var.assign(new_max)
+    return new_min, new_max
+
+
+#: The rules of :attr:`_RangeQuantizer.range_update`, by name.
+_RANGE_UPDATES = {
+    "last_value": _last_value_update,
+    "moving_average": _moving_average_update,
+    "all_values": _all_values_update,
+}
+
+
+def _observe_and_update_fn(inputs, factor, min_var, max_var, steps, update: tuple, axes: tuple, activation, symmetric: bool, num_bits: int, narrow_range: bool):
+    """The batch's range (:func:`_observed_range`) applied to the range variables by ``update``
+    (a name in :data:`_RANGE_UPDATES` and its arguments): the range the step quantizes on."""
+    batch_min, batch_max = _observed_range(inputs, factor, axes, activation, symmetric, num_bits, narrow_range)
+    rule, *arguments = update
+    return _RANGE_UPDATES[rule](batch_min, batch_max, min_var, max_var, steps, *arguments)
+
+
+#: :func:`_observe_and_update_fn` as one op per quantizer of a TensorFlow training graph, traced
+#: once for all quantizers of the same settings (:func:`keras_qat.ops.shared_update`): the
+#: three dozen ops of a range's reduction, update and assignments cost memory for as long
+#: as the model lives, in every quantizer.
+_observe_and_update = qops.shared_update(_observe_and_update_fn)
 
 
 def _steps_variable(layer, name: str):
@@ -333,12 +410,7 @@ class LastValueQuantizer(_RangeQuantizer):
     """
 
     observer = "last_value"
-
-    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
-        weights["min_var"].assign(range_min)
-        weights["max_var"].assign(range_max)
-        return range_min, range_max
+    range_update = ("last_value",)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -380,20 +452,8 @@ class MovingAverageQuantizer(_RangeQuantizer):
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
 
-    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
-        steps = weights["steps"] + 1.0
-        # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
-        # exactly 1 at the first step; 1 - d in float32, as a graph would subtract it.
-        decay = np.float32(self.ema_decay)
-        rate = (np.float32(1.0) - decay) / (1.0 - ops.power(decay, steps))
-        keep = 1.0 - rate
-        new_min = range_min * rate + weights["min_var"] * keep
-        new_max = range_max * rate + weights["max_var"] * keep
-        weights["steps"].assign(steps)
-        weights["min_var"].assign(new_min)
-        weights["max_var"].assign(new_max)
-        return new_min, new_max
+    def _range_update(self) -> tuple:
+        return ("moving_average", self.ema_decay)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -404,19 +464,10 @@ class AllValuesQuantizer(_RangeQuantizer):
     """
 
     observer = "all_values"
+    range_update = ("all_values",)
 
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
-
-    def _training_range(self, inputs, axes, weights, factor=None, activation=None):
-        range_min, range_max = self.observed_range(inputs, axes, factor, activation)
-        first = weights["steps"] == 0.0
-        new_min = ops.where(first, range_min, ops.minimum(weights["min_var"], range_min))
-        new_max = ops.where(first, range_max, ops.maximum(weights["max_var"], range_max))
-        weights["steps"].assign(weights["steps"] + 1.0)
-        weights["min_var"].assign(new_min)
-        weights["max_var"].assign(new_max)
-        return new_min, new_max
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
