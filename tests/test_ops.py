@@ -538,6 +538,8 @@ def test_fused_batch_normalize_statistics_alike_for_static_and_unknown_shapes(sh
     static = tf.function(lambda x: qops.batch_normalize(x, scale, offset, 1e-3))
     for got, want in zip(dynamic(tf.constant(x)), static(tf.constant(x))):
         np.testing.assert_array_equal(got.numpy(), want.numpy())
+    sizes = [[op for op in f.get_concrete_function(tf.constant(x)).graph.get_operations() if op.type == "Size"] for f in (dynamic, static)]
+    assert sizes[0] and not sizes[1], "the element count from the graph only where the shape is unknown"
 
 
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "separate_ops"])

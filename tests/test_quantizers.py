@@ -260,6 +260,26 @@ def test_moving_average_first_step_is_the_batch_range_and_later_steps_average():
     assert float(to_numpy(weights["steps"])) == 2.0
 
 
+def test_moving_average_steps_are_its_float32_formula_bit_for_bit():
+    """Each step's range is ``r * rate + m * (1 - rate)`` with ``rate = (1 - d) / (1 - d**t)``,
+    every operation one float32 rounding (a true division: PyTorch's reflected division by a
+    NumPy scalar would multiply by a reciprocal instead), on every backend."""
+    decay = np.float32(0.9)
+    quantizer = kq.MovingAverageQuantizer(num_bits=8, ema_decay=float(decay))
+    weights, _ = _build(quantizer, np.zeros((3,)))
+    rng = np.random.default_rng(12)
+    want_min = want_max = np.float32(0.0)
+    for step in range(1, 31):
+        batch = rng.normal(size=(3,)).astype(np.float32) * step
+        quantizer(batch, True, weights)
+        rate = (np.float32(1.0) - decay) / (np.float32(1.0) - decay ** np.float32(step))
+        keep = np.float32(1.0) - rate
+        want_min = min(batch.min(), np.float32(0.0)) * rate + want_min * keep
+        want_max = max(batch.max(), np.float32(0.0)) * rate + want_max * keep
+        assert same_bits(to_numpy(weights["min_var"]).reshape(()), np.float32(want_min)), step
+        assert same_bits(to_numpy(weights["max_var"]).reshape(()), np.float32(want_max)), step
+
+
 @pytest.mark.parametrize("decay", [-0.1, 1.0, 2, "0.9"])
 def test_moving_average_rejects_a_bad_decay(decay):
     with pytest.raises(ValueError, match="ema_decay"):
@@ -348,24 +368,64 @@ def test_ranges_update_in_fit_and_predict_matches_tensorflow(quantizer_cls):
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="the shared update function is TensorFlow's")
 @pytest.mark.parametrize("quantizer_cls", ALL_QUANTIZERS[:3], ids=lambda c: c.__name__)
 @pytest.mark.parametrize("per_axis", [False, True], ids=["per_tensor", "per_axis"])
-@pytest.mark.parametrize("shape", [(4, 6, 6, 3), (8, 64, 64, 4)], ids=["inlined", "called"])
-def test_a_graph_moves_the_ranges_as_eager_execution_does(quantizer_cls, per_axis, shape):
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+@pytest.mark.parametrize(
+    "shapes", [((4, 6, 6, 3), (4, 3, 3, 5), (4, 5, 7, 2)), ((8, 64, 64, 4), (8, 48, 80, 6), (8, 64, 128, 5))], ids=["inlined", "called"]
+)
+def test_a_graph_moves_the_ranges_as_eager_execution_does(quantizer_cls, per_axis, symmetric, shapes):
     """In a TensorFlow graph a range's observation and update run as one function shared by
-    every quantizer of the same settings (inlined below the large-tensor size, called above);
-    over three training steps it gives the outputs and range variables that eager execution,
-    which runs the update's ops one by one, gives, bit for bit."""
+    the quantizers of the same settings and range length (traced for the first shape, then
+    once for any shape;
+    inlined below the large-tensor size, called above); over three training steps of three
+    such quantizers it gives the outputs and range variables that eager execution, which runs
+    the update's ops one by one, gives, bit for bit."""
     import tensorflow as tf
 
     rng = np.random.default_rng(8)
-    batches = [(rng.normal(size=shape) * (step + 1) + step).astype(np.float32) for step in range(3)]
-    eager_quantizer, graph_quantizer = (quantizer_cls(num_bits=5, per_axis=per_axis) for _ in range(2))
-    eager_weights, _ = _build(eager_quantizer, batches[0], "activation")
-    graph_weights, _ = _build(graph_quantizer, batches[0], "activation")
-    step = tf.function(lambda x: graph_quantizer(x, True, graph_weights))
-    for x in batches:
-        assert same_bits(to_numpy(step(tf.constant(x))), to_numpy(eager_quantizer(x, True, eager_weights)))
-        for key in eager_weights:
-            assert same_bits(to_numpy(graph_weights[key]), to_numpy(eager_weights[key])), key
+    batches = [[(rng.normal(size=shape) * (step + 1) + step).astype(np.float32) for shape in shapes] for step in range(3)]
+    settings = dict(num_bits=5, per_axis=per_axis, symmetric=symmetric, narrow_range=symmetric)
+    eager, graph = ([quantizer_cls(**settings) for _ in shapes] for _ in range(2))
+    eager_weights = [_build(q, x, "activation")[0] for q, x in zip(eager, batches[0])]
+    graph_weights = [_build(q, x, "activation")[0] for q, x in zip(graph, batches[0])]
+    step = tf.function(lambda *xs: [q(x, True, w) for q, x, w in zip(graph, xs, graph_weights)])
+    for xs in batches:
+        got = step(*(tf.constant(x) for x in xs))
+        for out, q, x, w, graph_w in zip(got, eager, xs, eager_weights, graph_weights):
+            assert same_bits(to_numpy(out), to_numpy(q(x, True, w)))
+            for key in w:
+                assert same_bits(to_numpy(graph_w[key]), to_numpy(w[key])), key
+    calls = [op for op in step.get_concrete_function(*(tf.constant(x) for x in batches[0])).graph.get_operations()
+             if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    functions = [name for name in (op.get_attr("f").name for op in calls) if "_observe_and_update_fn" in name]
+    assert len(functions) == 3
+    if per_axis:  # ranges of different lengths: a trace each
+        assert len(set(functions)) == 3
+    else:
+        assert functions[1] == functions[2], "one trace for the later shapes"
+
+
+@pytest.mark.parametrize("per_axis", [False, True], ids=["per_tensor", "per_axis"])
+def test_a_subclass_that_observes_ranges_its_own_way_trains_on_them(per_axis):
+    """A quantizer that overrides ``observed_range`` (tfmot's contract lets a subclass decide
+    what range it sees) moves its range by that range in training, graphs included."""
+
+    class ClippedRange(kq.LastValueQuantizer):
+        def observed_range(self, inputs, axes, factor=None, activation=None):
+            lo, hi = super().observed_range(inputs, axes, factor, activation)
+            return lo * 0.5, hi * 0.5
+
+    x = (np.random.default_rng(13).normal(size=(6, 4)) * 3).astype(np.float32)
+    quantizer = ClippedRange(num_bits=8, per_axis=per_axis)
+    weights, _ = _build(quantizer, x, "activation")
+    train = lambda v: quantizer(v, True, weights)  # noqa: E731
+    if keras.backend.backend() == "tensorflow":  # a graph, where the other quantizers' update is shared
+        import tensorflow as tf
+
+        train = tf.function(train)
+    train(x)
+    axis = 0 if per_axis else None
+    np.testing.assert_array_equal(to_numpy(weights["min_var"]), np.minimum(x.min(axis), 0) * np.float32(0.5))
+    np.testing.assert_array_equal(to_numpy(weights["max_var"]), np.maximum(x.max(axis), 0) * np.float32(0.5))
 
 
 def test_initial_range_before_any_training_is_tfmots():

@@ -236,7 +236,7 @@ def along_axes(values, axes: Sequence[int], shape: Sequence[int], xp=np):
     ``axes`` is empty."""
     if not axes:
         return values
-    if tuple(axes) == (len(shape) - 1,) and len(getattr(values, "shape", np.shape(values))) == 1:
+    if tuple(axes) == (len(shape) - 1,) and tuple(np.shape(values)) in ((shape[-1],), (None,)):
         return values  # one value per channel of the last axis broadcasts as it is
     broadcast = [1] * len(shape)
     for axis in axes:

@@ -196,8 +196,9 @@ def shared_update(fn):
     """:func:`shared` for a computation that assigns variables (a quantizer's range update): the
     Keras variables among its arguments reach ``fn`` as TensorFlow's own ``tf.Variable``, so
     that one trace serves every quantizer's variables. ``fn`` itself in eager execution, on
-    other backends, and in a multi-replica step, whose collectives
-    (:func:`global_range`) stay in the step's own graph.
+    other backends, under a distribution strategy (whose collectives, :func:`global_range`, and
+    mirrored variables stay in the step's own graph), and where Keras gives its variables a
+    meaning of their own (:func:`_keras_variable_scope_active`).
 
     Where the first argument has fewer than :data:`_LARGE_TENSOR_MIN_ELEMENTS` elements, the
     function is inlined when the graph runs: a call of its own costs a small model's step more
@@ -207,17 +208,37 @@ def shared_update(fn):
         return fn
     import tensorflow as tf
 
-    inlined = tf.function(fn, autograph=False, reduce_retracing=True)
-    called = tf.function(fn, autograph=False, reduce_retracing=True, experimental_attributes={"_noinline": True})
+    def traced(variable_shapes, *args):
+        # The variables' shapes key the trace: a trace relaxed to tensors of several shapes
+        # still reads each variable with the static shape of the first it was traced with.
+        return fn(*args)
+
+    traced.__name__ = traced.__qualname__ = fn.__name__  # the traces' names say what they compute
+    inlined = tf.function(traced, autograph=False, reduce_retracing=True)
+    called = tf.function(traced, autograph=False, reduce_retracing=True, experimental_attributes={"_noinline": True})
 
     @functools.wraps(fn)
     def call(*args):
-        if tf.executing_eagerly() or _replica_context() is not None:
+        if tf.executing_eagerly() or tf.distribute.has_strategy() or _keras_variable_scope_active():
             return fn(*args)
         function = inlined if _is_small(args[0], _LARGE_TENSOR_MIN_ELEMENTS) else called
-        return function(*(_tf_variable(a) if isinstance(a, keras.Variable) else a for a in args))
+        variable_shapes = tuple(tuple(a.shape) for a in args if isinstance(a, keras.Variable))
+        return function(variable_shapes, *(_tf_variable(a) if isinstance(a, keras.Variable) else a for a in args))
 
     return call
+
+
+def _keras_variable_scope_active() -> bool:
+    """Whether reading or assigning a Keras variable means more than its ``tf.Variable`` does: in a
+    ``keras.StatelessScope`` (``stateless_call``: assignments are collected, not made) or an
+    autocast scope (mixed precision: float variables read in the compute dtype). True where this
+    Keras does not say."""
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+        from keras.src.backend.common.variables import get_autocast_scope
+    except ImportError:  # pragma: no cover - a Keras that moved them
+        return True
+    return in_stateless_scope() or get_autocast_scope() is not None
 
 
 def _tf_variable(variable):
@@ -332,7 +353,7 @@ def _check_concrete_range(min, max, owner: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = None):
+def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = None, *, compiled: bool | None = None):
     """Min and max of ``x``: scalars when ``axis`` is None, else one per channel of ``axis``.
 
     Several axes are flattened row-major into one channel axis (see :func:`normalize_axes`).
@@ -342,11 +363,14 @@ def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = Non
     without computing that tensor: rounding a product is monotonic in each operand and so are
     ReLU and ReLU6, so they are those ops applied to ``x``'s own min and max (swapped where
     the factor is negative), bit for bit (for finite values).
+
+    ``compiled`` says whether a per-channel range is one XLA kernel (:func:`reduces_compiled`);
+    None decides from ``x``'s static shape, which a function traced for several shapes has lost.
     """
     if factor is not None or activation is not None:
         if factor is not None and axis is None:
             raise ValueError("reduce_range: factor scales the channels of an axis; pass axis=... with it.")
-        lo, hi = reduce_range(x, axis)
+        lo, hi = reduce_range(x, axis, compiled=compiled)
         if factor is not None:
             factor = ops.cast(factor, lo.dtype)
             lo, hi, positive = lo * factor, hi * factor, factor >= 0.0
@@ -358,7 +382,7 @@ def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = Non
         return ops.min(x), ops.max(x)
     axes = normalize_axes(axis, len(x.shape), "reduce_range")
     others = tuple(a for a in range(len(x.shape)) if a not in axes)
-    if _reduces_compiled(x):
+    if reduces_compiled(x) if compiled is None else compiled:
         lo, hi = _tf_min_max()(x, others)
     else:
         lo, hi = ops.min(x, axis=others), ops.max(x, axis=others)
@@ -367,7 +391,7 @@ def reduce_range(x, axis: Axis = None, factor=None, activation: str | None = Non
     return lo, hi
 
 
-def _reduces_compiled(x) -> bool:
+def reduces_compiled(x) -> bool:
     """Whether :func:`reduce_range` takes a per-channel range as one XLA kernel: on TensorFlow,
     in a graph, for a tensor of at least :data:`_LARGE_TENSOR_MIN_ELEMENTS` elements.
     TF's Min and Max reduce across the channels of a weight in two passes that cost four times

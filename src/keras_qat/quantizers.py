@@ -296,25 +296,31 @@ class _RangeQuantizer(Quantizer):
             )
         return inputs
 
-    #: How a training step moves the range variables to the batch's range: a name in
-    #: :data:`_RANGE_UPDATES` and its static arguments (see :meth:`_range_update`).
-    range_update: tuple | None = None
-
     def _range_update(self) -> tuple:
-        """:attr:`range_update` (a subclass with arguments, such as a decay, builds it here)."""
-        if self.range_update is None:
-            raise NotImplementedError(f"{type(self).__name__} must define range_update or _training_range.")
-        return self.range_update
+        """How a training step moves the range variables to the batch's range: the rule of
+        :data:`_RANGE_UPDATES` named by :attr:`observer`, and its static arguments (a decay)."""
+        return (self.observer,)
 
     def _training_range(self, inputs, axes, weights, factor=None, activation=None):
         """The range this training step quantizes on (of ``activation(inputs * factor)``, each
         where given), and the range variables moved to it: the batch's range, observed and
-        applied by :meth:`_range_update`'s rule, as one shared op of a TensorFlow graph."""
+        applied by :meth:`_range_update`'s rule, as one shared op of a TensorFlow graph (as the
+        quantizer's own methods where a subclass observes ranges its own way)."""
+        rule, *arguments = update = self._range_update()
+        if rule not in _RANGE_UPDATES:
+            raise NotImplementedError(
+                f"{type(self).__name__}: observer {rule!r} has no range update; a quantizer with "
+                f"its own observer implements _training_range (one of {sorted(_RANGE_UPDATES)} otherwise)."
+            )
+        if type(self).observed_range is not _RangeQuantizer.observed_range:
+            batch_min, batch_max = self.observed_range(inputs, axes, factor, activation)
+            return _RANGE_UPDATES[rule](batch_min, batch_max, weights["min_var"], weights["max_var"], weights.get("steps"), *arguments)
         # No gradient reaches the range (nor, through it, the inputs): the function's inputs say so.
         return _observe_and_update(
             ops.stop_gradient(inputs), None if factor is None else qops.without_gradient(factor),
             weights["min_var"], weights["max_var"], weights.get("steps"),
-            self._range_update(), tuple(axes), activation, bool(self.symmetric), int(self.num_bits), bool(self.narrow_range),
+            update, tuple(axes), activation, bool(self.symmetric), int(self.num_bits), bool(self.narrow_range),
+            bool(axes) and qops.reduces_compiled(inputs),
         )
 
     def observed_range(self, inputs, axes: tuple[int, ...], factor=None, activation=None):
@@ -325,10 +331,11 @@ class _RangeQuantizer(Quantizer):
         return _observed_range(inputs, factor, tuple(axes), activation, self.symmetric, self.num_bits, self.narrow_range)
 
 
-def _observed_range(inputs, factor, axes: tuple[int, ...], activation, symmetric: bool, num_bits: int, narrow_range: bool):
-    """:meth:`_RangeQuantizer.observed_range` from the quantizer's settings."""
+def _observed_range(inputs, factor, axes: tuple[int, ...], activation, symmetric: bool, num_bits: int, narrow_range: bool, compiled: bool | None = None):
+    """:meth:`_RangeQuantizer.observed_range` from the quantizer's settings (``compiled``: see
+    :func:`keras_qat.ops.reduce_range`)."""
     batch_min, batch_max = qops.global_range(
-        *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation)
+        *qops.reduce_range(ops.cast(ops.stop_gradient(inputs), "float32"), axes or None, factor, activation, compiled=compiled)
     )
     if symmetric:
         return qops.symmetric_range(batch_min, batch_max, num_bits, narrow_range)
@@ -348,7 +355,7 @@ def _moving_average_update(batch_min, batch_max, min_var, max_var, steps, ema_de
     # Weight of the new batch in the bias-corrected average: (1 - d) / (1 - d**t),
     # exactly 1 at the first step; 1 - d in float32, as a graph would subtract it.
     decay = np.float32(ema_decay)
-    rate = (np.float32(1.0) - decay) / (1.0 - ops.power(decay, steps_now))
+    rate = ops.divide(np.float32(1.0) - decay, 1.0 - ops.power(decay, steps_now))
     keep = 1.0 - rate
     new_min = batch_min * rate + min_var * keep
     new_max = batch_max * rate + max_var * keep
@@ -369,7 +376,7 @@ def _all_values_update(batch_min, batch_max, min_var, max_var, steps):
     return new_min, new_max
 
 
-#: The rules of :attr:`_RangeQuantizer.range_update`, by name.
+#: The range updates, by the :attr:`Quantizer.observer` they implement.
 _RANGE_UPDATES = {
     "last_value": _last_value_update,
     "moving_average": _moving_average_update,
@@ -377,10 +384,15 @@ _RANGE_UPDATES = {
 }
 
 
-def _observe_and_update_fn(inputs, factor, min_var, max_var, steps, update: tuple, axes: tuple, activation, symmetric: bool, num_bits: int, narrow_range: bool):
+def _observe_and_update_fn(
+    inputs, factor, min_var, max_var, steps, update: tuple, axes: tuple, activation, symmetric: bool, num_bits: int,
+    narrow_range: bool, compiled: bool,
+):
     """The batch's range (:func:`_observed_range`) applied to the range variables by ``update``
-    (a name in :data:`_RANGE_UPDATES` and its arguments): the range the step quantizes on."""
-    batch_min, batch_max = _observed_range(inputs, factor, axes, activation, symmetric, num_bits, narrow_range)
+    (a name in :data:`_RANGE_UPDATES` and its arguments): the range the step quantizes on.
+    ``compiled`` is decided where the inputs' shape is known (a trace shared by several
+    shapes has lost it)."""
+    batch_min, batch_max = _observed_range(inputs, factor, axes, activation, symmetric, num_bits, narrow_range, compiled)
     rule, *arguments = update
     return _RANGE_UPDATES[rule](batch_min, batch_max, min_var, max_var, steps, *arguments)
 
@@ -410,7 +422,6 @@ class LastValueQuantizer(_RangeQuantizer):
     """
 
     observer = "last_value"
-    range_update = ("last_value",)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -453,7 +464,7 @@ class MovingAverageQuantizer(_RangeQuantizer):
         return {"steps": _steps_variable(layer, name)}
 
     def _range_update(self) -> tuple:
-        return ("moving_average", self.ema_decay)
+        return (self.observer, self.ema_decay)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -464,7 +475,6 @@ class AllValuesQuantizer(_RangeQuantizer):
     """
 
     observer = "all_values"
-    range_update = ("all_values",)
 
     def _build_state(self, name, layer):
         return {"steps": _steps_variable(layer, name)}
