@@ -14,6 +14,7 @@ import keras_qat as kq
 from keras_qat import emulation
 from keras_qat import ops as qops
 from keras_qat.errors import InexactInferenceWarning
+from tests.conftest import digits_cnn, digits_data, same_bits
 
 pytestmark = pytest.mark.api
 
@@ -152,3 +153,23 @@ def test_a_compiled_tail_told_whether_the_clipped_form_fits_is_exact(multipliers
     got = ops.convert_to_numpy(tail(ops.convert_to_tensor(accumulator.astype(np.float64))))
     want = (requantize(accumulator) - out.zero_point).astype(np.float32) * np.float32(out.scale)
     assert np.array_equal(got, want)
+
+
+@pytest.mark.skipif(not qops.exact_integer_arithmetic(), reason="exact inference needs int64/float64 on the backend")
+def test_traced_inference_follows_the_weights_after_it_was_traced():
+    """``predict`` traces its graph once and keeps it across ``fit``: the integer parameters it
+    computed for the first weights (on TensorFlow, kept by :func:`keras_qat.ops.memoized`) must
+    give way to the new ones, bit for bit as eager inference computes them."""
+    keras.utils.set_random_seed(3)
+    images, labels = digits_data()
+    model = kq.quantize_model(digits_cnn())
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    model.fit(images[:128], labels[:128], batch_size=32, epochs=1, verbose=0)
+    x = images[:64]
+    before = np.asarray(model.predict_on_batch(x))
+    assert same_bits(before, keras.ops.convert_to_numpy(model(x, training=False)))
+    model.fit(images[128:256], labels[128:256], batch_size=32, epochs=1, verbose=0)
+    after = np.asarray(model.predict_on_batch(x))
+    assert not np.array_equal(after, before), "training moved the weights, ranges and statistics"
+    assert same_bits(after, keras.ops.convert_to_numpy(model(x, training=False)))
+

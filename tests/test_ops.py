@@ -468,6 +468,79 @@ def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph
         assert same_bits(to_numpy(lo), activated.min(axis=0)) and same_bits(to_numpy(hi), activated.max(axis=0))
 
 
+# ---- memoized: a layer's parameters, recomputed only when its inputs change ---------------------
+
+
+def _parameters_like(a, b, bias, offset: float):
+    """Outputs of three dtypes and shapes, nested as a layer's parameters are."""
+    import keras
+
+    scaled = a * b + offset
+    return scaled, (keras.ops.cast(a, "float64") / 3.0, keras.ops.greater(bias, 0.0)), keras.ops.sum(bias)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
+    """One Python op in the graph; its outputs are the eager function's bits, recomputed after
+    any input changes (an assignment between calls of the same traced graph), reused while
+    none does."""
+    import tensorflow as tf
+
+    runs = []
+
+    def counted(*args):
+        runs.append(1)
+        return _parameters_like(*args)
+
+    memo = qops.memoized(counted)
+    a, b = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0]))
+    bias = tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    graph = tf.function(lambda: memo(a, b, bias, 0.5))
+    ops_in_graph = {op.type for op in graph.get_concrete_function().graph.get_operations()}
+    assert "PyFunc" in ops_in_graph and not ops_in_graph & {"Mul", "Sum", "PartitionedCall"}
+
+    def check():
+        got = tf.nest.map_structure(np.asarray, graph())
+        want = tf.nest.map_structure(np.asarray, _parameters_like(a, b, bias, 0.5))
+        assert tf.nest.flatten(got) and all(
+            g.shape == w.shape and g.dtype == w.dtype and same_bits(g, w) for g, w in zip(tf.nest.flatten(got), tf.nest.flatten(want))
+        )
+
+    runs.clear()
+    check()
+    check()
+    assert len(runs) == 1, "the second call reuses the first one's outputs"
+    for variable, value in ((a, np.float32(-0.75)), (b, np.float32([0.25, -2.0, 3.5])), (bias, np.float32([1.0, -1.0, -0.0]))):
+        variable.assign(value)
+        check()
+    assert len(runs) == 4, "each change (a sign of zero included) recomputes once"
+    bias.assign(np.float32([1.0, -1.0, -0.0]))
+    check()
+    assert len(runs) == 4, "assigning the same values recomputes nothing"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+def test_a_memoized_function_is_traced_where_no_python_op_may_run(tmp_path):
+    """Under XLA and in a SavedModel the function's own ops run, with the same outputs."""
+    import tensorflow as tf
+
+    memo = qops.memoized(_parameters_like)
+    module = tf.Module()
+    module.a, module.b = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0]))
+    module.bias = tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    module.call = tf.function(lambda: memo(module.a, module.b, module.bias, 0.5), input_signature=[])
+    want = tf.nest.flatten(_parameters_like(module.a, module.b, module.bias, 0.5))
+
+    compiled_call = tf.function(lambda: memo(module.a, module.b, module.bias, 0.5), jit_compile=True)
+    assert all(same_bits(np.asarray(g), np.asarray(w)) for g, w in zip(tf.nest.flatten(compiled_call()), want))
+
+    tf.saved_model.save(module, str(tmp_path / "saved"))
+    restored = tf.saved_model.load(str(tmp_path / "saved"))
+    ops_in_graph = {op.type for op in restored.call.get_concrete_function().graph.get_operations()}
+    assert "PyFunc" not in ops_in_graph
+    assert all(same_bits(np.asarray(g), np.asarray(w)) for g, w in zip(tf.nest.flatten(restored.call()), want))
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

@@ -341,7 +341,7 @@ def _kernel_parameters_fn(
     )
 
 
-_kernel_parameters = qops.shared(_kernel_parameters_fn)
+_kernel_parameters = qops.memoized(_kernel_parameters_fn)
 
 
 def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high, scale, form):
@@ -416,7 +416,7 @@ def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tup
     )
 
 
-_add_parameters = qops.shared(_add_parameters_fn)
+_add_parameters = qops.memoized(_add_parameters_fn)
 
 
 def _add_output_fn(a, b, scale_a, scale_b, multipliers, zero_point, low, high, scale, form):

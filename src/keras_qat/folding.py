@@ -66,7 +66,7 @@ def _deployed_fold_fn(gamma, moving_variance, moving_mean, beta, bias, epsilon: 
 
 #: :func:`_deployed_fold_fn` as one op per layer of an inference graph (:func:`keras_qat.ops.shared`):
 #: the same arithmetic, traced once for every folded layer instead of a dozen ops in each.
-_deployed_fold = qops.shared(_deployed_fold_fn)
+_deployed_fold = qops.memoized(_deployed_fold_fn)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")

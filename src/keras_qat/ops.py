@@ -228,6 +228,144 @@ def shared_update(fn):
     return call
 
 
+def memoized(fn):
+    """:func:`shared` ``fn`` (a pure function of small tensors; other arguments static) whose
+    outputs an inference graph reuses for as long as its inputs keep their values: a layer's
+    integer parameters, which change only when its ranges, bias or folded statistics do (a
+    training step, calibration, ``set_weights``).
+
+    In a TensorFlow graph each call becomes one ``numpy_function`` op that keeps the bytes of the
+    inputs it last saw and the outputs it computed from them. Where the inputs differ, it runs
+    ``fn`` eagerly: the same TF ops that the shared function runs, so the same bits. A graph
+    then neither traces ``fn`` nor runs its ops while the model is unchanged: MobileNetV2's
+    inference graph holds 3,066 ops plus 295 in shared functions instead of 2,888 plus 2,498.
+    Measured in fresh processes against :func:`shared`, alternating: the first inference call of
+    the digits CNN 0.85-0.97 s instead of 1.33-1.49, of MobileNetV2 3.1-4.4 s instead of 4.4-6.5
+    (a noisy machine), 27-30 MiB less resident memory, the same time per call.
+
+    :func:`shared` where a Python call cannot run inside the graph or would be wrong there:
+    under XLA (``jit_compile``), while a SavedModel is saved, under a ``tf.distribute``
+    strategy, in a converter's trace (:func:`exporting`) and in Keras's stateless or autocast
+    scope; ``fn`` itself eagerly and on other backends.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return fn
+    import tensorflow as tf
+
+    fallback = shared(fn)
+
+    @functools.wraps(fn)
+    def call(*args):
+        if tf.executing_eagerly() or not _memoizes_here():
+            return fallback(*args)
+        return _memoized_call(fn, args)
+
+    return call
+
+
+def _memoizes_here() -> bool:
+    """Whether the graph being traced may hold a :func:`memoized` call's Python op."""
+    import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util
+    from tensorflow.python.saved_model import save_context
+
+    return not (
+        control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        or save_context.in_save_context()
+        or tf.distribute.has_strategy()
+        or is_exporting()
+        or _keras_variable_scope_active()
+    )
+
+
+class _LastRun:
+    """One :func:`memoized` call site of a graph: the Python side of its op, which keeps the
+    bytes of the inputs of its last run and the outputs computed from them."""
+
+    def __init__(self, fn, is_tensor: tuple, static: tuple, groups: list[list[int]]):
+        self._fn, self._is_tensor, self._static, self._groups = fn, is_tensor, static, groups
+        self._last: tuple | None = None  # (the inputs' bytes, the outputs as NumPy arrays)
+
+    def __call__(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """The outputs for ``inputs``: the last ones while the inputs are the same bytes, else
+        ``fn``'s, computed eagerly on the inputs as tensors (as eager inference computes them),
+        stacked by :func:`_output_groups`."""
+        import tensorflow as tf
+
+        key = tuple((value.shape, value.tobytes()) for value in inputs)
+        last = self._last
+        if last is None or last[0] != key:
+            values = iter(inputs)
+            args = [tf.convert_to_tensor(next(values)) if tensor else s for tensor, s in zip(self._is_tensor, self._static)]
+            flat = [np.asarray(v) for v in tf.nest.flatten(self._fn(*args))]
+            outputs = [flat[group[0]] if len(group) == 1 else np.stack([flat[i] for i in group]) for group in self._groups]
+            last = self._last = (key, outputs)
+        return last[1]
+
+
+def _memoized_call(fn, args: tuple):
+    """``fn(*args)`` in the graph being traced, as one :class:`_LastRun` op (and an unstacking
+    op per group of outputs it stacks)."""
+    import tensorflow as tf
+
+    is_tensor = tuple(_is_tensor_argument(a) for a in args)
+    static = tuple(None if tensor else a for a, tensor in zip(args, is_tensor))
+    inputs = [tf.convert_to_tensor(a) for a, tensor in zip(args, is_tensor) if tensor]
+    structure = _output_structure(fn, inputs, static, is_tensor)
+    flat = tf.nest.flatten(structure)
+    groups = _output_groups(flat)
+    returned = tf.numpy_function(
+        _LastRun(fn, is_tensor, static, groups), inputs, [flat[group[0]].dtype for group in groups], stateful=True
+    )
+    outputs = [None] * len(flat)
+    for group, value in zip(groups, returned):
+        for index, output in zip(group, [value] if len(group) == 1 else tf.unstack(value, num=len(group))):
+            output.set_shape(flat[index].shape)
+            outputs[index] = output
+    return tf.nest.pack_sequence_as(structure, outputs)
+
+
+def _output_groups(flat: list) -> list[list[int]]:
+    """The indices of ``flat`` (``tf.TensorSpec`` leaves) grouped by dtype and shape: each group
+    is one output of a :func:`memoized` op, stacked (each output of a Python op costs about 5 us
+    a call, one unstacking op in the graph less); one group per output where a size is unknown."""
+    if not all(spec.shape.is_fully_defined() for spec in flat):
+        return [[i] for i in range(len(flat))]
+    groups: dict = {}
+    for i, spec in enumerate(flat):
+        groups.setdefault((spec.dtype, tuple(spec.shape)), []).append(i)
+    return list(groups.values())
+
+
+def _is_tensor_argument(value) -> bool:
+    """Whether a :func:`memoized` call's argument is an input of its op (else a static value)."""
+    import tensorflow as tf
+
+    return isinstance(value, (tf.Tensor, tf.Variable, keras.Variable, np.ndarray))
+
+
+#: The output structure (:class:`tf.TensorSpec` leaves) of each :func:`memoized` signature.
+_OUTPUT_STRUCTURES: dict = {}
+
+
+def _output_structure(fn, inputs: list, static: tuple, is_tensor: tuple):
+    """``fn``'s outputs for ``inputs`` of these shapes and dtypes, as ``tf.TensorSpec`` leaves:
+    from one eager run on zeros of those shapes, once per signature (a trace would cost what
+    :func:`memoized` saves). A size the graph does not know is left unknown in every output."""
+    import tensorflow as tf
+
+    key = (fn, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
+    if key not in _OUTPUT_STRUCTURES:
+        known = all(t.shape.is_fully_defined() for t in inputs)
+        with tf.init_scope():
+            zeros = iter([tf.zeros([1 if d is None else d for d in t.shape.as_list()], t.dtype) for t in inputs])
+            outputs = fn(*[next(zeros) if tensor else s for tensor, s in zip(is_tensor, static)])
+        _OUTPUT_STRUCTURES[key] = tf.nest.map_structure(
+            lambda o: tf.TensorSpec(o.shape if known else tf.TensorShape(None), o.dtype), outputs
+        )
+    return _OUTPUT_STRUCTURES[key]
+
+
 def _keras_variable_scope_active() -> bool:
     """Whether reading or assigning a Keras variable means more than its ``tf.Variable`` does: in a
     ``keras.StatelessScope`` (``stateless_call``: assignments are collected, not made) or an
