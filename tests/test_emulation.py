@@ -173,3 +173,25 @@ def test_traced_inference_follows_the_weights_after_it_was_traced():
     assert not np.array_equal(after, before), "training moved the weights, ranges and statistics"
     assert same_bits(after, keras.ops.convert_to_numpy(model(x, training=False)))
 
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="only TensorFlow graphs keep parameters in a Python op")
+def test_only_keras_own_inference_functions_keep_parameters_in_a_python_op(monkeypatch):
+    """``predict`` and ``evaluate`` run where Keras traced them; a function of the user's may be
+    handed to the TFLite converter (which crashes on a Python op), saved, or called under XLA,
+    so it computes the parameters in the graph."""
+    import tensorflow as tf
+
+    memoized_calls = []
+    real = qops._memoized_call
+    monkeypatch.setattr(qops, "_memoized_call", lambda fn, args: memoized_calls.append(fn) or real(fn, args))
+    images, labels = digits_data()
+    model = kq.quantize_model(digits_cnn())
+    users = tf.function(lambda x: model(x, training=False))
+    graph_ops = {op.type for op in users.get_concrete_function(tf.TensorSpec((4, 8, 8, 1))).graph.get_operations()}
+    assert not memoized_calls and "PyFunc" not in graph_ops
+    model.predict_on_batch(images[:4])
+    predicted = len(memoized_calls)
+    model.compile(loss="sparse_categorical_crossentropy")
+    model.evaluate(images[:4], labels[:4], verbose=0)
+    assert predicted > 0 and len(memoized_calls) == 2 * predicted, "each layer's parameters, in predict and in evaluate"
+

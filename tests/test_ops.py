@@ -472,14 +472,22 @@ def test_reduce_range_with_a_channel_factor_is_the_range_of_the_product(in_graph
 
 
 def _parameters_like(a, b, bias, offset: float):
-    """Outputs of three dtypes and shapes, nested as a layer's parameters are."""
+    """Outputs of three dtypes and several shapes, two of one dtype and shape (which the op
+    stacks), nested as a layer's parameters are."""
     import keras
 
     scaled = a * b + offset
-    return scaled, (keras.ops.cast(a, "float64") / 3.0, keras.ops.greater(bias, 0.0)), keras.ops.sum(bias)
+    return scaled, (keras.ops.cast(a, "float64") / 3.0, keras.ops.greater(bias, 0.0)), keras.ops.sum(bias), b - a
+
+
+@pytest.fixture
+def memoizing_every_graph(monkeypatch):
+    """:func:`keras_qat.ops.memoized` in any graph, not only in Keras's own step functions."""
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
 def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
     """One Python op in the graph; its outputs are the eager function's bits, recomputed after
     any input changes (an assignment between calls of the same traced graph), reused while
@@ -520,6 +528,7 @@ def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
 def test_a_memoized_function_is_traced_where_no_python_op_may_run(tmp_path):
     """Under XLA and in a SavedModel the function's own ops run, with the same outputs."""
     import tensorflow as tf

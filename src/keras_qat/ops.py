@@ -243,10 +243,13 @@ def memoized(fn):
     the digits CNN 0.85-0.97 s instead of 1.33-1.49, of MobileNetV2 3.1-4.4 s instead of 4.4-6.5
     (a noisy machine), 27-30 MiB less resident memory, the same time per call.
 
-    :func:`shared` where a Python call cannot run inside the graph or would be wrong there:
-    under XLA (``jit_compile``), while a SavedModel is saved, under a ``tf.distribute``
-    strategy, in a converter's trace (:func:`exporting`) and in Keras's stateless or autocast
-    scope; ``fn`` itself eagerly and on other backends.
+    Only in the graphs Keras traces for ``predict``, ``evaluate`` and their ``*_on_batch``
+    forms (:func:`_in_keras_step`), which run where they were traced; :func:`shared` in any other
+    graph, which may be handed to a converter (the TFLite converter crashes on a Python op),
+    saved, or called from an XLA function; also under XLA (``jit_compile``), under a
+    ``tf.distribute`` strategy, in a converter's trace (:func:`exporting`), in Keras's stateless
+    or autocast scope, and where an input's shape is not fully known. ``fn`` itself eagerly and
+    on other backends.
     """
     if keras.backend.backend() != "tensorflow":
         return fn
@@ -256,7 +259,7 @@ def memoized(fn):
 
     @functools.wraps(fn)
     def call(*args):
-        if tf.executing_eagerly() or not _memoizes_here():
+        if tf.executing_eagerly() or not _memoizes_here() or not _all_shapes_known(args):
             return fallback(*args)
         return _memoized_call(fn, args)
 
@@ -269,13 +272,28 @@ def _memoizes_here() -> bool:
     from tensorflow.python.ops import control_flow_util
     from tensorflow.python.saved_model import save_context
 
-    return not (
-        control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+    graph = tf.compat.v1.get_default_graph()
+    return _in_keras_step(graph) and not (
+        control_flow_util.GraphOrParentsInXlaContext(graph)
         or save_context.in_save_context()
         or tf.distribute.has_strategy()
         or is_exporting()
         or _keras_variable_scope_active()
     )
+
+
+def _in_keras_step(graph) -> bool:
+    """Whether ``graph`` is the function that Keras's TensorFlow trainer traces around one step
+    (``one_step_on_data``, ``one_step_on_data_distributed``, ...), the model called in it
+    directly. A Keras that names them otherwise only loses :func:`memoized`'s saving."""
+    return getattr(graph, "name", "").startswith("one_step_on_")
+
+
+def _all_shapes_known(args: tuple) -> bool:
+    """Whether every tensor among a :func:`memoized` call's arguments has a fully known shape."""
+    import tensorflow as tf
+
+    return all(tf.TensorShape(a.shape).is_fully_defined() for a in args if _is_tensor_argument(a))
 
 
 class _LastRun:
@@ -328,9 +346,7 @@ def _memoized_call(fn, args: tuple):
 def _output_groups(flat: list) -> list[list[int]]:
     """The indices of ``flat`` (``tf.TensorSpec`` leaves) grouped by dtype and shape: each group
     is one output of a :func:`memoized` op, stacked (each output of a Python op costs about 5 us
-    a call, one unstacking op in the graph less); one group per output where a size is unknown."""
-    if not all(spec.shape.is_fully_defined() for spec in flat):
-        return [[i] for i in range(len(flat))]
+    a call, one unstacking op in the graph less)."""
     groups: dict = {}
     for i, spec in enumerate(flat):
         groups.setdefault((spec.dtype, tuple(spec.shape)), []).append(i)
@@ -349,20 +365,17 @@ _OUTPUT_STRUCTURES: dict = {}
 
 
 def _output_structure(fn, inputs: list, static: tuple, is_tensor: tuple):
-    """``fn``'s outputs for ``inputs`` of these shapes and dtypes, as ``tf.TensorSpec`` leaves:
-    from one eager run on zeros of those shapes, once per signature (a trace would cost what
-    :func:`memoized` saves). A size the graph does not know is left unknown in every output."""
+    """``fn``'s outputs for ``inputs`` of these (fully known) shapes and dtypes, as
+    ``tf.TensorSpec`` leaves: from one eager run on zeros of those shapes, once per signature (a
+    trace would cost what :func:`memoized` saves)."""
     import tensorflow as tf
 
-    key = (fn, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
+    key = (fn, is_tensor, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
     if key not in _OUTPUT_STRUCTURES:
-        known = all(t.shape.is_fully_defined() for t in inputs)
         with tf.init_scope():
-            zeros = iter([tf.zeros([1 if d is None else d for d in t.shape.as_list()], t.dtype) for t in inputs])
+            zeros = iter([tf.zeros(t.shape, t.dtype) for t in inputs])
             outputs = fn(*[next(zeros) if tensor else s for tensor, s in zip(is_tensor, static)])
-        _OUTPUT_STRUCTURES[key] = tf.nest.map_structure(
-            lambda o: tf.TensorSpec(o.shape if known else tf.TensorShape(None), o.dtype), outputs
-        )
+        _OUTPUT_STRUCTURES[key] = tf.nest.map_structure(lambda o: tf.TensorSpec(o.shape, o.dtype), outputs)
     return _OUTPUT_STRUCTURES[key]
 
 
