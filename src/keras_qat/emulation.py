@@ -237,6 +237,26 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     Returns None where the accumulator could leave the int32 range (see
     :func:`accumulator_bound`).
     """
+    arguments = kernel_parameter_arguments(layer, in_source, kernel_source, out)
+    if arguments is None:
+        return None
+    parameters = _kernel_parameters(*arguments.ranges, bias, *arguments.static)
+    return kernel_output(layer, inputs, kernel, in_source, arguments.kernel_source, parameters)
+
+
+class KernelParameterArguments(NamedTuple):
+    """What a kernel's integer parameters (:func:`kernel_parameters_fn`) are computed from, but its
+    bias: ``kernel_parameters_fn(*ranges, bias, *static)``; and the kernel's source, its spec
+    resolved."""
+
+    ranges: tuple
+    static: tuple
+    kernel_source: Source
+
+
+def kernel_parameter_arguments(layer, in_source: Source, kernel_source: Source, out: OutputTarget) -> KernelParameterArguments | None:
+    """The arguments of ``layer``'s integer parameters (:class:`KernelParameterArguments`), or
+    None where the accumulator could leave the int32 range (see :func:`accumulator_bound`)."""
     if accumulator_bound(layer, in_source, kernel_source) >= 2**31:
         return None
     if kernel_source.spec is None and callable(getattr(kernel_source.quantizer, "spec", None)):
@@ -246,13 +266,21 @@ def kernel_inference(layer, inputs, kernel, bias, in_source: Source, kernel_sour
     activation = activation_name(getattr(layer, "activation", "linear"))
     if activation == "linear":
         activation = out.activation
-    w_spec = spec_of(kernel_source)
-    in_reciprocal, w_reciprocal, bias_codes, multiplier, zero_point, low, high, out_scale, clipped_fits = _kernel_parameters(
-        *_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source),
-        bias,
-        _static(spec_of(in_source)), _static(w_spec), _static(spec_of(out.source)), activation,
-        rounds_once(layer, kernel_source.quantizer),
+    return KernelParameterArguments(
+        (*_range_tensors(in_source), *_range_tensors(kernel_source), *_range_tensors(out.source)),
+        (
+            _static(spec_of(in_source)), _static(spec_of(kernel_source)), _static(spec_of(out.source)), activation,
+            rounds_once(layer, kernel_source.quantizer),
+        ),
+        kernel_source,
     )
+
+
+def kernel_output(layer, inputs, kernel, in_source: Source, kernel_source: Source, parameters: tuple):
+    """``layer``'s integer kernel on ``inputs`` and ``kernel`` (see :func:`kernel_inference`), given
+    its integer parameters (:func:`kernel_parameters_fn`; ``kernel_source`` with its spec)."""
+    in_reciprocal, w_reciprocal, bias_codes, multiplier, zero_point, low, high, out_scale, clipped_fits = parameters
+    w_spec = spec_of(kernel_source)
     # A shared function traced for several shapes returns its outputs without static shapes;
     # the convolution needs its operands' channels known (Keras compiles a convolution of
     # unknown channels with XLA).
@@ -317,7 +345,7 @@ def _range_tensors(source: Source) -> tuple:
     return tuple(source.quantizer.range_of(source.variables))
 
 
-def _kernel_parameters_fn(
+def kernel_parameters_fn(
     in_min, in_max, w_min, w_max, out_min, out_max, bias, in_spec: tuple, w_spec: tuple, out_spec: tuple,
     activation: str, single_rounding: bool,
 ):
@@ -341,7 +369,7 @@ def _kernel_parameters_fn(
     )
 
 
-_kernel_parameters = qops.memoized(_kernel_parameters_fn)
+_kernel_parameters = qops.memoized(kernel_parameters_fn)
 
 
 def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high, scale, form):
@@ -580,6 +608,10 @@ __all__ = [
     "grid",
     "enabled",
     "kernel_inference",
+    "kernel_parameter_arguments",
+    "kernel_parameters_fn",
+    "kernel_output",
+    "KernelParameterArguments",
     "fixed_range_inference",
     "softmax_inference",
     "writes_integer_softmax",

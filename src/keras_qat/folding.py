@@ -58,15 +58,19 @@ def _folded_bias(factor, moving_mean, beta, bias):
     return (0.0 if beta is None else beta) + ((0.0 if bias is None else bias) - moving_mean) * factor
 
 
-def _deployed_fold_fn(gamma, moving_variance, moving_mean, beta, bias, epsilon: float):
-    """The BN factor and the folded bias, as the QAT model's inference computes them."""
+def _deployed_parameters_fn(gamma, moving_variance, moving_mean, beta, bias, epsilon: float, range_count: int, *kernel_arguments):
+    """The BN factor and the integer parameters of the folded kernel, whose bias is the folded
+    one, as the QAT model's inference computes them (``kernel_arguments``: the ``range_count``
+    ranges, then the static values, of :class:`keras_qat.emulation.KernelParameterArguments`)."""
     factor = _batch_norm_factor(gamma, moving_variance, epsilon)
-    return factor, _folded_bias(factor, moving_mean, beta, bias)
+    ranges, static = kernel_arguments[:range_count], kernel_arguments[range_count:]
+    return factor, emulation.kernel_parameters_fn(*ranges, _folded_bias(factor, moving_mean, beta, bias), *static)
 
 
-#: :func:`_deployed_fold_fn` as one op per layer of an inference graph (:func:`keras_qat.ops.shared`):
-#: the same arithmetic, traced once for every folded layer instead of a dozen ops in each.
-_deployed_fold = qops.memoized(_deployed_fold_fn)
+#: :func:`_deployed_parameters_fn` as one op per layer of an inference graph
+#: (:func:`keras_qat.ops.memoized`): the fold and the parameters it feeds, recomputed only when
+#: a range, the bias or a BN statistic changed (one op instead of two: each costs a call).
+_deployed_parameters = qops.memoized(_deployed_parameters_fn)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
@@ -186,19 +190,17 @@ class QuantizeFoldedBatchNorm(keras.layers.Layer):
             target = linking.output_target(self)
         if target is None or len(sources) != 1 or sources[0] is None:
             return None
+        arguments = emulation.kernel_parameter_arguments(self.layer, sources[0], self.kernel_source(), target)
+        if arguments is None:
+            return None
         bn = self.batch_norm
-        factor, bias = _deployed_fold(bn.gamma, bn.moving_variance, bn.moving_mean, bn.beta, self._bias(), bn.epsilon)
-        channels = tuple(bn.moving_variance.shape)
-        factor, bias = qops.with_static_shape(factor, channels), qops.with_static_shape(bias, channels)
-        return emulation.kernel_inference(
-            self.layer,
-            inputs,
-            self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars),
-            bias,
-            sources[0],
-            self.kernel_source(),
-            target,
+        factor, parameters = _deployed_parameters(
+            bn.gamma, bn.moving_variance, bn.moving_mean, bn.beta, self._bias(), bn.epsilon,
+            len(arguments.ranges), *arguments.ranges, *arguments.static,
         )
+        factor = qops.with_static_shape(factor, tuple(bn.moving_variance.shape))
+        kernel = self.weight_quantizer(self._fold_kernel(factor), False, self.kernel_vars)
+        return emulation.kernel_output(self.layer, inputs, kernel, sources[0], arguments.kernel_source, parameters)
 
     # ---- call -------------------------------------------------------------------------
 

@@ -238,7 +238,7 @@ def memoized(fn):
     inputs it last saw and the outputs it computed from them. Where the inputs differ, it runs
     ``fn`` eagerly: the same TF ops that the shared function runs, so the same bits. A graph
     then neither traces ``fn`` nor runs its ops while the model is unchanged: MobileNetV2's
-    inference graph holds 3,066 ops plus 295 in shared functions instead of 2,888 plus 2,498.
+    inference graph holds 3,014 ops plus 295 in shared functions instead of 2,888 plus 2,498.
     Measured in fresh processes against :func:`shared`, alternating: the first inference call of
     the digits CNN 0.85-0.97 s instead of 1.33-1.49, of MobileNetV2 3.1-4.4 s instead of 4.4-6.5
     (a noisy machine), 27-30 MiB less resident memory, the same time per call.
