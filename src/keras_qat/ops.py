@@ -310,12 +310,11 @@ class _LastRun:
         stacked by :func:`_output_groups`."""
         import tensorflow as tf
 
-        key = tuple((value.shape, value.tobytes()) for value in inputs)
+        key = tuple(value.tobytes() for value in inputs)  # the shapes are static: fully known
         last = self._last
         if last is None or last[0] != key:
-            values = iter(inputs)
-            args = [tf.convert_to_tensor(next(values)) if tensor else s for tensor, s in zip(self._is_tensor, self._static)]
-            flat = [np.asarray(v) for v in tf.nest.flatten(self._fn(*args))]
+            outputs = _call_with(self._fn, self._is_tensor, self._static, [tf.convert_to_tensor(v) for v in inputs])
+            flat = [np.asarray(v) for v in tf.nest.flatten(outputs)]
             outputs = [flat[group[0]] if len(group) == 1 else np.stack([flat[i] for i in group]) for group in self._groups]
             last = self._last = (key, outputs)
         return last[1]
@@ -360,6 +359,12 @@ def _is_tensor_argument(value) -> bool:
     return isinstance(value, (tf.Tensor, tf.Variable, keras.Variable, np.ndarray))
 
 
+def _call_with(fn, is_tensor: tuple, static: tuple, tensors: list):
+    """``fn`` called with ``tensors`` in the places ``is_tensor`` marks and the static values elsewhere."""
+    values = iter(tensors)
+    return fn(*[next(values) if tensor else value for tensor, value in zip(is_tensor, static)])
+
+
 #: The output structure (:class:`tf.TensorSpec` leaves) of each :func:`memoized` signature.
 _OUTPUT_STRUCTURES: dict = {}
 
@@ -373,8 +378,7 @@ def _output_structure(fn, inputs: list, static: tuple, is_tensor: tuple):
     key = (fn, is_tensor, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
     if key not in _OUTPUT_STRUCTURES:
         with tf.init_scope():
-            zeros = iter([tf.zeros(t.shape, t.dtype) for t in inputs])
-            outputs = fn(*[next(zeros) if tensor else s for tensor, s in zip(is_tensor, static)])
+            outputs = _call_with(fn, is_tensor, static, [tf.zeros(t.shape, t.dtype) for t in inputs])
         _OUTPUT_STRUCTURES[key] = tf.nest.map_structure(lambda o: tf.TensorSpec(o.shape, o.dtype), outputs)
     return _OUTPUT_STRUCTURES[key]
 
