@@ -529,6 +529,33 @@ def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
 @pytest.mark.usefixtures("memoizing_every_graph")
+def test_a_memoized_function_of_a_value_computed_in_the_graph_runs_with_the_graph():
+    """An input that the graph computes (not a variable): the op's first run computes the
+    outputs, and each change of the computed value recomputes them."""
+    import tensorflow as tf
+
+    runs = []
+
+    def counted(*args):
+        runs.append(1)
+        return _parameters_like(*args)
+
+    memo = qops.memoized(counted)
+    a, b = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0]))
+    bias = tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    graph = tf.function(lambda: memo(a * 2.0, b, bias, 0.5))
+    graph.get_concrete_function()
+    traced = len(runs)
+    for value in (np.float32(1.5), np.float32(1.5), np.float32(-3.0)):
+        a.assign(value)
+        got = tf.nest.flatten(tf.nest.map_structure(np.asarray, graph()))
+        want = tf.nest.flatten(tf.nest.map_structure(np.asarray, _parameters_like(a * 2.0, b, bias, 0.5)))
+        assert all(same_bits(g, w) for g, w in zip(got, want))
+    assert len(runs) - traced == 2, "the first run and the change"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
 def test_a_memoized_function_is_traced_where_no_python_op_may_run(tmp_path):
     """Under XLA and in a SavedModel the function's own ops run, with the same outputs."""
     import tensorflow as tf
@@ -548,6 +575,95 @@ def test_a_memoized_function_is_traced_where_no_python_op_may_run(tmp_path):
     ops_in_graph = {op.type for op in restored.call.get_concrete_function().graph.get_operations()}
     assert "PyFunc" not in ops_in_graph
     assert all(same_bits(np.asarray(g), np.asarray(w)) for g, w in zip(tf.nest.flatten(restored.call()), want))
+
+
+# ---- compiled: XLA kernels compiled ahead while a Keras step is traced -------------------------
+
+
+def _xla_compilations(run) -> int:
+    """How many XLA compilations TensorFlow's profiler records while ``run()`` runs."""
+    import glob
+    import tempfile
+
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    with tempfile.TemporaryDirectory() as logdir:
+        tf.profiler.experimental.start(logdir)
+        try:
+            run()
+        finally:
+            tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        (path,) = glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True)
+        with open(path, "rb") as file:
+            space.ParseFromString(file.read())
+    return sum(
+        plane.event_metadata[event.metadata_id].name.startswith("JitCompiler::Compile")
+        for plane in space.planes
+        for line in plane.lines
+        for event in line.events
+    )
+
+
+def _requantize_like(x, multiplier, scale):
+    """An elementwise tail of exact steps, per-channel parameters broadcast on the last axis."""
+    import keras
+
+    wide = keras.ops.cast(x, "float64") * multiplier
+    return keras.ops.cast(keras.ops.clip(keras.ops.floor(wide + 0.5), -128.0, 127.0), "float32") * scale
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch):
+    """The kernels of a graph traced as a Keras step are compiled on the precompiler's thread, so
+    that the graph's first run compiles none, and computes what the function computes; a graph
+    traced elsewhere compiles its own on its first run."""
+    import tensorflow as tf
+
+    precompiler = qops._Precompiler()
+    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
+    kernel = qops.compiled(_requantize_like)
+    rng = np.random.default_rng(0)
+    arguments = [
+        (np.float32(rng.integers(-2**20, 2**20, size=shape)), 2.0 ** -rng.uniform(8, 12, size=shape[-1:]), np.float32(0.05))
+        for shape in ((4, 6, 6, 8), (4, 3, 3, 16))
+    ]
+    step = tf.function(lambda *args: [kernel(*a) for a in args])
+
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    step.get_concrete_function(*arguments)
+    precompiler.wait()
+    assert len(precompiler.compiled) == 2, "one kernel per shape"
+    outputs = []
+    assert _xla_compilations(lambda: outputs.extend(step(*arguments))) == 0
+    for got, args in zip(outputs, arguments):
+        assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
+
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: False)
+    elsewhere = tf.function(lambda *args: [kernel(*a) for a in args])
+    other = [(np.zeros((2, 5, 5, 8), np.float32), np.ones(8), np.float32(1.0))]
+    assert _xla_compilations(lambda: elsewhere(*other)) == 1
+    assert len(precompiler.compiled) == 2
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch):
+    """A failure on the precompiler's thread reaches no one: the thread ends, and the graph
+    compiles and runs the kernel itself."""
+    import tensorflow as tf
+
+    precompiler = qops._Precompiler()
+    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    monkeypatch.setattr(qops, "_zeros_like_specs", lambda specs: 1 / 0)
+    kernel = qops.compiled(_requantize_like)
+    args = (np.float32(np.arange(-40, 40).reshape(2, 40)), np.full(40, 2.0 ** -3), np.float32(0.5))
+    step = tf.function(lambda *a: kernel(*a))
+    got = step(*args)
+    precompiler.wait()
+    assert precompiler.compiled == []
+    assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
 
 
 # ---- bad input ------------------------------------------------------------------------------
