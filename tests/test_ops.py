@@ -648,6 +648,29 @@ def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+def test_kernels_on_large_tensors_are_left_to_the_graph(monkeypatch):
+    """The precompiler runs each kernel on zeros of its arguments' shapes: one whose arguments
+    take more than its byte budget is compiled by the graph instead, with the same outputs."""
+    import tensorflow as tf
+
+    precompiler = qops._Precompiler()
+    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    small = (np.float32(np.arange(-60, 60).reshape(3, 40)), np.full(40, 2.0 ** -3), np.float32(0.5))
+    large = (np.float32(np.arange(-600, 600).reshape(30, 40)), np.full(40, 2.0 ** -3), np.float32(0.5))
+    monkeypatch.setattr(qops, "_PRECOMPILE_MAX_BYTES", 120 * 4 + 40 * 8 + 4)  # the small call's arguments
+    kernel = qops.compiled(_requantize_like)
+    step = tf.function(lambda *args: [kernel(*a) for a in args])
+    step.get_concrete_function(small, large)
+    precompiler.wait()
+    assert len(precompiler.compiled) == 1
+    outputs = []
+    assert _xla_compilations(lambda: outputs.extend(step(small, large))) == 1
+    for got, args in zip(outputs, (small, large)):
+        assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
 def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch):
     """A failure on the precompiler's thread reaches no one: the thread ends, and the graph
     compiles and runs the kernel itself."""

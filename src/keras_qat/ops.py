@@ -188,8 +188,9 @@ class _Precompiler:
     per batch of kernels queued meanwhile: its calls are independent, and TensorFlow's executor
     compiles them side by side.
 
-    Nothing here changes what the graph computes: a kernel that fails or has not finished
-    compiling here is compiled by the graph itself, as without this class.
+    Nothing here changes what the graph computes: a kernel that fails, has not finished
+    compiling here, or whose arguments take more than :data:`_PRECOMPILE_MAX_BYTES` is compiled
+    by the graph itself, as without this class.
     """
 
     def __init__(self) -> None:
@@ -199,7 +200,7 @@ class _Precompiler:
         self._seen: set = set()
         self._queue: list = []
         self._worker: threading.Thread | None = None
-        #: The names of the concrete functions compiled ahead, in order.
+        #: The names of the concrete functions compiled ahead, in the order compiled.
         self.compiled: list[str] = []
 
     def submit(self, concrete, args: tuple) -> None:
@@ -210,12 +211,13 @@ class _Precompiler:
         import tensorflow as tf
 
         specs = tf.nest.map_structure(lambda a: tf.TensorSpec(a.shape, a.dtype) if isinstance(a, tf.Tensor) else a, args)
+        size = _bytes_of(specs)
         key = (concrete.name, repr(specs))
         with self._lock:
-            if key in self._seen:
+            if key in self._seen or size > _PRECOMPILE_MAX_BYTES:
                 return
             self._seen.add(key)
-            self._queue.append((concrete, specs))
+            self._queue.append((concrete, specs, size))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._drain, name="keras_qat_precompile")
                 self._worker.start()
@@ -228,15 +230,38 @@ class _Precompiler:
             worker.join()
 
     def _drain(self) -> None:
+        """The thread: compiles batches of queued kernels until the queue is empty."""
+        import tensorflow as tf
+
         while True:
             with self._lock:
-                batch, self._queue = self._queue, []
+                batch, total = [], 0
+                while self._queue and (not batch or total + self._queue[0][2] <= _PRECOMPILE_MAX_BYTES):
+                    concrete, specs, size = self._queue.pop(0)
+                    batch.append((concrete, specs))
+                    total += size
                 if not batch:
                     self._worker = None
                     return
             if _compile_kernels(batch):
                 with self._lock:
-                    self.compiled.extend(concrete.name for concrete, _ in batch)
+                    self.compiled.extend(tf.compat.as_str(concrete.name) for concrete, _ in batch)
+
+
+#: The most bytes of zeros the precompiler holds at a time (each kernel runs on zeros of its
+#: arguments' shapes): a kernel whose arguments take more is left to the graph, and a batch of
+#: kernels stops short of it, so that compiling ahead never costs an inference of a large
+#: batch (a 256-image batch of 112x112x96 activations: 1.2 GB a tensor) much memory.
+_PRECOMPILE_MAX_BYTES = 64 * 2**20
+
+
+def _bytes_of(specs) -> int:
+    """The bytes of the tensors that ``specs`` (``tf.TensorSpec`` leaves among others) describe."""
+    import tensorflow as tf
+
+    return sum(
+        spec.shape.num_elements() * spec.dtype.size for spec in tf.nest.flatten(specs) if isinstance(spec, tf.TensorSpec)
+    )
 
 
 def _compile_kernels(batch: list) -> bool:
