@@ -614,15 +614,24 @@ def _requantize_like(x, multiplier, scale):
     return keras.ops.cast(keras.ops.clip(keras.ops.floor(wide + 0.5), -128.0, 127.0), "float32") * scale
 
 
+@pytest.fixture
+def precompiler(monkeypatch):
+    """A precompiler of the test's own, once the process's own has compiled what earlier tests
+    queued (the profiler counts every compilation in the process); on a machine with a second CPU."""
+    qops._PRECOMPILER.wait()
+    monkeypatch.setattr(qops, "_SPARE_CPU", True)
+    precompiler = qops._Precompiler()
+    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
+    return precompiler
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
-def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch):
+def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch, precompiler):
     """The kernels of a graph traced as a Keras step are compiled on the precompiler's thread, so
     that the graph's first run compiles none, and computes what the function computes; a graph
     traced elsewhere compiles its own on its first run."""
     import tensorflow as tf
 
-    precompiler = qops._Precompiler()
-    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
     kernel = qops.compiled(_requantize_like)
     rng = np.random.default_rng(0)
     arguments = [
@@ -634,7 +643,7 @@ def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch):
     monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
     step.get_concrete_function(*arguments)
     precompiler.wait()
-    assert len(precompiler.compiled) == 2, "one kernel per shape"
+    assert len(precompiler.compiled_kernels) == 2, "one kernel per shape"
     outputs = []
     assert _xla_compilations(lambda: outputs.extend(step(*arguments))) == 0
     for got, args in zip(outputs, arguments):
@@ -644,26 +653,74 @@ def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch):
     elsewhere = tf.function(lambda *args: [kernel(*a) for a in args])
     other = [(np.zeros((2, 5, 5, 8), np.float32), np.ones(8), np.float32(1.0))]
     assert _xla_compilations(lambda: elsewhere(*other)) == 1
-    assert len(precompiler.compiled) == 2
+    assert len(precompiler.compiled_kernels) == 2
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
-def test_kernels_on_large_tensors_are_left_to_the_graph(monkeypatch):
-    """The precompiler runs each kernel on zeros of its arguments' shapes: one whose arguments
-    take more than its byte budget is compiled by the graph instead, with the same outputs."""
+def test_a_kernel_placed_on_a_device_is_compiled_ahead_too(monkeypatch, precompiler):
+    """A call that the graph places on a device (here the CPU, the only one) is compiled ahead
+    as well, on that device: the graph's first run compiles nothing."""
     import tensorflow as tf
 
-    precompiler = qops._Precompiler()
-    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    kernel = qops.compiled(_requantize_like)
+    args = (np.float32(np.arange(-48, 48).reshape(2, 48)), np.full(48, 2.0 ** -3), np.float32(0.5))
+
+    def placed(*a):
+        with tf.device("/CPU:0"):
+            return kernel(*a)
+
+    step = tf.function(placed)
+    step.get_concrete_function(*args)
+    precompiler.wait()
+    assert len(precompiler.compiled_kernels) == 1
+    assert _xla_compilations(lambda: step(*args)) == 0
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+@pytest.mark.parametrize("why", ["one CPU", "exiting"])
+def test_nothing_is_compiled_ahead_without_a_spare_cpu_or_once_the_interpreter_exits(monkeypatch, precompiler, why):
+    """With one CPU the thread would only compete with the trace; once the main thread has
+    finished (the interpreter exiting) it drops what is queued. The graph compiles its kernels."""
+    import threading
+
+    import tensorflow as tf
+
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    if why == "one CPU":
+        monkeypatch.setattr(qops, "_SPARE_CPU", False)
+    else:
+        finished = threading.Thread(target=lambda: None)
+        finished.start()
+        finished.join()
+        monkeypatch.setattr(threading, "main_thread", lambda: finished)
+    kernel = qops.compiled(_requantize_like)
+    args = (np.float32(np.arange(-56, 56).reshape(2, 56)), np.full(56, 2.0 ** -3), np.float32(0.5))
+    step = tf.function(lambda *a: kernel(*a))
+    step.get_concrete_function(*args)
+    precompiler.wait()
+    assert precompiler.compiled_kernels == []
+    outputs = []
+    assert _xla_compilations(lambda: outputs.append(step(*args))) == 1
+    assert same_bits(np.asarray(outputs[0]), np.asarray(_requantize_like(*args)))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+def test_kernels_on_large_tensors_are_left_to_the_graph(monkeypatch, precompiler):
+    """The precompiler runs each kernel on zeros of its arguments' shapes: one whose arguments
+    and outputs take more than its byte budget is compiled by the graph instead, with the same
+    outputs."""
+    import tensorflow as tf
+
     monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
     small = (np.float32(np.arange(-60, 60).reshape(3, 40)), np.full(40, 2.0 ** -3), np.float32(0.5))
     large = (np.float32(np.arange(-600, 600).reshape(30, 40)), np.full(40, 2.0 ** -3), np.float32(0.5))
-    monkeypatch.setattr(qops, "_PRECOMPILE_MAX_BYTES", 120 * 4 + 40 * 8 + 4)  # the small call's arguments
+    monkeypatch.setattr(qops, "_PRECOMPILE_MAX_BYTES", 2 * (120 * 4 + 40 * 8 + 4))  # the small call's arguments, twice
     kernel = qops.compiled(_requantize_like)
     step = tf.function(lambda *args: [kernel(*a) for a in args])
     step.get_concrete_function(small, large)
     precompiler.wait()
-    assert len(precompiler.compiled) == 1
+    assert len(precompiler.compiled_kernels) == 1
     outputs = []
     assert _xla_compilations(lambda: outputs.extend(step(small, large))) == 1
     for got, args in zip(outputs, (small, large)):
@@ -671,13 +728,11 @@ def test_kernels_on_large_tensors_are_left_to_the_graph(monkeypatch):
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
-def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch):
+def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch, precompiler):
     """A failure on the precompiler's thread reaches no one: the thread ends, and the graph
     compiles and runs the kernel itself."""
     import tensorflow as tf
 
-    precompiler = qops._Precompiler()
-    monkeypatch.setattr(qops, "_PRECOMPILER", precompiler)
     monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
     monkeypatch.setattr(qops, "_zeros_like_specs", lambda specs: 1 / 0)
     kernel = qops.compiled(_requantize_like)
@@ -685,7 +740,7 @@ def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch):
     step = tf.function(lambda *a: kernel(*a))
     got = step(*args)
     precompiler.wait()
-    assert precompiler.compiled == []
+    assert precompiler.compiled_kernels == []
     assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
 
 

@@ -156,8 +156,10 @@ def compiled(fn, min_elements: int = 0):
         if not _precompiles_here(args):
             return function(*args)
         concrete = function.get_concrete_function(*args)
-        _PRECOMPILER.submit(concrete, args)
-        return concrete(*args)
+        outputs = concrete(*args)
+        # The device the graph placed the call on, if any: the compiled kernel is kept per device.
+        _PRECOMPILER.submit(concrete, args, tf.nest.flatten(outputs)[0].op.device)
+        return outputs
 
     return _in_graphs_only(fn, call, lambda args: compiles(args[0], min_elements))
 
@@ -166,12 +168,24 @@ def _precompiles_here(args: tuple) -> bool:
     """Whether a :func:`compiled` call traced now has its XLA kernel compiled ahead
     (:class:`_Precompiler`): in the graphs where :func:`memoized` keeps its values (Keras's own
     steps, which run as soon as they are traced, where they were traced), for arguments of fully
-    known shapes (XLA compiles one kernel per shape)."""
+    known shapes (XLA compiles one kernel per shape), where a second CPU can compile while the
+    trace goes on."""
     import tensorflow as tf
 
-    return _memoizes_here() and all(
-        tf.TensorShape(a.shape).is_fully_defined() for a in tf.nest.flatten(args) if isinstance(a, tf.Tensor)
-    )
+    return _SPARE_CPU and _memoizes_here() and _all_shapes_known(tf.nest.flatten(args))
+
+
+def _has_spare_cpu() -> bool:
+    """Whether this process may run on more than one CPU."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) > 1
+    except AttributeError:  # not on Linux
+        return (os.cpu_count() or 1) > 1
+
+
+_SPARE_CPU = _has_spare_cpu()
 
 
 class _Precompiler:
@@ -182,15 +196,20 @@ class _Precompiler:
     reaches 25, one after another, about 70 ms each, after a trace of about a second in which
     the second core idles. Here each new kernel (a concrete function and its arguments' shapes)
     is queued as it is traced; the thread calls the queued kernels on zeros of those shapes from
-    a graph function of its own. That call site names the kernel as the traced graph's call site
-    does, so TensorFlow's compilation cache hands the traced graph the compiled kernel (a kernel
-    called eagerly is cached under other attributes and would not serve it). One graph function
-    per batch of kernels queued meanwhile: its calls are independent, and TensorFlow's executor
-    compiles them side by side.
+    a graph function of its own, on the device the traced graph placed the call on. That call
+    site names the kernel as the traced graph's call site does, so TensorFlow's compilation
+    cache hands the traced graph the compiled kernel (a kernel called eagerly is cached under
+    other attributes and would not serve it). One graph function per batch of kernels queued
+    meanwhile: its calls are independent, and TensorFlow's executor compiles them side by side.
+
+    The saving needs a CPU that the trace leaves idle: on a machine busy with other work the
+    thread competes with the trace instead (a reviewer measured MobileNetV2's first call 0.5-0.8 s
+    slower with the load at twice the cores). With one CPU it is off (:func:`_precompiles_here`).
 
     Nothing here changes what the graph computes: a kernel that fails, has not finished
-    compiling here, or whose arguments take more than :data:`_PRECOMPILE_MAX_BYTES` is compiled
-    by the graph itself, as without this class.
+    compiling here, or whose arguments take more than the budget (:data:`_PRECOMPILE_MAX_BYTES`)
+    is compiled by the graph itself, as without this class. Once the interpreter is exiting the
+    thread takes no more kernels.
     """
 
     def __init__(self) -> None:
@@ -201,24 +220,25 @@ class _Precompiler:
         self._queue: list = []
         self._worker: threading.Thread | None = None
         #: The names of the concrete functions compiled ahead, in the order compiled.
-        self.compiled: list[str] = []
+        self.compiled_kernels: list[str] = []
 
-    def submit(self, concrete, args: tuple) -> None:
+    def submit(self, concrete, args: tuple, device: str = "") -> None:
         """Queue ``concrete`` (a :func:`compiled` function's concrete function) for ``args``'
-        shapes and dtypes, unless it was queued before."""
+        shapes and dtypes on ``device`` (empty: where TensorFlow places it), unless it was queued
+        before or its memory (:func:`_kernel_bytes`) exceeds the budget."""
         import threading
 
         import tensorflow as tf
 
         specs = tf.nest.map_structure(lambda a: tf.TensorSpec(a.shape, a.dtype) if isinstance(a, tf.Tensor) else a, args)
-        size = _bytes_of(specs)
-        key = (concrete.name, repr(specs))
+        size = _kernel_bytes(specs)
+        key = (concrete.name, repr(specs), device)
         with self._lock:
             if key in self._seen or size > _PRECOMPILE_MAX_BYTES:
                 return
             self._seen.add(key)
-            self._queue.append((concrete, specs, size))
-            if self._worker is None:
+            self._queue.append((concrete, specs, device, size))
+            if self._worker is None or not self._worker.is_alive():  # none, or a forked parent's
                 self._worker = threading.Thread(target=self._drain, name="keras_qat_precompile")
                 self._worker.start()
 
@@ -230,54 +250,63 @@ class _Precompiler:
             worker.join()
 
     def _drain(self) -> None:
-        """The thread: compiles batches of queued kernels until the queue is empty."""
+        """The thread: compiles batches of queued kernels (one device each, within the budget)
+        until the queue is empty or the interpreter exits."""
+        import threading
+
         import tensorflow as tf
 
         while True:
             with self._lock:
                 batch, total = [], 0
-                while self._queue and (not batch or total + self._queue[0][2] <= _PRECOMPILE_MAX_BYTES):
-                    concrete, specs, size = self._queue.pop(0)
-                    batch.append((concrete, specs))
+                while self._queue and (
+                    not batch or (self._queue[0][2] == batch[0][2] and total + self._queue[0][3] <= _PRECOMPILE_MAX_BYTES)
+                ):
+                    concrete, specs, device, size = self._queue.pop(0)
+                    batch.append((concrete, specs, device))
                     total += size
-                if not batch:
+                if not batch or not threading.main_thread().is_alive():
+                    self._queue.clear()
                     self._worker = None
                     return
             if _compile_kernels(batch):
                 with self._lock:
-                    self.compiled.extend(tf.compat.as_str(concrete.name) for concrete, _ in batch)
+                    self.compiled_kernels.extend(tf.compat.as_str(concrete.name) for concrete, _, _ in batch)
 
 
-#: The most bytes of zeros the precompiler holds at a time (each kernel runs on zeros of its
-#: arguments' shapes): a kernel whose arguments take more is left to the graph, and a batch of
-#: kernels stops short of it, so that compiling ahead never costs an inference of a large
-#: batch (a 256-image batch of 112x112x96 activations: 1.2 GB a tensor) much memory.
-_PRECOMPILE_MAX_BYTES = 64 * 2**20
+#: The most memory the precompiler's kernels take at a time (:func:`_kernel_bytes`): a kernel
+#: that takes more is left to the graph, and a batch of kernels stops short of it, so that
+#: compiling ahead costs an inference of a large batch (256 images of 224x224: a 112x112x96
+#: accumulator is 1.2 GB) little memory.
+_PRECOMPILE_MAX_BYTES = 128 * 2**20
 
 
-def _bytes_of(specs) -> int:
-    """The bytes of the tensors that ``specs`` (``tf.TensorSpec`` leaves among others) describe."""
+def _kernel_bytes(specs) -> int:
+    """The memory a kernel compiled ahead holds while it runs: the zeros of its arguments
+    (``specs``' ``tf.TensorSpec`` leaves), and as much again for its outputs (a requantization's
+    output is as large as its accumulator)."""
     import tensorflow as tf
 
-    return sum(
-        spec.shape.num_elements() * spec.dtype.size for spec in tf.nest.flatten(specs) if isinstance(spec, tf.TensorSpec)
-    )
+    zeros = sum(spec.shape.num_elements() * spec.dtype.size for spec in tf.nest.flatten(specs) if isinstance(spec, tf.TensorSpec))
+    return 2 * zeros
 
 
 def _compile_kernels(batch: list) -> bool:
-    """Run each ``(concrete, specs)`` of ``batch`` on zeros of its specs, in one graph function;
-    whether that succeeded."""
+    """Run each ``(concrete, specs, device)`` of ``batch`` (one device) on zeros of its specs,
+    in one graph function; whether that succeeded."""
     import tensorflow as tf
 
     try:
-        zeros = [_zeros_like_specs(specs) for _, specs in batch]
+        device = batch[0][2]
+        with tf.device(device) if device else contextlib.nullcontext():
+            zeros = [_zeros_like_specs(specs) for _, specs, _ in batch]
 
-        def call_each(*arguments):
-            return [concrete(*args) for (concrete, _), args in zip(batch, arguments)]
+            def call_each(*arguments):
+                return [concrete(*args) for (concrete, _, _), args in zip(batch, arguments)]
 
-        # The zeros enter as arguments: as constants, grappler would specialize each call to them
-        # under a name of its own, which the traced graph's call would not find in the cache.
-        tf.function(call_each, autograph=False)(*zeros)
+            # The zeros enter as arguments: as constants, grappler would specialize each call to
+            # them under a name of its own, which the traced graph's call would not find in the cache.
+            tf.function(call_each, autograph=False)(*zeros)
         return True
     except Exception:  # noqa: BLE001 - the traced graph compiles the kernel itself and reports its errors
         return False
