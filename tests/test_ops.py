@@ -486,12 +486,10 @@ def memoizing_every_graph(monkeypatch):
     monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
 
 
-@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
-@pytest.mark.usefixtures("memoizing_every_graph")
-def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
-    """One Python op in the graph; its outputs are the eager function's bits, recomputed after
-    any input changes (an assignment between calls of the same traced graph), reused while
-    none does."""
+@pytest.fixture
+def counted_memo():
+    """:func:`_parameters_like` memoized, the list its runs append to, and three variables to
+    call it on."""
     import tensorflow as tf
 
     runs = []
@@ -500,9 +498,19 @@ def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
         runs.append(1)
         return _parameters_like(*args)
 
-    memo = qops.memoized(counted)
-    a, b = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0]))
-    bias = tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    variables = (tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0])), tf.Variable(np.float32([1.0, -1.0, 0.0])))
+    return qops.memoized(counted), runs, variables
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
+def test_a_memoized_function_recomputes_exactly_when_its_inputs_change(counted_memo):
+    """One Python op in the graph; its outputs are the eager function's bits, recomputed after
+    any input changes (an assignment between calls of the same traced graph), reused while
+    none does."""
+    import tensorflow as tf
+
+    memo, runs, (a, b, bias) = counted_memo
     graph = tf.function(lambda: memo(a, b, bias, 0.5))
     ops_in_graph = {op.type for op in graph.get_concrete_function().graph.get_operations()}
     assert "PyFunc" in ops_in_graph and not ops_in_graph & {"Mul", "Sum", "PartitionedCall"}
@@ -529,20 +537,12 @@ def test_a_memoized_function_recomputes_exactly_when_its_inputs_change():
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
 @pytest.mark.usefixtures("memoizing_every_graph")
-def test_a_memoized_function_of_a_value_computed_in_the_graph_runs_with_the_graph():
+def test_a_memoized_function_of_a_value_computed_in_the_graph_runs_with_the_graph(counted_memo):
     """An input that the graph computes (not a variable): the op's first run computes the
     outputs, and each change of the computed value recomputes them."""
     import tensorflow as tf
 
-    runs = []
-
-    def counted(*args):
-        runs.append(1)
-        return _parameters_like(*args)
-
-    memo = qops.memoized(counted)
-    a, b = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0]))
-    bias = tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    memo, runs, (a, b, bias) = counted_memo
     graph = tf.function(lambda: memo(a * 2.0, b, bias, 0.5))
     graph.get_concrete_function()
     traced = len(runs)
