@@ -207,9 +207,9 @@ class _Precompiler:
     slower with the load at twice the cores). With one CPU it is off (:func:`_precompiles_here`).
 
     Nothing here changes what the graph computes: a kernel that fails, has not finished
-    compiling here, or whose arguments take more than the budget (:data:`_PRECOMPILE_MAX_BYTES`)
-    is compiled by the graph itself, as without this class. Once the interpreter is exiting the
-    thread takes no more kernels.
+    compiling here, or would hold more memory than the budget (:data:`_PRECOMPILE_MAX_BYTES`) is
+    compiled by the graph itself, as without this class. Once the main thread has finished (the
+    interpreter exiting) the thread takes no more kernels.
     """
 
     def __init__(self) -> None:
