@@ -505,15 +505,19 @@ def counted_memo():
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
 @pytest.mark.usefixtures("memoizing_every_graph")
 def test_a_memoized_function_recomputes_exactly_when_its_inputs_change(counted_memo):
-    """One Python op in the graph; its outputs are the eager function's bits, recomputed after
-    any input changes (an assignment between calls of the same traced graph), reused while
-    none does."""
+    """One Python op in the graph, with one output per shape (floats and bools of one shape
+    stacked in the widest float); its outputs are the eager function's bits and dtypes,
+    recomputed after any input changes (an assignment between calls of the same traced
+    graph), reused while none does."""
     import tensorflow as tf
 
     memo, runs, (a, b, bias) = counted_memo
     graph = tf.function(lambda: memo(a, b, bias, 0.5))
-    ops_in_graph = {op.type for op in graph.get_concrete_function().graph.get_operations()}
+    operations = graph.get_concrete_function().graph.get_operations()
+    ops_in_graph = {op.type for op in operations}
     assert "PyFunc" in ops_in_graph and not ops_in_graph & {"Mul", "Sum", "PartitionedCall"}
+    (python_op,) = [op for op in operations if op.type == "PyFunc"]
+    assert sorted(t.dtype.name for t in python_op.outputs) == ["float32", "float64"], "() in float64, (3,) in float32"
 
     def check():
         got = tf.nest.map_structure(np.asarray, graph())

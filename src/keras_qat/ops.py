@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Iterator, NamedTuple, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Sequence, Union
 
 import keras
 import numpy as np
@@ -472,7 +472,7 @@ class _LastRun:
     """One :func:`memoized` call site of a graph: the Python side of its op, which keeps the
     bytes of the inputs of its last run and the outputs computed from them."""
 
-    def __init__(self, fn, is_tensor: tuple, static: tuple, groups: list[list[int]]):
+    def __init__(self, fn, is_tensor: tuple, static: tuple, groups: list["_OutputGroup"]):
         self._fn, self._is_tensor, self._static, self._groups = fn, is_tensor, static, groups
         self._last: tuple | None = None  # (the inputs' bytes, the outputs as NumPy arrays)
 
@@ -487,14 +487,14 @@ class _LastRun:
         if last is None or last[0] != key:
             outputs = _call_with(self._fn, self._is_tensor, self._static, [tf.convert_to_tensor(v) for v in inputs])
             flat = [np.asarray(v) for v in tf.nest.flatten(outputs)]
-            outputs = [flat[group[0]] if len(group) == 1 else np.stack([flat[i] for i in group]) for group in self._groups]
+            outputs = [group.stacked(flat) for group in self._groups]
             last = self._last = (key, outputs)
         return last[1]
 
 
 def _memoized_call(fn, args: tuple):
-    """``fn(*args)`` in the graph being traced, as one :class:`_LastRun` op (and an unstacking
-    op per group of outputs it stacks)."""
+    """``fn(*args)`` in the graph being traced, as one :class:`_LastRun` op (and the ops that
+    take its stacked outputs apart, :meth:`_OutputGroup.members`)."""
     import tensorflow as tf
 
     is_tensor = tuple(_is_tensor_argument(a) for a in args)
@@ -503,25 +503,69 @@ def _memoized_call(fn, args: tuple):
     structure = _output_structure(fn, inputs, static, is_tensor)
     flat = tf.nest.flatten(structure)
     groups = _output_groups(flat)
-    returned = tf.numpy_function(
-        _LastRun(fn, is_tensor, static, groups), inputs, [flat[group[0]].dtype for group in groups], stateful=True
-    )
+    returned = tf.numpy_function(_LastRun(fn, is_tensor, static, groups), inputs, [group.dtype for group in groups], stateful=True)
     outputs = [None] * len(flat)
     for group, value in zip(groups, returned):
-        for index, output in zip(group, [value] if len(group) == 1 else tf.unstack(value, num=len(group))):
+        for index, output in group.members(value, flat):
             output.set_shape(flat[index].shape)
             outputs[index] = output
     return tf.nest.pack_sequence_as(structure, outputs)
 
 
-def _output_groups(flat: list) -> list[list[int]]:
-    """The indices of ``flat`` (``tf.TensorSpec`` leaves) grouped by dtype and shape: each group
-    is one output of a :func:`memoized` op, stacked (each output of a Python op costs about 5 us
-    a call, one unstacking op in the graph less)."""
-    groups: dict = {}
+#: The dtypes that a :func:`memoized` op returns in a wider float dtype of the same shape:
+#: each converts to it and back exactly (a bool as 0 and 1).
+_CARRIED_AS_FLOAT = ("bool", "float16", "bfloat16", "float32", "float64")
+
+
+class _OutputGroup(NamedTuple):
+    """Outputs of a :func:`memoized` function (indices into its flat outputs) of one shape,
+    returned by its op as one array of ``dtype``, stacked where there are several."""
+
+    dtype: Any  # a tf.DType
+    indices: list
+
+    def stacked(self, flat: list) -> np.ndarray:
+        """The group's outputs among ``flat`` (NumPy arrays), as the op returns them."""
+        dtype = self.dtype.as_numpy_dtype
+        if len(self.indices) == 1:
+            return np.asarray(flat[self.indices[0]], dtype)
+        return np.stack([np.asarray(flat[i], dtype) for i in self.indices])
+
+    def members(self, value, specs: list):
+        """``(index, tensor)`` for each output of the group, taken from ``value`` (the op's
+        output) and cast back to its own dtype (``specs``, by index): one cast and one
+        unstacking op per dtype the group holds."""
+        import tensorflow as tf
+
+        unstacked = {}
+        for position, index in enumerate(self.indices):
+            dtype = specs[index].dtype
+            if dtype not in unstacked:
+                cast = value if dtype == self.dtype else tf.cast(value, dtype)
+                unstacked[dtype] = [cast] if len(self.indices) == 1 else tf.unstack(cast, num=len(self.indices))
+            yield index, unstacked[dtype][position]
+
+
+def _output_groups(flat: list) -> list[_OutputGroup]:
+    """``flat`` (``tf.TensorSpec`` leaves) in groups of one shape, each one output of a
+    :func:`memoized` op: of one dtype, or of several of :data:`_CARRIED_AS_FLOAT`, in the
+    widest float among them. Each output of a Python op costs about 6 us a call (TF converts it with a
+    NumPy version check), a cast op in the graph about 1 us."""
+    import tensorflow as tf
+
+    keys: dict = {}
     for i, spec in enumerate(flat):
-        groups.setdefault((spec.dtype, tuple(spec.shape)), []).append(i)
-    return list(groups.values())
+        carried = spec.dtype.name in _CARRIED_AS_FLOAT
+        keys.setdefault((tuple(spec.shape), "float" if carried else spec.dtype.name), []).append(i)
+    groups = []
+    for (_, kind), indices in keys.items():
+        dtypes = {flat[i].dtype for i in indices}
+        if len(dtypes) == 1:
+            (dtype,) = dtypes
+        else:  # floats of several widths and bools
+            dtype = tf.float64 if tf.float64 in dtypes else tf.float32
+        groups.append(_OutputGroup(dtype, indices))
+    return groups
 
 
 def _is_tensor_argument(value) -> bool:
