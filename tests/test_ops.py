@@ -661,6 +661,35 @@ def test_a_keras_step_finds_its_kernels_compiled_ahead(monkeypatch, precompiler)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
+def test_a_compiled_function_is_traced_once_per_rank(monkeypatch, precompiler):
+    """Calls of one rank and dtypes share one trace whatever their sizes (XLA compiles one
+    kernel per shape from it), each computing what the function computes; another rank is
+    traced anew."""
+    import tensorflow as tf
+
+    monkeypatch.setattr(qops, "_in_keras_step", lambda graph: True)
+    traces = []
+
+    def counted(*args):
+        traces.append(tuple(args[0].shape))
+        return _requantize_like(*args)
+
+    kernel = qops.compiled(counted)
+    rng = np.random.default_rng(3)
+    arguments = [
+        (np.float32(rng.integers(-2**20, 2**20, size=shape)), 2.0 ** -rng.uniform(8, 12, size=shape[-1:]), np.float32(0.05))
+        for shape in ((4, 6, 6, 8), (4, 3, 3, 16), (2, 5, 5, 8), (6, 24))
+    ]
+    step = tf.function(lambda *args: [kernel(*a) for a in args])
+    outputs = step(*arguments)
+    assert traces == [(None, None, None, None), (None, None)]
+    for got, args in zip(outputs, arguments):
+        assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
+    precompiler.wait()
+    assert len(precompiler.compiled_kernels) == 4, "one kernel per shape"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="compiled is the function itself on other backends")
 def test_a_kernel_placed_on_a_device_is_compiled_ahead_too(monkeypatch, precompiler):
     """A call that the graph places on a device (here the CPU, the only one) is compiled ahead
     as well, on that device: the graph's first run compiles nothing."""
