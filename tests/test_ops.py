@@ -777,6 +777,29 @@ def test_a_kernel_that_fails_to_compile_ahead_is_left_to_the_graph(monkeypatch, 
     assert same_bits(np.asarray(got), np.asarray(_requantize_like(*args)))
 
 
+# ---- split_evenly: channel groups --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size, count, axis", [(1001, 2, -1), (300, 7, 1), (12, 3, 0)])
+def test_split_evenly_gives_parts_within_one_of_each_other(size, count, axis):
+    """Sizes differ by at most one, the larger first, and the parts put back together are
+    ``x``; on TensorFlow, one op in a graph."""
+    import keras
+
+    shape = [2, 3, 4]
+    shape[axis] = size
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    parts = [to_numpy(part) for part in qops.split_evenly(keras.ops.convert_to_tensor(x), count, axis)]
+    sizes = [part.shape[axis] for part in parts]
+    assert len(parts) == count and sum(sizes) == size and sizes == sorted(sizes, reverse=True) and sizes[0] - sizes[-1] <= 1
+    assert np.array_equal(np.concatenate(parts, axis=axis), x)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        graph = tf.function(lambda t: qops.split_evenly(t, count, axis)).get_concrete_function(tf.TensorSpec(shape)).graph
+        assert [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "Identity")] == ["SplitV"]
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

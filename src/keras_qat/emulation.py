@@ -161,12 +161,9 @@ def _accumulate(layer, x, w, terms: int, input_bits: int, weight_bits: int):
         per_channel = terms // int(channels)  # products per input channel: the kernel's window
         group = (_FLOAT32_EXACT - 1) // (product_bound * per_channel)
         if group >= 1:
-            count = -(-int(channels) // group)
-            size = -(-int(channels) // count)  # balanced groups
-            return sum_of(
-                ops.cast(linear_map(layer, x[..., start : start + size], w[..., start : start + size, :]), "float64")
-                for start in range(0, int(channels), size)
-            )
+            count = -(-int(channels) // group)  # balanced groups, none larger than ``group``
+            parts = zip(qops.split_evenly(x, count, -1), qops.split_evenly(w, count, -2))
+            return sum_of(ops.cast(linear_map(layer, x_part, w_part), "float64") for x_part, w_part in parts)
     low_bits = (input_bits + 1) // 2
     weight_bound = terms * 2 ** (weight_bits - 1)
     if weight_bound * 2 ** max(low_bits, input_bits - low_bits) < _FLOAT32_EXACT:

@@ -640,6 +640,23 @@ def _tf_variable(variable):
     return value
 
 
+def split_evenly(x, count: int, axis: int) -> list:
+    """``x`` split along ``axis`` (of static size) into ``count`` parts whose sizes differ by
+    at most one, the larger first: one op on TensorFlow, where slicing takes a strided slice
+    and three constants per part (ResNet50's exact accumulations in channel groups took 20
+    slices in a layer, about a sixth of its inference graph)."""
+    size = int(x.shape[axis])
+    base, extra = divmod(size, count)
+    sizes = [base + 1] * extra + [base] * (count - extra)
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return tf.split(x, sizes, axis=axis)
+    lead = (slice(None),) * (axis % len(x.shape))
+    starts = np.cumsum([0] + sizes[:-1])
+    return [x[lead + (slice(int(start), int(start) + part),)] for start, part in zip(starts, sizes)]
+
+
 def with_static_shape(x, shape):
     """``x`` with its static shape set to ``shape`` in a TensorFlow graph, where the output of a
     :func:`compiled` or :func:`shared` function (traced for any shape) has lost it; ``x`` as it
