@@ -183,7 +183,7 @@ def test_only_keras_own_inference_functions_keep_parameters_in_a_python_op(monke
 
     memoized_calls = []
     real = qops._memoized_call
-    monkeypatch.setattr(qops, "_memoized_call", lambda fn, args: memoized_calls.append(fn) or real(fn, args))
+    monkeypatch.setattr(qops, "_memoized_call", lambda fn, args, *rest: memoized_calls.append(fn) or real(fn, args, *rest))
     images, labels = digits_data()
     model = kq.quantize_model(digits_cnn())
     users = tf.function(lambda x: model(x, training=False))

@@ -539,6 +539,43 @@ def test_a_memoized_function_recomputes_exactly_when_its_inputs_change(counted_m
     assert len(runs) == 4, "assigning the same values recomputes nothing"
 
 
+def _parameters_in(a, b, bias, offset: float, *, xp=None):
+    """:func:`_parameters_like` in the subset of keras.ops that keras_qat.numpy_ops has."""
+    import keras
+
+    xp = keras.ops if xp is None else xp
+    return a * b + offset, (xp.cast(a, "float64") / 3.0, bias > 0.0), xp.maximum(bias, 0.0), b - a
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
+@pytest.mark.parametrize("numpy_fails", [False, True], ids=["numpy", "numpy-fails"])
+def test_a_memoized_function_runs_in_numpy_where_it_can(numpy_fails):
+    """With ``in_numpy``, the function runs with keras_qat.numpy_ops, both to learn its outputs'
+    shapes while the graph is traced and to compute them when the graph runs; where that raises,
+    its eager ops run instead. The outputs are the eager function's bits either way."""
+    import tensorflow as tf
+
+    from keras_qat import numpy_ops
+
+    modules = []
+
+    def recorded(*args, xp=None):
+        modules.append("numpy" if xp is numpy_ops else "keras")
+        if numpy_fails and xp is numpy_ops:
+            raise FloatingPointError("not in NumPy")
+        return _parameters_in(*args, xp=xp)
+
+    a, b, bias = tf.Variable(np.float32(1.5)), tf.Variable(np.float32([0.25, -2.0, 3.0])), tf.Variable(np.float32([1.0, -1.0, 0.0]))
+    graph = tf.function(lambda: qops.memoized(recorded, in_numpy=True)(a, b, bias, 0.5))
+    for value in (np.float32(1.5), np.float32(-0.75)):
+        a.assign(value)
+        got = tf.nest.flatten(tf.nest.map_structure(np.asarray, graph()))
+        want = tf.nest.flatten(tf.nest.map_structure(np.asarray, _parameters_in(a, b, bias, 0.5)))
+        assert all(g.dtype == w.dtype and g.shape == w.shape and g.tobytes() == w.tobytes() for g, w in zip(got, want))
+    assert modules == (["numpy", "keras"] * 3 if numpy_fails else ["numpy"] * 3), "the shapes, then two runs"
+
+
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
 @pytest.mark.usefixtures("memoizing_every_graph")
 def test_a_memoized_function_of_a_value_computed_in_the_graph_runs_with_the_graph(counted_memo):

@@ -344,7 +344,7 @@ def _range_tensors(source: Source) -> tuple:
 
 def kernel_parameters_fn(
     in_min, in_max, w_min, w_max, out_min, out_max, bias, in_spec: tuple, w_spec: tuple, out_spec: tuple,
-    activation: str, single_rounding: bool,
+    activation: str, single_rounding: bool, *, xp=ops,
 ):
     """A kernel's integer parameters from its three ranges (:meth:`keras_qat.integer.KernelOp.lower`;
     the specs as :func:`_static` gives them): the reciprocals of the input and weight scales
@@ -352,21 +352,22 @@ def kernel_parameters_fn(
     codes (0 without a bias), the multiplier as its float64 constants
     (:meth:`keras_qat.integer.Requantize.float64_multiplier`), the output zero point, the
     clamp, and whether the requantization's clipped form is exact
-    (:meth:`keras_qat.integer.Requantize.clipped_fits`)."""
-    in_grid = TensorSpec(*in_spec).grid(in_min, in_max, ops)
-    w_grid = TensorSpec(*w_spec).grid(w_min, w_max, ops)
-    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
-    op = integer.KernelOp.lower(in_grid, w_grid, out_grid, bias, activation, single_rounding, xp=ops)
+    (:meth:`keras_qat.integer.Requantize.clipped_fits`). ``xp``: ``keras.ops``, or
+    :mod:`keras_qat.numpy_ops` for the same bits in NumPy."""
+    in_grid = TensorSpec(*in_spec).grid(in_min, in_max, xp)
+    w_grid = TensorSpec(*w_spec).grid(w_min, w_max, xp)
+    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, xp)
+    op = integer.KernelOp.lower(in_grid, w_grid, out_grid, bias, activation, single_rounding, xp=xp)
     requantize = op.requantize
-    bias_codes = op.bias if op.bias is not None else ops.zeros((), "float64")
+    bias_codes = op.bias if op.bias is not None else xp.zeros((), "float64")
     return (
-        reciprocal_scale(in_grid.scale, ops), reciprocal_scale(w_grid.scale, ops), bias_codes, requantize.float64_multiplier(ops),
-        ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
-        requantize.clipped_fits(ops),
+        reciprocal_scale(in_grid.scale, xp), reciprocal_scale(w_grid.scale, xp), bias_codes, requantize.float64_multiplier(xp),
+        xp.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+        requantize.clipped_fits(xp),
     )
 
 
-_kernel_parameters = qops.memoized(kernel_parameters_fn)
+_kernel_parameters = qops.memoized(kernel_parameters_fn, in_numpy=True)
 
 
 def _kernel_output_fn(accumulator, bias_codes, multiplier, zero_point, low, high, scale, form):
@@ -425,23 +426,25 @@ def _broadcast_shape(a, b) -> tuple:
     return tuple(y if x == 1 else x if y == 1 or x == y else None for x, y in zip(a, b))
 
 
-def _add_parameters_fn(a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tuple, spec_b: tuple, out_spec: tuple, activation: str):
+def _add_parameters_fn(
+    a_min, a_max, b_min, b_max, out_min, out_max, spec_a: tuple, spec_b: tuple, out_spec: tuple, activation: str, *, xp=ops
+):
     """An ADD's integer parameters from its three ranges (:meth:`keras_qat.integer.AddOp.lower`;
     the specs as :func:`_static` gives them), and whether its clipped form is exact
-    (:meth:`keras_qat.integer.AddOp.clipped_fits`)."""
-    grid_a = TensorSpec(*spec_a).grid(a_min, a_max, ops)
-    grid_b = TensorSpec(*spec_b).grid(b_min, b_max, ops)
-    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, ops)
-    op = integer.AddOp.lower(grid_a, grid_b, out_grid, activation, xp=ops)
+    (:meth:`keras_qat.integer.AddOp.clipped_fits`). ``xp`` as for :func:`kernel_parameters_fn`."""
+    grid_a = TensorSpec(*spec_a).grid(a_min, a_max, xp)
+    grid_b = TensorSpec(*spec_b).grid(b_min, b_max, xp)
+    out_grid = TensorSpec(*out_spec).grid(out_min, out_max, xp)
+    op = integer.AddOp.lower(grid_a, grid_b, out_grid, activation, xp=xp)
     requantize = op.requantize
     return (
-        grid_a.scale, grid_b.scale, op.float64_multipliers(ops),
-        ops.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
-        op.clipped_fits(ops),
+        grid_a.scale, grid_b.scale, op.float64_multipliers(xp),
+        xp.cast(requantize.zero_point, "float32"), requantize.low, requantize.high, out_grid.scale,
+        op.clipped_fits(xp),
     )
 
 
-_add_parameters = qops.memoized(_add_parameters_fn)
+_add_parameters = qops.memoized(_add_parameters_fn, in_numpy=True)
 
 
 def _add_output_fn(a, b, scale_a, scale_b, multipliers, zero_point, low, high, scale, form):

@@ -41,16 +41,16 @@ def _deserialize_quantizer(value):
     return keras.saving.deserialize_keras_object(value)
 
 
-def _batch_norm_factor(gamma, moving_variance, epsilon: float):
+def _batch_norm_factor(gamma, moving_variance, epsilon: float, xp=ops):
     """``gamma / sqrt(moving_variance + epsilon)`` per channel (gamma 1 where None); 1 where it is 0."""
-    gamma = ops.ones_like(moving_variance) if gamma is None else gamma
+    gamma = xp.ones_like(moving_variance) if gamma is None else gamma
     # gamma * rsqrt(...), not gamma / sqrt(...): graph optimizers (Grappler, the TFLite
     # converter's) rewrite the latter into the former, and the two differ in the last bit,
     # which moves the rare folded weight within an ulp of a half step to the next integer.
-    factor = gamma * ops.rsqrt(moving_variance + epsilon)
+    factor = gamma * xp.rsqrt(moving_variance + epsilon)
     # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
     # the normalized output there is beta either way.
-    return ops.where(ops.equal(factor, 0.0), ops.ones_like(factor), factor)
+    return xp.where(xp.equal(factor, 0.0), xp.ones_like(factor), factor)
 
 
 def _folded_bias(factor, moving_mean, beta, bias):
@@ -58,19 +58,22 @@ def _folded_bias(factor, moving_mean, beta, bias):
     return (0.0 if beta is None else beta) + ((0.0 if bias is None else bias) - moving_mean) * factor
 
 
-def _deployed_parameters_fn(gamma, moving_variance, moving_mean, beta, bias, epsilon: float, range_count: int, *kernel_arguments):
+def _deployed_parameters_fn(
+    gamma, moving_variance, moving_mean, beta, bias, epsilon: float, range_count: int, *kernel_arguments, xp=ops
+):
     """The BN factor and the integer parameters of the folded kernel, whose bias is the folded
     one, as the QAT model's inference computes them (``kernel_arguments``: the ``range_count``
-    ranges, then the static values, of :class:`keras_qat.emulation.KernelParameterArguments`)."""
-    factor = _batch_norm_factor(gamma, moving_variance, epsilon)
+    ranges, then the static values, of :class:`keras_qat.emulation.KernelParameterArguments`;
+    ``xp`` as for :func:`keras_qat.emulation.kernel_parameters_fn`)."""
+    factor = _batch_norm_factor(gamma, moving_variance, epsilon, xp)
     ranges, static = kernel_arguments[:range_count], kernel_arguments[range_count:]
-    return factor, emulation.kernel_parameters_fn(*ranges, _folded_bias(factor, moving_mean, beta, bias), *static)
+    return factor, emulation.kernel_parameters_fn(*ranges, _folded_bias(factor, moving_mean, beta, bias), *static, xp=xp)
 
 
 #: :func:`_deployed_parameters_fn` as one op per layer of an inference graph
 #: (:func:`keras_qat.ops.memoized`): the fold and the parameters it feeds, recomputed only when
 #: a range, the bias or a BN statistic changed (one op instead of two: each costs a call).
-_deployed_parameters = qops.memoized(_deployed_parameters_fn)
+_deployed_parameters = qops.memoized(_deployed_parameters_fn, in_numpy=True)
 
 
 @keras.saving.register_keras_serializable(package="keras_qat")
