@@ -175,6 +175,30 @@ def test_traced_inference_follows_the_weights_after_it_was_traced():
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="only TensorFlow graphs keep parameters in a Python op")
+def test_predict_computes_the_layers_parameters_in_numpy_with_the_eager_bits(monkeypatch):
+    """Every layer's parameters (folded kernels, plain kernels, the Add) are computed in NumPy,
+    none by eager ops, and ``predict`` gives eager inference's bits: also where a channel's BN
+    factor is subnormal (TensorFlow's CPU kernels flush it to zero, NumPy would keep it)."""
+    from keras_qat.folding import QuantizeFoldedBatchNorm
+
+    eager_runs = []
+    real = qops._eager_outputs
+    monkeypatch.setattr(qops, "_eager_outputs", lambda fn, *rest: eager_runs.append(fn.__name__) or real(fn, *rest))
+    images, _ = digits_data()
+    model = kq.quantize_model(digits_cnn())
+    folded = [layer for layer in model.layers if isinstance(layer, QuantizeFoldedBatchNorm)]
+    batch_norm = folded[0].batch_norm
+    gamma, variance = keras.ops.convert_to_numpy(batch_norm.gamma), keras.ops.convert_to_numpy(batch_norm.moving_variance)
+    gamma[0], variance[0] = 1e-36, 1e4  # a factor of 1e-38, below the smallest normal float32
+    batch_norm.gamma.assign(gamma)
+    batch_norm.moving_variance.assign(variance)
+    x = images[:16]
+    predicted = np.asarray(model.predict_on_batch(x))
+    assert folded and eager_runs == []
+    assert same_bits(predicted, keras.ops.convert_to_numpy(model(x, training=False)))
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="only TensorFlow graphs keep parameters in a Python op")
 def test_only_keras_own_inference_functions_keep_parameters_in_a_python_op(monkeypatch):
     """``predict`` and ``evaluate`` run where Keras traced them; a function of the user's may be
     handed to the TFLite converter (which crashes on a Python op), saved, or called under XLA,

@@ -53,17 +53,24 @@ def _a_range(rng, shape=()):
     return np.float32(low) if shape == () else low.astype(np.float32), np.float32(high) if shape == () else high.astype(np.float32)
 
 
+_BITS = [2, 3, 4, 8, 16]
+
+
 def _kernel_case(rng):
     """Ranges, bias and static arguments of :func:`keras_qat.emulation.kernel_parameters_fn`:
-    bit widths 2..16, per-tensor or per-channel weights, each clamp, single rounding or not."""
+    bit widths 2..16 for each tensor, per-tensor or per-channel weights (some channels
+    degenerate), each clamp, single rounding or not."""
     channels = int(rng.integers(1, 40))
-    bits = int(rng.choice([2, 3, 4, 8, 16]))
     weight_axes = (0,) if rng.random() < 0.7 else ()
     static = (
-        (bits, False, False, ()), (int(rng.choice([2, 4, 8])), True, True, weight_axes), (bits, False, False, ()),
-        str(rng.choice(["linear", "relu", "relu6"])), bool(rng.random() < 0.2),
+        (int(rng.choice(_BITS)), False, False, ()), (int(rng.choice(_BITS)), True, True, weight_axes),
+        (int(rng.choice(_BITS)), False, False, ()), str(rng.choice(["linear", "relu", "relu6"])), bool(rng.random() < 0.2),
     )
-    ranges = [*_a_range(rng), *_a_range(rng, (channels,) if weight_axes else ()), *_a_range(rng)]
+    weight_min, weight_max = _a_range(rng, (channels,) if weight_axes else ())
+    if weight_axes:
+        flat = rng.random(channels) < 0.1
+        weight_min[flat], weight_max[flat] = 0.0, 0.0
+    ranges = [*_a_range(rng), weight_min, weight_max, *_a_range(rng)]
     bias = (rng.normal(size=channels) * 10.0 ** rng.uniform(-3, 3)).astype(np.float32)
     return channels, ranges, bias, static
 
@@ -82,18 +89,20 @@ def test_kernel_parameters_are_the_same_bits_in_numpy():
 
 def test_folded_kernel_parameters_are_the_same_bits_in_numpy():
     """The BN fold too (TensorFlow's rsqrt, which ``1 / sqrt`` would miss by an ulp), with
-    zero variances and zero gammas among the channels."""
+    zero variances, zero gammas and factors too small for a normal float32 among the channels."""
     rng = np.random.default_rng(1)
     for _ in range(TRIALS):
         channels, ranges, bias, static = _kernel_case(rng)
         gamma = rng.normal(size=channels).astype(np.float32)
-        variance = (rng.uniform(0.0, 2.0, channels) * 10.0 ** rng.uniform(-6, 2)).astype(np.float32)
+        variance = (rng.uniform(0.0, 2.0, channels) * 10.0 ** rng.uniform(-6, 4)).astype(np.float32)
         gamma[rng.random(channels) < 0.1] = 0.0
         variance[rng.random(channels) < 0.1] = 0.0
+        gamma[rng.random(channels) < 0.1] = 1e-36  # factors below the smallest normal float32
         mean, beta = rng.normal(size=(2, channels)).astype(np.float32)
+        epsilon = float(rng.choice([1e-5, 1e-3, 0.1]))
 
         def deployed(gamma, variance, mean, beta, bias, *rest, xp=keras.ops):
-            return folding._deployed_parameters_fn(gamma, variance, mean, beta, bias, 1e-3, len(ranges), *rest, xp=xp)
+            return folding._deployed_parameters_fn(gamma, variance, mean, beta, bias, epsilon, len(ranges), *rest, xp=xp)
 
         assert _outputs_agree(deployed, [gamma, variance, mean, beta, bias, *ranges], static), static
 
@@ -101,7 +110,7 @@ def test_folded_kernel_parameters_are_the_same_bits_in_numpy():
 def test_add_parameters_are_the_same_bits_in_numpy():
     rng = np.random.default_rng(2)
     for _ in range(TRIALS):
-        bits = [int(rng.choice([2, 4, 8, 16])) for _ in range(3)]
+        bits = [int(rng.choice(_BITS)) for _ in range(3)]
         static = (*((b, False, False, ()) for b in bits), str(rng.choice(["linear", "relu", "relu6"])))
         ranges = [*_a_range(rng), *_a_range(rng), *_a_range(rng)]
         assert _outputs_agree(emulation._add_parameters_fn, ranges, static), static

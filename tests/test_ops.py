@@ -549,6 +549,25 @@ def _parameters_in(a, b, bias, offset: float, *, xp=None):
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
 @pytest.mark.usefixtures("memoizing_every_graph")
+def test_outputs_stacked_in_a_wider_float_keep_their_bits():
+    """float32 outputs stacked with float64 ones come back bit for bit (subnormals, -0.0, NaN,
+    infinities), and bools as they were."""
+    import tensorflow as tf
+
+    awkward = np.float32([1e-40, -0.0, np.nan, np.inf, -3.5, 1.17e-38])
+    source = tf.Variable(awkward)
+
+    def mixed(values):
+        return values, tf.cast(values, tf.float64) * 2.0, tf.math.is_nan(values)
+
+    got = tf.function(lambda: qops.memoized(mixed)(source))()
+    want = mixed(tf.convert_to_tensor(awkward))  # the eager ops: the float64 product flushes 1e-40
+    assert np.asarray(got[0]).tobytes() == awkward.tobytes()
+    assert all(g.dtype == w.dtype and np.asarray(g).tobytes() == np.asarray(w).tobytes() for g, w in zip(got, want))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="memoized is the function itself on other backends")
+@pytest.mark.usefixtures("memoizing_every_graph")
 @pytest.mark.parametrize("numpy_fails", [False, True], ids=["numpy", "numpy-fails"])
 def test_a_memoized_function_runs_in_numpy_where_it_can(numpy_fails):
     """With ``in_numpy``, the function runs with keras_qat.numpy_ops, both to learn its outputs'

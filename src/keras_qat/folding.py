@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from keras_qat import emulation, linking
@@ -41,6 +42,10 @@ def _deserialize_quantizer(value):
     return keras.saving.deserialize_keras_object(value)
 
 
+#: The smallest normal float32.
+_SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
+
+
 def _batch_norm_factor(gamma, moving_variance, epsilon: float, xp=ops):
     """``gamma / sqrt(moving_variance + epsilon)`` per channel (gamma 1 where None); 1 where it is 0."""
     gamma = xp.ones_like(moving_variance) if gamma is None else gamma
@@ -49,8 +54,9 @@ def _batch_norm_factor(gamma, moving_variance, epsilon: float, xp=ops):
     # which moves the rare folded weight within an ulp of a half step to the next integer.
     factor = gamma * xp.rsqrt(moving_variance + epsilon)
     # A zero factor zeroes the folded channel; dividing by 1 instead keeps it finite, and
-    # the normalized output there is beta either way.
-    return xp.where(xp.equal(factor, 0.0), xp.ones_like(factor), factor)
+    # the normalized output there is beta either way. A subnormal one counts as zero: the
+    # CPU kernels flush it to zero, NumPy (keras_qat.numpy_ops) would keep it.
+    return xp.where(xp.abs(factor) < _SMALLEST_NORMAL, xp.ones_like(factor), factor)
 
 
 def _folded_bias(factor, moving_mean, beta, bias):

@@ -305,8 +305,10 @@ def from_range(
         from keras_qat.ops import exact_divide  # ops imports this module
 
         # A graph optimizer would divide by the constant as a multiplication by its reciprocal,
-        # a last-bit difference that moves a zero point sitting on a half.
-        scale = exact_divide(hi - lo, xp.convert_to_tensor(float(qmax - qmin), "float64"))
+        # a last-bit difference that moves a zero point sitting on a half. (keras_qat.numpy_ops,
+        # standing in for keras.ops, has its own.)
+        divide = getattr(xp, "exact_divide", exact_divide)
+        scale = divide(hi - lo, xp.convert_to_tensor(float(qmax - qmin), "float64"))
     safe = xp.where(scale == 0, 1.0, scale)
     from_min, from_max = float(qmin) - lo / safe, float(qmax) - hi / safe
     use_min = (abs(qmin) + xp.abs(lo / safe)) < (abs(qmax) + xp.abs(hi / safe))

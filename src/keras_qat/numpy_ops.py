@@ -11,9 +11,20 @@ graph's own, operation for operation in NumPy, in about a tenth of that.
 The results are the graph's bits: every operation here is one that IEEE 754 rounds exactly
 (addition, multiplication, division, comparisons, floor, casts) or that the parameters only
 use where its rounding cannot matter (``log2``, whose exponent
-:func:`keras_qat.fixed_point.quantize_multiplier` corrects). The one exception is ``rsqrt``,
-whose TensorFlow kernel differs from ``1 / sqrt`` in the last bit: it is the backend's own op.
-Tests compare every memoized function's outputs in both, bit for bit.
+:func:`keras_qat.fixed_point.quantize_multiplier` corrects). The exceptions:
+
+* ``rsqrt``, whose TensorFlow kernel differs from ``1 / sqrt`` in the last bit: it is the
+  backend's own op;
+* subnormal floats, which TensorFlow's CPU kernels flush to zero and NumPy keeps: the
+  parameters make none from normal values (ranges narrower than
+  :data:`keras_qat.grid.MIN_RANGE_WIDTH` are degenerate; a BN factor below the smallest normal
+  float32 counts as zero), and :func:`keras_qat.ops.memoized` leaves a run whose inputs or
+  outputs hold one to TensorFlow;
+* the sign of a zero where ``maximum`` or ``minimum`` meets ``+0`` and ``-0``, which
+  TensorFlow's kernels do not decide alike either: only a range that excludes zero reaches
+  it, and the quantizers' ranges include it.
+
+``tests/test_numpy_ops.py`` compares every memoized function's outputs in both, bit for bit.
 
 Only the functions those parameters use are here; any other raises ``AttributeError``.
 """
@@ -43,8 +54,9 @@ def rsqrt(x):
     return keras.ops.convert_to_numpy(keras.ops.rsqrt(np.asarray(x)))
 
 
-def divide_no_nan(x, y):
-    """``x / y``, 0 where ``y`` is 0 (TensorFlow's ``DivNoNan``)."""
+def exact_divide(x, y):
+    """:func:`keras_qat.ops.exact_divide` in NumPy: ``x / y``, 0 where ``y`` is 0, as
+    TensorFlow's ``DivNoNan`` divides."""
     x, y = np.asarray(x), np.asarray(y)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(y == 0, np.zeros((), np.result_type(x, y)), x / y)
@@ -66,7 +78,8 @@ def all(x, axis=None):  # noqa: A001 - keras.ops's name
     return np.all(x, axis=axis)
 
 
-# Elementwise functions whose NumPy and keras.ops forms agree in name and semantics.
+# Elementwise functions whose NumPy and keras.ops forms agree in name and semantics (but see
+# the module's docstring on the sign of zero).
 abs = np.abs  # noqa: A001
 clip = np.clip
 equal = np.equal
@@ -81,7 +94,7 @@ sign = np.sign
 
 
 __all__ = [
-    "convert_to_tensor", "cast", "where", "rsqrt", "divide_no_nan", "zeros", "reshape", "logical_and",
+    "convert_to_tensor", "cast", "where", "rsqrt", "exact_divide", "zeros", "reshape", "logical_and",
     "all", "abs", "clip", "equal", "floor", "log2", "maximum", "minimum", "ones_like", "zeros_like",
     "power", "sign",
 ]

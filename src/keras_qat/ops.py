@@ -143,8 +143,8 @@ def compiled(fn, min_elements: int = 0):
     clipped requantization beyond its reach) must only decide values that a clamp saturates.
 
     ``fn`` is traced once per rank and dtype of its tensors, every size unknown
-    (:func:`_any_size`): XLA compiles one kernel per shape all the same, from the shapes a call
-    brings. Traced per shape instead (until TF relaxes the shapes itself), MobileNetV2's
+    (:func:`_any_size`), so it must not read its tensors' static sizes: XLA compiles one kernel
+    per shape all the same, from the shapes a call brings. Traced per shape instead (until TF relaxes the shapes itself), MobileNetV2's
     inference traced its requantization five times, at 30-70 ms each; now twice.
 
     In a graph traced for one of Keras's steps, each kernel is compiled on a thread of its own
@@ -446,13 +446,17 @@ def memoized(fn, in_numpy: bool = False):
     learns the outputs' shapes and dtypes from one run on zeros per signature. A layer's
     parameters take 0.2-0.3 ms so against 5 ms as eager ops: MobileNetV2's first inference
     call ran its 63 layers' parameters in 0.37 s and learned their shapes in 0.21 s, now 0.03 s
-    each, and the call is 0.2-0.4 s shorter. Where the NumPy run raises or gives outputs of
-    other shapes or dtypes than the trace learned, the eager ops run instead.
+    each, and the call is 0.2-0.4 s shorter. The eager ops run instead where the NumPy run
+    raises, where an input or output holds a subnormal float (TensorFlow's CPU kernels flush
+    them to zero, NumPy keeps them), and with NumPy 1 (whose scalars promote float32 to
+    float64 where TensorFlow keeps float32). That NumPy computes the eager ops' bits is
+    asserted by ``tests/test_numpy_ops.py`` for each function that says so, not checked here.
     """
     if keras.backend.backend() != "tensorflow":
         return fn
     import tensorflow as tf
 
+    in_numpy = in_numpy and _NUMPY_PROMOTES_AS_TENSORFLOW
     fallback = shared(fn)
 
     @functools.wraps(fn)
@@ -462,6 +466,11 @@ def memoized(fn, in_numpy: bool = False):
         return _memoized_call(fn, args, in_numpy)
 
     return call
+
+
+#: NumPy 2's promotion (NEP 50): a Python float meets a float32 array as float32, as in
+#: TensorFlow; NumPy 1 promotes a float32 scalar to float64.
+_NUMPY_PROMOTES_AS_TENSORFLOW = np.lib.NumpyVersion(np.__version__) >= "2.0.0"
 
 
 def _memoizes_here() -> bool:
@@ -539,9 +548,11 @@ def _memoized_call(fn, args: tuple, in_numpy: bool = False):
     return tf.nest.pack_sequence_as(structure, outputs)
 
 
-#: The dtypes that a :func:`memoized` op returns in a wider float dtype of the same shape:
-#: each converts to it and back exactly (a bool as 0 and 1).
-_CARRIED_AS_FLOAT = ("bool", "float16", "bfloat16", "float32", "float64")
+#: The dtypes that a :func:`memoized` op returns together when they share a shape, in the
+#: widest of them: a bool as 0 and 1, a float32 in a float64 as its bit pattern (an integer
+#: below 2**32, which float64 holds exactly), taken back by a cast and a bitcast (a float32
+#: cast of a float64 would flush a subnormal to zero).
+_CARRIED_AS_FLOAT = ("bool", "float32", "float64")
 
 
 class _OutputGroup(NamedTuple):
@@ -553,44 +564,50 @@ class _OutputGroup(NamedTuple):
 
     def stacked(self, flat: list) -> np.ndarray:
         """The group's outputs among ``flat`` (NumPy arrays), as the op returns them."""
+        carried = [self._carried(flat[i]) for i in self.indices]
+        return carried[0] if len(carried) == 1 else np.stack(carried)
+
+    def _carried(self, value: np.ndarray) -> np.ndarray:
         dtype = self.dtype.as_numpy_dtype
-        if len(self.indices) == 1:
-            return np.asarray(flat[self.indices[0]], dtype)
-        return np.stack([np.asarray(flat[i], dtype) for i in self.indices])
+        if value.dtype == np.float32 and dtype == np.float64:
+            return value.view(np.uint32).astype(np.float64)
+        return np.asarray(value, dtype)
 
     def members(self, value, specs: list):
         """``(index, tensor)`` for each output of the group, taken from ``value`` (the op's
-        output) and cast back to its own dtype (``specs``, by index): one cast and one
-        unstacking op per dtype the group holds."""
+        output) in its own dtype (``specs``, by index): one conversion and one unstacking op per
+        dtype the group holds."""
         import tensorflow as tf
 
         unstacked = {}
         for position, index in enumerate(self.indices):
             dtype = specs[index].dtype
             if dtype not in unstacked:
-                cast = value if dtype == self.dtype else tf.cast(value, dtype)
-                unstacked[dtype] = [cast] if len(self.indices) == 1 else tf.unstack(cast, num=len(self.indices))
+                if dtype == self.dtype:
+                    converted = value
+                elif dtype == tf.float32 and self.dtype == tf.float64:
+                    converted = tf.bitcast(tf.cast(value, tf.uint32), tf.float32)
+                else:
+                    converted = tf.cast(value, dtype)
+                unstacked[dtype] = [converted] if len(self.indices) == 1 else tf.unstack(converted, num=len(self.indices))
             yield index, unstacked[dtype][position]
 
 
 def _output_groups(flat: list) -> list[_OutputGroup]:
     """``flat`` (``tf.TensorSpec`` leaves) in groups of one shape, each one output of a
     :func:`memoized` op: of one dtype, or of several of :data:`_CARRIED_AS_FLOAT`, in the
-    widest float among them. Each output of a Python op costs about 6 us a call (TF converts it with a
-    NumPy version check), a cast op in the graph about 1 us."""
+    widest among them. Each output of a Python op costs about 6 us a call (TF converts it
+    with a NumPy version check), a cast op in the graph about 1 us."""
     import tensorflow as tf
 
     keys: dict = {}
     for i, spec in enumerate(flat):
         carried = spec.dtype.name in _CARRIED_AS_FLOAT
-        keys.setdefault((tuple(spec.shape), "float" if carried else spec.dtype.name), []).append(i)
+        keys.setdefault((tuple(spec.shape), "carried" if carried else spec.dtype.name), []).append(i)
     groups = []
-    for (_, kind), indices in keys.items():
+    for indices in keys.values():
         dtypes = {flat[i].dtype for i in indices}
-        if len(dtypes) == 1:
-            (dtype,) = dtypes
-        else:  # floats of several widths and bools
-            dtype = tf.float64 if tf.float64 in dtypes else tf.float32
+        dtype = tf.float64 if tf.float64 in dtypes else tf.float32 if tf.float32 in dtypes else flat[indices[0]].dtype
         groups.append(_OutputGroup(dtype, indices))
     return groups
 
@@ -611,23 +628,57 @@ def _call_with(fn, is_tensor: tuple, static: tuple, tensors: list, **kwargs):
 
 def _run_once(fn, is_tensor: tuple, static: tuple, inputs: list, specs: list | None, in_numpy: bool):
     """``fn``'s outputs for ``inputs`` (NumPy arrays), NumPy arrays in its nesting: computed in
-    NumPy (:mod:`keras_qat.numpy_ops`) where ``in_numpy`` and that gives outputs of ``specs``'
-    shapes and dtypes (flat; any, without ``specs``), else eagerly on the inputs as tensors, as
-    eager inference computes them."""
+    NumPy (:func:`_numpy_outputs`) where ``in_numpy`` and that succeeds, else by
+    :func:`_eager_outputs`; of the shapes and dtypes of ``specs`` (flat) where given.
+
+    Raises:
+        TypeError: where the eager outputs are not of ``specs``' shapes and dtypes (a function
+            whose outputs' types depend on its inputs' values).
+    """
     import tensorflow as tf
 
-    if in_numpy:
-        from keras_qat import numpy_ops
+    outputs = _numpy_outputs(fn, is_tensor, static, inputs) if in_numpy else None
+    if outputs is not None and (specs is None or _matches(tf.nest.flatten(outputs), specs)):
+        return outputs
+    outputs = _eager_outputs(fn, is_tensor, static, inputs)
+    if specs is not None and not _matches(tf.nest.flatten(outputs), specs):
+        got = [(a.shape, a.dtype.name) for a in tf.nest.flatten(outputs)]
+        raise TypeError(f"memoized {fn.__name__}: outputs {got} are not of the traced shapes and dtypes {specs}.")
+    return outputs
 
-        try:
-            with np.errstate(all="ignore"):  # as TensorFlow: infinities and NaN, no warnings
-                outputs = tf.nest.map_structure(np.asarray, _call_with(fn, is_tensor, static, inputs, xp=numpy_ops))
-        except Exception:  # noqa: BLE001 - the eager ops below decide, and raise what they raise
-            outputs = None
-        if outputs is not None and (specs is None or _matches(tf.nest.flatten(outputs), specs)):
-            return outputs
+
+def _numpy_outputs(fn, is_tensor: tuple, static: tuple, inputs: list):
+    """``fn``'s outputs for ``inputs`` computed with :mod:`keras_qat.numpy_ops`, or None where
+    that raises or an input or output holds a subnormal float (see :func:`memoized`)."""
+    import tensorflow as tf
+
+    from keras_qat import numpy_ops
+
+    if any(_has_subnormal(a) for a in inputs):
+        return None
+    try:
+        with np.errstate(all="ignore"):  # as TensorFlow: infinities and NaN, no warnings
+            outputs = tf.nest.map_structure(np.asarray, _call_with(fn, is_tensor, static, inputs, xp=numpy_ops))
+    except Exception:  # noqa: BLE001 - the eager ops decide instead, and raise what they raise
+        return None
+    return None if any(_has_subnormal(a) for a in tf.nest.flatten(outputs)) else outputs
+
+
+def _eager_outputs(fn, is_tensor: tuple, static: tuple, inputs: list):
+    """``fn``'s outputs for ``inputs`` computed eagerly on them as tensors (as eager inference
+    computes them), as NumPy arrays."""
+    import tensorflow as tf
+
     outputs = _call_with(fn, is_tensor, static, [tf.convert_to_tensor(v) for v in inputs])
     return tf.nest.map_structure(np.asarray, outputs)
+
+
+def _has_subnormal(array: np.ndarray) -> bool:
+    """Whether a float ``array`` holds a subnormal value."""
+    if array.dtype.kind != "f":
+        return False
+    magnitude = np.abs(array)
+    return bool(np.any((magnitude < np.finfo(array.dtype).tiny) & (magnitude > 0)))
 
 
 def _matches(arrays: list, specs: list) -> bool:
@@ -647,7 +698,7 @@ def _output_structure(fn, inputs: list, static: tuple, is_tensor: tuple, in_nump
     signature (a trace would cost what :func:`memoized` saves)."""
     import tensorflow as tf
 
-    key = (fn, is_tensor, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
+    key = (fn, in_numpy, is_tensor, tuple((tuple(t.shape), t.dtype) for t in inputs), tuple(repr(s) for s in static))
     if key not in _OUTPUT_STRUCTURES:
         zeros = [np.zeros(t.shape, t.dtype.as_numpy_dtype) for t in inputs]
         with tf.init_scope():
@@ -1016,14 +1067,8 @@ def exact_divide(numerator, denominator):
     ``jit`` too. Dividing by a full-shape operand that an optimization barrier hides from the
     simplifier keeps the division a division. TensorFlow graphs have the same rewrite
     (Grappler) and get a division it does not touch; a zero denominator gives 0 there, which
-    only degenerate ranges reach, and those are masked. PyTorch divides as written. NumPy
-    arrays (:mod:`keras_qat.numpy_ops`) divide as TensorFlow's graph does, 0 where the
-    denominator is 0.
+    only degenerate ranges reach, and those are masked. PyTorch divides as written.
     """
-    if isinstance(numerator, (np.ndarray, np.generic)) and isinstance(denominator, (np.ndarray, np.generic)):
-        from keras_qat import numpy_ops
-
-        return numpy_ops.divide_no_nan(numerator, denominator)
     backend = keras.backend.backend()
     if backend == "tensorflow":
         import tensorflow as tf
