@@ -856,6 +856,14 @@ def test_split_evenly_gives_parts_within_one_of_each_other(size, count, axis):
         assert [op.type for op in graph.get_operations() if op.type not in ("Placeholder", "Const", "Identity")] == ["SplitV"]
 
 
+@pytest.mark.parametrize("count", [0, 5])
+def test_split_evenly_refuses_a_count_outside_the_axis(count):
+    import keras
+
+    with pytest.raises(ValueError, match="count must be between 1 and the size of axis -1 \\(4\\), got"):
+        qops.split_evenly(keras.ops.zeros((2, 4)), count, -1)
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

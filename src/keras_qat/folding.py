@@ -47,7 +47,8 @@ _SMALLEST_NORMAL = float(np.finfo(np.float32).tiny)
 
 
 def _batch_norm_factor(gamma, moving_variance, epsilon: float, xp=ops):
-    """``gamma / sqrt(moving_variance + epsilon)`` per channel (gamma 1 where None); 1 where it is 0."""
+    """``gamma / sqrt(moving_variance + epsilon)`` per channel (gamma 1 where None); 1 where it is
+    0 or subnormal. ``xp``: ``keras.ops``, or :mod:`keras_qat.numpy_ops`."""
     gamma = xp.ones_like(moving_variance) if gamma is None else gamma
     # gamma * rsqrt(...), not gamma / sqrt(...): graph optimizers (Grappler, the TFLite
     # converter's) rewrite the latter into the former, and the two differ in the last bit,

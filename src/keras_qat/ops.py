@@ -144,8 +144,9 @@ def compiled(fn, min_elements: int = 0):
 
     ``fn`` is traced once per rank and dtype of its tensors, every size unknown
     (:func:`_any_size`), so it must not read its tensors' static sizes: XLA compiles one kernel
-    per shape all the same, from the shapes a call brings. Traced per shape instead (until TF relaxes the shapes itself), MobileNetV2's
-    inference traced its requantization five times, at 30-70 ms each; now twice.
+    per shape all the same, from the shapes a call brings. Traced per shape instead (until TF
+    relaxed the shapes itself), MobileNetV2's inference traced its requantization five times,
+    at 30-70 ms each; now twice.
 
     In a graph traced for one of Keras's steps, each kernel is compiled on a thread of its own
     while the trace goes on (:class:`_Precompiler`), instead of when the graph first reaches it.
@@ -426,7 +427,8 @@ def memoized(fn, in_numpy: bool = False):
 
     In a TensorFlow graph each call becomes one ``numpy_function`` op that keeps the bytes of the
     inputs it last saw and the outputs it computed from them. Where the inputs differ, it runs
-    ``fn`` eagerly: the same TF ops that the shared function runs, so the same bits. A graph
+    ``fn`` again, eagerly (the same TF ops that the shared function runs, so the same bits) or in
+    NumPy (``in_numpy``, below). A graph
     then neither traces ``fn`` nor runs its ops while the model is unchanged: MobileNetV2's
     inference graph holds 3,014 ops plus 295 in shared functions instead of 2,888 plus 2,498.
     Measured in fresh processes against :func:`shared`, alternating: the first inference call of
@@ -734,8 +736,14 @@ def split_evenly(x, count: int, axis: int) -> list:
     """``x`` split along ``axis`` (of static size) into ``count`` parts whose sizes differ by
     at most one, the larger first: one op on TensorFlow, where slicing takes a strided slice
     and three constants per part (ResNet50's exact accumulations in channel groups took 20
-    slices in a layer, about a sixth of its inference graph)."""
+    slices in a layer, about a sixth of its inference graph).
+
+    Raises:
+        ValueError: where ``count`` is not between 1 and the axis' size.
+    """
     size = int(x.shape[axis])
+    if not 1 <= count <= size:
+        raise ValueError(f"split_evenly: count must be between 1 and the size of axis {axis} ({size}), got {count}.")
     base, extra = divmod(size, count)
     sizes = [base + 1] * extra + [base] * (count - extra)
     if keras.backend.backend() == "tensorflow":
